@@ -1,0 +1,193 @@
+"""Every DataError case of the indexer: the message names the file, the trial and the field."""
+
+import re
+
+import h5py
+import numpy as np
+import pytest
+
+from workbench.data import B2TDataset, DataError, index_file, list_sessions, summarize
+from workbench.data.synth import session_names
+
+SESSION = "t15.2023.08.11"
+FRAMES = 30
+IDS = [9, 34, 40, 37, 34, 40]
+
+
+def write_file(path, labelled=True, n_trials=2):
+    """A valid file: n_trials trials of FRAMES frames, labelled with IDS ('Do you') when `labelled`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        for i in range(n_trials):
+            g = f.create_group(f"trial_{i:04d}")
+            g.create_dataset("input_features", data=rng.standard_normal((FRAMES, 512)).astype(np.float32))
+            g.attrs.update(n_time_steps=FRAMES, block_num=1, trial_num=i, session=SESSION, speaking_mode=1)
+            if labelled:
+                ids = np.zeros(500, np.int32)
+                ids[: len(IDS)] = IDS
+                g.create_dataset("seq_class_ids", data=ids)
+                g.attrs.update(seq_len=len(IDS), sentence_label="Do you?")
+    return path
+
+
+def error_at(where, rest):
+    """pytest.raises for a DataError whose message starts with `<where>: <rest>` (rest is a regex)."""
+    return pytest.raises(DataError, match=rf"^{re.escape(str(where))}: {rest}")
+
+
+def replace_features(g, data):
+    del g["input_features"]
+    g.create_dataset("input_features", data=data)
+
+
+def set_ids(g, position, value):
+    g["seq_class_ids"][position] = value
+
+
+def long_labels(g):
+    g["seq_class_ids"][:FRAMES + 5] = 3
+    g.attrs["seq_len"] = FRAMES + 5
+
+
+def non_finite(g):
+    g["input_features"][5, 3] = np.nan
+    g["input_features"][7, 0] = np.inf
+
+
+TRIAL_CASES = {
+    "missing features": (lambda g: g.__delitem__("input_features"), "input_features", "no such dataset"),
+    "features rank 1": (lambda g: replace_features(g, np.zeros(FRAMES, np.float32)), "input_features", "(30,)"),
+    "features 256 cols": (lambda g: replace_features(g, np.zeros((FRAMES, 256), np.float32)), "input_features",
+                          "(30, 256)"),
+    "features int": (lambda g: replace_features(g, np.zeros((FRAMES, 512), np.int16)), "input_features", "int16"),
+    "rows != n_time_steps": (lambda g: g.attrs.__setitem__("n_time_steps", 31), "input_features",
+                             "expected 31 rows (n_time_steps), got 30 rows"),
+    "missing n_time_steps": (lambda g: g.attrs.__delitem__("n_time_steps"), "n_time_steps", "no such attribute"),
+    "non-finite": (non_finite, "input_features", "got 2 non-finite values, the first in row 5"),
+    "missing seq_len": (lambda g: g.attrs.__delitem__("seq_len"), "seq_len", "required in train/val"),
+    "missing seq_class_ids": (lambda g: g.__delitem__("seq_class_ids"), "seq_class_ids", "required in train/val"),
+    "seq_len 0": (lambda g: g.attrs.__setitem__("seq_len", 0), "seq_len", "expected 1..500, got 0"),
+    "seq_len 501": (lambda g: g.attrs.__setitem__("seq_len", 501), "seq_len", "expected 1..500, got 501"),
+    "id 41": (lambda g: set_ids(g, 2, 41), "seq_class_ids", "got 41 at position 2"),
+    "padding within seq_len": (lambda g: g.attrs.__setitem__("seq_len", 8), "seq_class_ids", "got 0 at position 6"),
+    "seq_len > frames": (long_labels, "seq_len", "at most n_time_steps = 30 (CTC needs a frame per label), got 35"),
+    "missing block_num": (lambda g: g.attrs.__delitem__("block_num"), "block_num", "no such attribute"),
+    "session mismatch": (lambda g: g.attrs.__setitem__("session", "t15.2023.08.13"), "session",
+                         f"expected '{SESSION}' (the folder name)"),
+    "sentence not text": (lambda g: g.attrs.__setitem__("sentence_label", 7), "sentence_label", "string"),
+    "speaking_mode 2": (lambda g: g.attrs.__setitem__("speaking_mode", 2), "speaking_mode", "0 (silent) or 1"),
+}
+
+
+@pytest.mark.parametrize("case", TRIAL_CASES)
+def test_trial_errors_name_file_trial_and_field(tmp_path, case):
+    edit, field, fragment = TRIAL_CASES[case]
+    path = write_file(tmp_path / SESSION / "data_train.hdf5")
+    assert [r.label_len for r in index_file(path)] == [6, 6]
+    with h5py.File(path, "r+") as f:
+        edit(f["trial_0001"])
+    with pytest.raises(DataError) as info:
+        index_file(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: trial_0001: {field}: expected "), message
+    assert fragment in message
+
+
+def test_documented_example_message(tmp_path):
+    path = write_file(tmp_path / SESSION / "data_train.hdf5")
+    with h5py.File(path, "r+") as f:
+        f["trial_0001"].attrs["seq_len"] = 0
+    with pytest.raises(DataError) as info:
+        index_file(path)
+    assert str(info.value) == f"{path}: trial_0001: seq_len: expected 1..500, got 0"
+
+
+def test_not_an_hdf5_file(tmp_path):
+    path = tmp_path / SESSION / "data_train.hdf5"
+    path.parent.mkdir()
+    path.write_text("trial_0000,1,2,3\n")
+    with error_at(path, "format: expected an HDF5 file, got unreadable"):
+        index_file(path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / SESSION / "data_val.hdf5"
+    path.parent.mkdir()
+    h5py.File(path, "w").close()
+    with error_at(path, "trials: expected at least one trial_NNNN group, got an empty"):
+        index_file(path)
+
+
+@pytest.mark.parametrize("name", ["trial_1", "trial_00001", "Trial_0001", "notes"])
+def test_bad_group_name(tmp_path, name):
+    path = write_file(tmp_path / SESSION / "data_train.hdf5")
+    with h5py.File(path, "r+") as f:
+        f.create_group(name)
+    with error_at(path, f"{name}: group name: expected only trial_NNNN groups"):
+        index_file(path)
+
+
+def test_trial_that_is_a_dataset(tmp_path):
+    path = write_file(tmp_path / SESSION / "data_train.hdf5")
+    with h5py.File(path, "r+") as f:
+        f["trial_0002"] = np.zeros(3)
+    with error_at(path, "trial_0002: group: expected a trial group, got a dataset"):
+        index_file(path)
+
+
+@pytest.mark.parametrize("folder", ["t15.2023.02.30", "t15.2023.8.11", "t15_2023_08_11", "t15.2023.08.11.b"])
+def test_bad_session_folder(tmp_path, folder):
+    path = write_file(tmp_path / folder / "data_train.hdf5")
+    with error_at(tmp_path / folder, "session folder: expected t15.YYYY.MM.DD"):
+        index_file(path)
+    with pytest.raises(DataError, match="session folder"):
+        list_sessions(tmp_path)
+
+
+def test_root_must_exist_and_unrelated_entries_are_ignored(tmp_path):
+    with error_at(tmp_path / "nope", "data root: expected an existing directory"):
+        list_sessions(tmp_path / "nope")
+    write_file(tmp_path / SESSION / "data_train.hdf5")
+    (tmp_path / "README.md").write_text("hi")
+    (tmp_path / "t15.notes.txt").write_text("a file, not a session folder")
+    (tmp_path / "cache").mkdir()
+    assert list_sessions(tmp_path) == [SESSION]
+
+
+def test_labelled_inference(tmp_path):
+    test = write_file(tmp_path / SESSION / "data_test.hdf5", labelled=False)
+    assert [r.label_len for r in index_file(test)] == [0, 0]
+    other = write_file(tmp_path / SESSION / "extra.hdf5")
+    assert [r.label_len for r in index_file(other)] == [6, 6]
+    plain = write_file(tmp_path / SESSION / "other.hdf5", labelled=False)
+    assert [r.label_len for r in index_file(plain)] == [0, 0]
+    # A labelled split without labels is an error, not an unlabelled file.
+    val = write_file(tmp_path / SESSION / "data_val.hdf5", labelled=False)
+    with error_at(val, "trial_0000: seq_class_ids"):
+        index_file(val)
+
+
+def test_dataset_validates_every_file_at_construction(tmp_path):
+    path = write_file(tmp_path / SESSION / "data_train.hdf5")
+    write_file(tmp_path / "t15.2023.08.12" / "data_train.hdf5")
+    with h5py.File(path, "r+") as f:
+        f["trial_0001"]["input_features"][29, 511] = np.nan
+    with error_at(path, "trial_0001: input_features: .* first in row 29"):
+        B2TDataset(tmp_path, "train")
+
+
+def test_summarize_good_root_and_bad_file(synth_root, tmp_path):
+    lines = summarize(synth_root)
+    first = session_names(1)[0]
+    assert len(lines) == 9
+    assert lines[0].startswith(f"{first} train: trials=6 frames total=") and "labels min=" in lines[0]
+    assert lines[1].startswith(f"{first} val: trials=2 ") and lines[2].endswith("unlabelled")
+    assert summarize(synth_root / first / "data_test.hdf5") == [lines[2]]
+    bad = write_file(tmp_path / SESSION / "data_train.hdf5")
+    with h5py.File(bad, "r+") as f:
+        del f["trial_0000"].attrs["n_time_steps"]
+    with error_at(bad, "trial_0000: n_time_steps"):
+        summarize(tmp_path)
+    with pytest.raises(DataError, match="no such file or directory"):
+        summarize(tmp_path / "missing.hdf5")

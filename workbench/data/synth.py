@@ -1,0 +1,225 @@
+"""Synthetic Brain-to-Text data written in exactly the published HDF5 layout (see `workbench.data.b2t`).
+
+Generative model, per trial:
+1. A real English sentence -> phoneme ids (`vocab.sentence_to_ids`: stress removed, SIL after each word).
+2. Each id, SIL included, has a fixed tuning pattern over the 256 electrodes for the threshold-crossing
+   half (cols 0-255) and for the spike-band-power half (cols 256-511, correlated with but not equal to it).
+3. Each id lasts 5-9 bins of 20 ms, framed by rest bins (no modulation); the pattern sequence is smoothed
+   with a short Gaussian kernel and scaled by the speaking mode (silent = weaker modulation).
+4. Independent per-channel noise, then a per-session drift (offset and gain per channel), then z-scoring.
+The synthetic-only attribute `speaking_mode` (0 = silent, 1 = vocalized) records step 3's mode; the real
+release does not publish it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from workbench.data.b2t import MAX_LABEL_LEN, N_FEATURES, SPLITS
+from workbench.data.vocab import VOCAB_SIZE, sentence_to_ids
+
+SENTENCES: tuple[str, ...] = (
+    "I am hungry.", "I am tired.", "I feel cold.", "I feel fine.", "I need water.", "I need help.",
+    "Do you need help?", "Please come here.", "Please sit down.", "Open the door.", "Close the door.",
+    "Turn on the light.", "Turn off the light.", "It is cold today.", "It is warm outside.", "The sun is out.",
+    "It looks like rain.", "Where are my glasses?", "Where is my phone?", "Call my wife.", "Call my son.",
+    "Call the nurse.", "I want to sleep.", "I want to go home.", "Let us go outside.", "What time is it?",
+    "How are you today?", "I am doing well.", "Thank you very much.", "You are welcome.", "Good morning.",
+    "Good night.", "See you later.", "Nice to meet you.", "How was your day?", "That sounds good.",
+    "I like that idea.", "I do not know.", "I think so.", "Maybe later.", "Not right now.", "Can you help me?",
+    "Bring it closer.", "Move it left.", "Move it right.", "Raise the bed.", "Lower the bed.", "I have a headache.",
+    "My back hurts.", "My leg is sore.", "I feel much better.", "Give me a minute.", "Wait for me.",
+    "Let me think.", "Say that again.", "Speak more slowly.", "I can hear you.", "I cannot hear you.",
+    "Turn up the music.", "Turn down the music.", "Play some music.", "Read me the news.", "What is the weather?",
+    "Is it raining?", "The coffee is hot.", "I would like tea.", "Pass the salt.", "This tastes great.",
+    "Dinner was good.", "I am full.", "Get my blanket.", "Fix my pillow.", "Open the window.", "Close the window.",
+    "The room is hot.", "The room is cold.", "Who is at the door?", "Let them in.", "Tell them to wait.",
+    "I miss my family.", "My sister is coming.", "My brother called.", "We should talk.", "Tell me a story.",
+    "That was funny.", "I love you.", "I love this song.", "Watch the game.", "Who won the game?",
+    "The team played well.", "Change the channel.", "Find my book.", "Read the letter.", "Write this down.",
+    "Send a message.", "Check my email.", "Charge my phone.", "The battery is low.", "Is dinner ready?",
+    "What is for lunch?", "I want some soup.", "Cut it smaller.", "Add more sugar.", "No milk please.",
+    "Just a little.", "That is enough.", "One more please.", "I am thirsty.", "Get me a drink.",
+    "Clean my glasses.", "Brush my hair.", "I need a bath.", "Help me stand up.", "Let me rest.", "I am ready now.",
+    "Start the car.", "Drive me to town.", "We are late.", "Hurry up please.", "Slow down please.",
+    "Take your time.", "It is getting dark.", "Shut the curtains.", "Leave it open.", "Keep it closed.",
+    "Put it over there.", "Put it on the table.", "Hand me the cup.", "Hold my hand.", "Sit with me.",
+    "Stay a while.", "Come back soon.", "Have a good trip.", "Drive safely.", "Be careful.", "Watch your step.",
+    "It is very quiet.", "Who made this?", "My mother made it.", "I made a mistake.", "Try it again.",
+    "Let us begin.", "We are done.", "That was easy.", "This is hard.", "I am not sure.", "Ask the doctor.",
+    "When is my appointment?", "Is the doctor here?", "Take my pills.", "I feel dizzy.", "My hands are cold.",
+    "My feet are warm.", "Get a towel.", "Wash your hands.", "Dry the dishes.", "Feed the dog.", "Walk the dog.",
+    "The cat is hungry.", "Let the cat out.", "The birds are singing.", "Look at the sky.", "The stars are bright.",
+    "The moon is full.", "It snowed last night.", "The road is wet.", "Grab your coat.", "Wear a hat.",
+    "My shoes are tight.", "I need new socks.", "Buy some bread.", "We need eggs.", "Make a list.",
+    "Go to the store.", "The bus is late.", "Meet me downstairs.", "I will be right back.", "Stay right here.",
+    "Turn around.", "Look behind you.", "Face the window.", "Lean forward.", "Sit up straight.", "Breathe slowly.",
+    "Relax your arms.", "Stretch your legs.", "This chair is soft.", "I like this room.", "Paint it blue.",
+    "It is my birthday.", "Happy birthday to you.", "Let us celebrate.", "Bring the cake.", "Light the candles.",
+    "Make a wish.", "Open your present.", "What a nice gift.", "I feel lucky.", "We had fun.", "Sleep well.",
+    "Sweet dreams.", "See you tomorrow.",
+)
+
+_FIRST_SESSION = datetime.date(2023, 8, 13)
+_TRIALS_PER_BLOCK = 10
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Generator knobs. Tuning patterns have unit variance per channel; noise levels are relative to that."""
+
+    frames_per_phoneme: tuple[int, int] = (5, 9)
+    rest_frames: tuple[int, int] = (3, 8)
+    smooth_sigma: float = 1.5
+    channel_noise: float = 0.5
+    sbp_correlation: float = 0.8
+    drift_offset: float = 0.5
+    drift_gain: float = 0.3
+    silent_gain: float = 0.5
+    quantum: float = 1 / 64
+
+
+@dataclass(frozen=True)
+class _Trial:
+    features: np.ndarray
+    ids: list[int]
+    sentence: str
+    mode: int
+
+
+def session_names(count: int) -> list[str]:
+    """`count` real-looking session names a week apart, starting at t15.2023.08.13."""
+    days = (_FIRST_SESSION + datetime.timedelta(weeks=k) for k in range(count))
+    return [f"t15.{d.year:04d}.{d.month:02d}.{d.day:02d}" for d in days]
+
+
+def _make_tuning(rng: np.random.Generator, config: SynthConfig) -> np.ndarray:
+    """Tuning patterns (41, 512), one row per id (row 0, BLANK, is never spoken)."""
+    tc = rng.standard_normal((VOCAB_SIZE, N_FEATURES // 2))
+    rho = config.sbp_correlation
+    sbp = rho * tc + np.sqrt(1 - rho**2) * rng.standard_normal(tc.shape)
+    return np.concatenate([tc, sbp], axis=1)
+
+
+def _gaussian_kernel(sigma: float) -> np.ndarray:
+    radius = max(1, int(np.ceil(3 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    return taps / taps.sum()
+
+
+def _trial_features(ids: list[int], mode: int, tuning: np.ndarray, offset: np.ndarray, gain: np.ndarray,
+                    rng: np.random.Generator, config: SynthConfig) -> np.ndarray:
+    """Features (T, 512) float32 for one phoneme id sequence; T = rest + 5-9 bins per id + rest."""
+    low, high = config.frames_per_phoneme
+    durations = rng.integers(low, high + 1, size=len(ids))
+    lead, tail = rng.integers(config.rest_frames[0], config.rest_frames[1] + 1, size=2)
+    frame_ids = np.concatenate([np.full(lead, -1), np.repeat(ids, durations), np.full(tail, -1)])
+    speaking = np.flatnonzero(frame_ids >= 0)
+    one_hot = np.zeros((len(frame_ids), VOCAB_SIZE))
+    one_hot[speaking, frame_ids[speaking]] = 1.0
+    # Smoothing the one-hot sequence before the (linear) tuning equals smoothing all 512 channels, 12x cheaper.
+    kernel = _gaussian_kernel(config.smooth_sigma)
+    smoothed = np.stack([np.convolve(column, kernel, mode="same") for column in one_hot.T], axis=1)
+    modulation = 1.0 if mode == 1 else config.silent_gain
+    signal = modulation * (smoothed @ tuning) + config.channel_noise * rng.standard_normal((len(frame_ids), N_FEATURES))
+    signal = signal * gain + offset
+    # One mean and std for the whole trial: per-channel z-scoring would erase the session drift entirely.
+    features = (signal - signal.mean()) / signal.std()
+    # Quantised to multiples of `quantum` so that shuffle + gzip shrink the committed sample to a few MB.
+    return (np.round(features / config.quantum) * config.quantum).astype(np.float32)
+
+
+def _write_split(path: Path, session: str, trials: list[_Trial], first_block: int, labelled: bool,
+                 mode_labels: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as handle:
+        for i, trial in enumerate(trials):
+            group = handle.create_group(f"trial_{i:04d}")
+            # track_times=False keeps modification times out of the file so that output is byte-reproducible.
+            group.create_dataset("input_features", data=trial.features, chunks=trial.features.shape,
+                                 compression="gzip", compression_opts=9, shuffle=True, track_times=False)
+            group.attrs["n_time_steps"] = np.int64(trial.features.shape[0])
+            group.attrs["block_num"] = np.int64(first_block + i // _TRIALS_PER_BLOCK)
+            group.attrs["trial_num"] = np.int64(i % _TRIALS_PER_BLOCK)
+            group.attrs["session"] = session
+            if mode_labels:
+                group.attrs["speaking_mode"] = np.int64(trial.mode)
+            if labelled:
+                for name, values in (("seq_class_ids", trial.ids), ("transcription", [ord(c) for c in trial.sentence])):
+                    padded = np.zeros(MAX_LABEL_LEN, dtype=np.int32)
+                    padded[: len(values)] = values
+                    group.create_dataset(name, data=padded, compression="gzip", compression_opts=9, shuffle=True,
+                                         track_times=False)
+                group.attrs["seq_len"] = np.int64(len(trial.ids))
+                group.attrs["sentence_label"] = trial.sentence
+
+
+def _make_trial(sentence: str, tuning: np.ndarray, offset: np.ndarray, gain: np.ndarray, rng: np.random.Generator,
+                config: SynthConfig) -> _Trial:
+    ids = sentence_to_ids(sentence)
+    mode = int(rng.integers(0, 2))
+    return _Trial(_trial_features(ids, mode, tuning, offset, gain, rng, config), ids, sentence, mode)
+
+
+def _write_checksums(out_dir: Path, paths: list[Path]) -> Path:
+    """`SHA256SUMS` in `sha256sum` format, paths relative to `out_dir`."""
+    relative = sorted(path.relative_to(out_dir).as_posix() for path in paths)
+    lines = [f"{hashlib.sha256((out_dir / rel).read_bytes()).hexdigest()}  {rel}\n" for rel in relative]
+    manifest = out_dir / "SHA256SUMS"
+    manifest.write_text("".join(lines))
+    return manifest
+
+
+def write_dataset(out_dir: str | Path, sessions: int = 2, trials: int = 24, seed: int = 0,
+                  val_fraction: float = 0.25, test_fraction: float = 0.25, mode_labels: bool = True,
+                  config: SynthConfig = SynthConfig()) -> list[Path]:
+    """Write `<out_dir>/t15.YYYY.MM.DD/data_{train,val,test}.hdf5` and `<out_dir>/SHA256SUMS`.
+
+    `trials` train trials per session; val and test get round(trials * fraction) each, and a split with
+    none gets no file (as in the real sessions without val/test). Speaking modes are always drawn;
+    `mode_labels=False` leaves the `speaking_mode` attribute out, as in the real release. Output is
+    byte-identical for equal arguments. Session k's data do not depend on how many sessions are made.
+    Returns the written .hdf5 paths, session by session in train, val, test order.
+    """
+    if sessions < 1 or trials < 1:
+        raise ValueError(f"sessions and trials: expected at least 1 each, got {sessions} and {trials}")
+    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"{name}: expected 0..1, got {fraction}")
+    out_dir = Path(out_dir)
+    names = session_names(sessions)
+    stale = sorted(p.name for p in out_dir.glob("t15*") if p.name not in names) if out_dir.is_dir() else []
+    if stale:
+        raise ValueError(f"{out_dir}: holds sessions this generation would not rewrite ({', '.join(stale)}); "
+                         "use an empty folder or remove them")
+    counts = {"train": trials, "val": int(trials * val_fraction + 0.5), "test": int(trials * test_fraction + 0.5)}
+    world, *session_seeds = np.random.SeedSequence(seed).spawn(sessions + 1)
+    tuning = _make_tuning(np.random.default_rng(world), config)
+    written = []
+    for session, session_seed in zip(names, session_seeds):
+        rng = np.random.default_rng(session_seed)
+        offset = config.drift_offset * rng.standard_normal(N_FEATURES)
+        gain = np.exp(config.drift_gain * rng.standard_normal(N_FEATURES))
+        # Sentences are drawn without replacement within a session, so val/test sentences are unseen there.
+        order = rng.permutation(len(SENTENCES))
+        used = 0
+        block = 1
+        for split in SPLITS:
+            count = counts[split]
+            if count == 0:
+                continue
+            chosen = [SENTENCES[order[(used + j) % len(order)]] for j in range(count)]
+            used += count
+            path = out_dir / session / f"data_{split}.hdf5"
+            _write_split(path, session, [_make_trial(s, tuning, offset, gain, rng, config) for s in chosen],
+                         block, split != "test", mode_labels)
+            block += -(-count // _TRIALS_PER_BLOCK)
+            written.append(path)
+    _write_checksums(out_dir, written)
+    return written
