@@ -1,0 +1,204 @@
+"""Run log: round trips, refusals and errors, status, live reads, and durability under SIGKILL."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from helpers.runlog_writer import step_values
+from workbench.records import RunLog, RunLogWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+HELPER = Path(__file__).resolve().parent / "helpers" / "runlog_writer.py"
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "run.h5"
+    params, vec = ["enc.w", "enc.b", "joint.w"], "grad_norm/per_param"
+    attrs = {"seed": 3, "lr": 1e-3, "preset": "tiny", "stages": {"ctc": 300, "joint": 20}}
+    with RunLogWriter(path, attrs=attrs) as w:
+        w.declare_vector(vec, params)
+        w.log_step(0, {"loss/ctc": 2.5, "skipped": 0, "nonfinite": False, vec: np.array([1, 2, 3.5])})
+        w.log_step(1, {"loss/ctc": math.inf, "skipped": 1, "nonfinite": True, vec: [0.5, 0.0, math.nan]})
+        w.log_step(2, {"loss/ctc": 1.5, "loss/rnnt": 7.0, "loss_scale": 2.0**16, "skipped": 1, "nonfinite": False})
+        w.set_attrs(note=["late", 1])
+        w.log_event("verdicts", {"step": 1, "module": "joint", "max_abs": math.inf, "min": -math.inf, "mean": math.nan})
+        w.log_event("verdicts", {"step": 2, "ok": True, "values": [1.0, math.nan]})
+    with RunLog(path) as log:
+        assert log.attrs["seed"] == 3 and log.attrs["lr"] == 1e-3 and log.attrs["preset"] == "tiny"
+        assert log.attrs["stages"] == {"ctc": 300, "joint": 20}
+        assert log.attrs["note"] == ["late", 1]
+        assert log.series_names() == [vec, "loss/ctc", "loss/rnnt", "loss_scale", "nonfinite", "skipped"]
+        steps, loss = log.series("loss/ctc")
+        assert steps.dtype == np.int64 and steps.tolist() == [0, 1, 2]
+        assert loss.dtype == np.float64 and loss.tolist() == [2.5, math.inf, 1.5]
+        assert log.series("loss/rnnt")[0].tolist() == [2]  # a late series starts at its first step, no fill
+        skipped = log.series("skipped")[1]
+        assert skipped.dtype == np.int64 and skipped.tolist() == [0, 1, 1]
+        flags = log.series("nonfinite")[1]
+        assert flags.dtype == np.bool_ and flags.tolist() == [False, True, False]
+        steps, grads = log.series(vec)
+        assert steps.tolist() == [0, 1] and grads.shape == (2, 3)
+        np.testing.assert_array_equal(grads, [[1, 2, 3.5], [0.5, 0.0, math.nan]])
+        assert log.labels(vec) == params and log.labels("loss/ctc") is None
+        assert sorted(log.scalar_frame("loss")) == ["loss/ctc", "loss/rnnt"]  # not "loss_scale"
+        assert sorted(log.scalar_frame()) == ["loss/ctc", "loss/rnnt", "loss_scale", "nonfinite", "skipped"]
+        assert log.table_names() == ["verdicts"]
+        first, second = log.table("verdicts")
+        assert first["module"] == "joint" and first["max_abs"] == math.inf and first["min"] == -math.inf
+        assert math.isnan(first["mean"])
+        assert second["ok"] is True and second["values"][0] == 1.0 and math.isnan(second["values"][1])
+        assert log.last_step() == 2
+    with h5py.File(path, "r") as raw:  # the documented layout, read without the reader
+        assert raw["series/grad_norm/per_param/value"].dtype == np.float64
+        assert raw["series/nonfinite/value"].dtype == np.uint8
+        assert raw["series/skipped/step"].maxshape == (None,)
+        assert "NaN" not in raw["tables/verdicts"].asstr()[0]  # strict JSON, no allow_nan literals
+
+
+def test_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "run.h5"
+    with RunLogWriter(path) as w:
+        w.log_step(0, {"loss": 1.0})
+    with pytest.raises(FileExistsError, match=str(path)):
+        RunLogWriter(path)
+    with RunLog(path) as log:
+        assert log.series("loss")[1].tolist() == [1.0]
+    RunLogWriter(path, overwrite=True).close()
+    with RunLog(path) as log:
+        assert log.series_names() == []
+
+
+def test_shape_and_dtype_errors_leave_series_untouched(tmp_path):
+    with RunLogWriter(tmp_path / "run.h5") as w:
+        w.log_step(0, {"loss": 1.0, "vec": [1.0, 2.0], "count": 3})
+        with pytest.raises(ValueError, match="'vec'"):
+            w.log_step(1, {"loss": 2.0, "vec": [1.0, 2.0, 3.0]})
+        with pytest.raises(ValueError, match="'loss'"):
+            w.log_step(1, {"loss": [2.0]})
+        with pytest.raises(ValueError, match="'count'"):
+            w.log_step(1, {"count": 2.5})
+        with pytest.raises(ValueError, match="'loss/ctc'"):
+            w.log_step(1, {"loss/ctc": 1.0})
+        w.declare_vector("named", ["a", "b"])
+        with pytest.raises(ValueError, match="'named'"):
+            w.log_step(1, {"named": [1.0, 2.0, 3.0]})
+        w.log_step(1, {"count": True})  # widening bool -> int is allowed
+    with RunLog(tmp_path / "run.h5") as log:
+        assert log.series("loss")[0].tolist() == [0]
+        assert log.series("count")[1].tolist() == [3, 1]
+
+
+def test_missing_names_and_bad_files(tmp_path):
+    path = tmp_path / "run.h5"
+    with RunLogWriter(path) as w:
+        w.log_step(0, {"loss/ctc": 1.0, "loss/rnnt": 2.0})
+        w.log_event("stages", {"name": "joint"})
+    with RunLog(path) as log:
+        with pytest.raises(KeyError, match=r"'loss/joint'.*\['loss/ctc', 'loss/rnnt'\]"):
+            log.series("loss/joint")
+        with pytest.raises(KeyError, match=r"'loss'.*\['loss/ctc', 'loss/rnnt'\]"):
+            log.labels("loss")
+        with pytest.raises(KeyError, match=r"'verdicts'.*\['stages'\]"):
+            log.table("verdicts")
+    with pytest.raises(FileNotFoundError, match="nope.h5"):
+        RunLog(tmp_path / "nope.h5")
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(ValueError, match="text.h5"):
+        RunLog(tmp_path / "text.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as other:
+        other["x"] = 1
+    with pytest.raises(ValueError, match="other.h5"):
+        RunLog(tmp_path / "other.h5")
+
+
+def test_status_running_finished_failed(tmp_path):
+    writer = RunLogWriter(tmp_path / "running.h5")
+    with RunLog(tmp_path / "running.h5") as log:
+        assert log.status == "running" and log.attrs["format"] == "workbench-runlog" and "created" in log.attrs
+        assert log.last_step() is None
+    writer.close()
+    with RunLog(tmp_path / "running.h5") as log:
+        assert log.status == "finished" and "finished" in log.attrs
+    with pytest.raises(FloatingPointError, match="boom"):
+        with RunLogWriter(tmp_path / "failed.h5") as w:
+            w.log_step(0, {"loss": 1.0})
+            raise FloatingPointError("boom\nsecond line")
+    with RunLog(tmp_path / "failed.h5") as log:
+        assert log.status == "failed"
+        assert log.attrs["error"] == "FloatingPointError('boom\\nsecond line')"
+
+
+def test_reader_sees_flushed_steps_while_writer_open(tmp_path):
+    path = tmp_path / "run.h5"
+    with RunLogWriter(path, flush_every=2) as w:
+        for step in range(4):
+            w.log_step(step, {"loss": float(step)})
+        with RunLog(path) as log:
+            assert log.status == "running"
+            assert log.series("loss")[1].tolist() == [0.0, 1.0, 2.0, 3.0]
+        w.log_step(4, {"loss": 4.0})  # closing the reader leaves the writer usable
+    with RunLog(path) as log:
+        assert log.last_step() == 4 and log.status == "finished"
+
+
+def _start_writer(path: Path, n_steps: int, flush_every: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    args = [sys.executable, str(HELPER), str(path), str(n_steps), str(flush_every)]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _read_printed(proc: subprocess.Popen, count: int) -> list[int]:
+    printed = []
+    while len(printed) < count:
+        line = proc.stdout.readline()
+        assert line, f"writer exited early with code {proc.poll()}"
+        printed.append(int(line))
+    return printed
+
+
+def _assert_values(log: RunLog, steps_wanted: list[int]) -> None:
+    for key in ("loss", "grad_norm/encoder"):
+        steps, values = log.series(key)
+        row = {int(s): v for s, v in zip(steps, values)}
+        for step in steps_wanted:
+            np.testing.assert_array_equal(row[step], step_values(step)[key])
+
+
+@pytest.mark.timeout(30)
+def test_reader_in_other_process_while_writer_holds_file(tmp_path):
+    path = tmp_path / "run.h5"
+    proc = _start_writer(path, n_steps=25, flush_every=1)
+    try:
+        printed = _read_printed(proc, 25)  # the writer now idles with the file open
+        assert proc.poll() is None
+        with RunLog(path) as log:
+            assert log.status == "running" and log.last_step() == 24
+            _assert_values(log, printed)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("flush_every", [1, 5])
+def test_sigkill_keeps_flushed_steps(tmp_path, flush_every):
+    path = tmp_path / "run.h5"
+    proc = _start_writer(path, n_steps=10**6, flush_every=flush_every)
+    try:
+        printed = _read_printed(proc, 22)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # Steps 0, 1, 2, ... are printed once log_step returns; only those after the last flush may be lost.
+    flushed = printed[: len(printed) // flush_every * flush_every]
+    with RunLog(path) as log:
+        assert log.status == "running" and log.attrs["run"] == "killed"
+        _assert_values(log, flushed)
