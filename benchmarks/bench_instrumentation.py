@@ -1,0 +1,111 @@
+"""Overhead of the instrumentation on the reference training step.
+
+Same model, optimizer and batches for three configurations, interleaved round by round so drift in machine
+load hits all three alike:
+
+    plain  TrainStep with no observers
+    a      + GradNormProbe (groups and per-parameter) + OptimizerCoverage (sharing the probe's copy)
+    b      a + ActivationStats on every leaf module with parameters
+
+Prints the median ms/step of each and the median per-round ratio instrumented / plain; the last line is
+`grad-norm instrumentation overhead ratio: X.XXX` for configuration a.
+
+    python benchmarks/bench_instrumentation.py --preset small --rounds 15 --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from workbench.data import B2TDataset, Batch, DataError, collate, write_dataset
+from workbench.device import pick_device, seed_everything
+from workbench.instrument import ActivationStats, GradNormProbe, OptimizerCoverage
+from workbench.losses import LossWeights
+from workbench.model import HybridModel, get_config
+from workbench.train import StepConfig, TrainStep, build_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_batches(root: Path, n: int, batch_size: int, device: torch.device, scratch: Path) -> list[Batch]:
+    """n batches of the train split under `root`; a small synthetic set when `root` holds no data yet."""
+    try:
+        dataset = B2TDataset(root, "train")
+    except DataError:
+        print(f"no data under {root}: using a synthetic set")
+        write_dataset(scratch, sessions=1, trials=n * batch_size)
+        dataset = B2TDataset(scratch, "train")
+    trials = [dataset[i % len(dataset)] for i in range(n * batch_size)]
+    return [collate(trials[i * batch_size:(i + 1) * batch_size]).to(device) for i in range(n)]
+
+
+def timed(run: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=4, help="training steps per configuration per round")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--data", default=str(ROOT / "data_samples"))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    seed_everything(0)
+    device = pick_device(args.device)
+    with tempfile.TemporaryDirectory() as scratch:
+        batches = load_batches(Path(args.data), args.steps, args.batch_size, device, Path(scratch))
+    model = HybridModel(get_config(args.preset)).to(device)
+    step = TrainStep(model, build_optimizer(model.parameters(), lr=1e-4), StepConfig(), device)
+    weights = LossWeights(ctc=0.3, rnnt=1.0, mode=0.0)
+    probe = GradNormProbe(model)
+    coverage = OptimizerCoverage(model, probe=probe)
+    acts = ActivationStats(model)
+
+    def steps() -> None:
+        for batch in batches:
+            step(batch, weights)
+
+    def with_grads() -> None:
+        with probe.attached(step), coverage.attached(step):
+            steps()
+
+    def with_activations() -> None:
+        with probe.attached(step), coverage.attached(step), acts.attached(step):
+            steps()
+
+    configs = {"plain": steps, "a": with_grads, "b": with_activations}
+    for run in configs.values():  # warm-up: allocator, lazy init, first-layout masks
+        run()
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(args.rounds):
+        for name, run in configs.items():
+            times[name].append(timed(run, device))
+
+    print(f"device {device}, preset {args.preset}, {args.rounds} rounds x {args.steps} steps, "
+          f"{sum(p.numel() for p in model.parameters())} parameters in {len(probe.param_labels)} tensors, "
+          f"{len(probe.groups)} groups, {len(acts.modules)} hooked modules")
+    for name, values in times.items():
+        print(f"  {name:5s} median {1000 * statistics.median(values) / args.steps:8.2f} ms/step")
+    ratios = {name: statistics.median(t / p for t, p in zip(times[name], times["plain"])) for name in ("a", "b")}
+    print(f"  b (+ activations) / plain median ratio: {ratios['b']:.3f}")
+    print(f"grad-norm instrumentation overhead ratio: {ratios['a']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""ActivationStats: values against an independent forward, tuple outputs, hook lifecycle, one copy per step."""
+
+import math
+from collections import OrderedDict
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from workbench.instrument import ActivationStats, host, leaf_modules_with_params
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(inp=nn.Linear(6, 8), act=nn.Tanh(), out=nn.Linear(8, 3)))
+
+
+class TwoBranch(nn.Module):
+    """A trunk feeding an MLP branch and an LSTM branch (whose output is a tuple)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(5, 8)
+        self.left = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+        self.right = nn.LSTM(8, 3, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.trunk(x))
+        return self.left(h).sum() + self.right(h)[0].sum()
+
+
+def stats_of(*outputs: torch.Tensor) -> tuple[float, float, int]:
+    flat = torch.cat([o.detach().double().flatten() for o in outputs])
+    finite = flat[torch.isfinite(flat)]
+    amax = flat.abs().max().item() if finite.numel() == flat.numel() else math.inf
+    return amax, math.sqrt(flat.square().mean().item()), int((~torch.isfinite(flat)).sum())
+
+
+def hook_counts(model: nn.Module) -> list[int]:
+    return [len(m._forward_hooks) for m in model.modules()]
+
+
+def test_values_match_an_independent_forward_over_two_calls():
+    model = mlp()
+    x1, x2 = torch.randn(4, 6), torch.randn(3, 6)
+    with ActivationStats(model) as acts:
+        model(x1)
+        model(x2)  # two micro-batches in one step
+        latest = acts.collect(step=1)
+    assert acts.modules == ["inp", "out"] and acts.step == 1
+    inp = [model.inp(x) for x in (x1, x2)]
+    out = [model.out(torch.tanh(h)) for h in inp]
+    for name, outputs in (("inp", inp), ("out", out)):
+        amax, rms, nonfinite = latest[name]
+        want = stats_of(*outputs)
+        assert amax == pytest.approx(want[0], rel=1e-6) and rms == pytest.approx(want[1], rel=1e-6)
+        assert nonfinite == 0
+    assert acts.records() == {f"act_{k}/{m}": v for m in ("inp", "out")
+                              for k, v in zip(("max", "rms", "nonfinite"), latest[m])}
+
+
+def test_lstm_tuple_output_and_module_selection():
+    model = TwoBranch()
+    x = torch.randn(2, 7, 5)
+    with ActivationStats(model, modules=["right", "left"]) as acts:
+        model(x)
+        latest = acts.collect()
+    want = stats_of(model.right(torch.tanh(model.trunk(x)))[0])
+    assert set(latest) == {"right", "left"}
+    assert latest["right"][:2] == pytest.approx(want[:2], rel=1e-6)
+    assert leaf_modules_with_params(model) == ["trunk", "left.0", "left.2", "right"]
+    with pytest.raises(ValueError, match="'middle'"):
+        ActivationStats(model, modules=["middle"])
+
+
+def test_fp16_overflow_is_counted():
+    model = nn.Sequential(OrderedDict(big=nn.Linear(4, 4, bias=False), small=nn.Linear(4, 2))).half()
+    nn.init.constant_(model.big.weight, 200.0)
+    x = torch.full((3, 4), 100.0, dtype=torch.float16)  # 4 * 200 * 100 = 80000 > 65504
+    with ActivationStats(model) as acts:
+        model(x)
+        latest = acts.collect()
+    h = model.big(x)
+    assert torch.isinf(h).all()
+    assert latest["big"] == (math.inf, math.inf, 12)
+    small = model.small(h)  # inf times weights of both signs: NaN
+    assert torch.isnan(small).all()
+    assert math.isnan(latest["small"][0]) and latest["small"][2] == small.numel()
+
+
+def test_hooks_removed_on_exit_and_never_doubled():
+    model = TwoBranch()
+    x = torch.randn(2, 7, 5)
+    first = ActivationStats(model)
+    first.__enter__()
+    first.__enter__()
+    second = ActivationStats(model)  # a re-run notebook cell: replaces the first one's hooks
+    with second:
+        assert max(hook_counts(model)) == 1 and sum(hook_counts(model)) == 4
+        model(x)
+        once = second.collect()
+        assert first.collect() == {}
+    assert hook_counts(model) == [0] * len(hook_counts(model))
+    with second, second:
+        model(x)
+        again = second.collect()
+    assert again == once and sum(hook_counts(model)) == 0
+
+
+def test_no_grad_forwards_are_not_recorded_unless_asked():
+    model = mlp()
+    with ActivationStats(model) as acts:
+        with torch.no_grad():
+            model(torch.randn(2, 6))
+        assert acts.collect() == {}
+    with ActivationStats(model, include_no_grad=True) as acts, torch.no_grad():
+        model(torch.randn(2, 6))
+        assert set(acts.collect()) == {"inp", "out"}
+
+
+def test_one_copy_per_step_as_observer(monkeypatch):
+    model = mlp()
+    step = SimpleNamespace(observers=[])
+    acts = ActivationStats(model)
+    items = []
+    original = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: items.append(1) or original(self))
+    before = host.HOST_COPIES
+    with acts.attached(step):
+        acts.attach(step)
+        assert step.observers == [acts] and sum(hook_counts(model)) == 2
+        for i in (1, 2, 3):
+            model(torch.randn(2, 6)).sum().backward()
+            for obs in step.observers:
+                obs.on_step_end(SimpleNamespace(step=i))
+            assert host.HOST_COPIES == before + i and acts.step == i
+    assert step.observers == [] and sum(hook_counts(model)) == 0 and items == []

@@ -1,0 +1,125 @@
+"""Optimizer coverage: trainable parameters that get gradients the optimizer never applies, and frozen ones it holds.
+
+The first is the stale-optimizer bug of staged training: a component unfrozen after the optimizer was built
+receives gradients (which, under fp16, `unscale_` never unscales) but is never updated. Membership is checked by
+`id(param)` in pure Python at every step, with no device work at all; only the gradient norms of offending
+parameters need the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from workbench.instrument import host
+from workbench.instrument.grad_norms import GradNormProbe, StepObserver, StepStats
+
+SHOWN = 3  # offending tensors named in one_line()
+
+
+@dataclass
+class CoverageFinding:
+    """One step's coverage check.
+
+    outside_optimizer: (name, |g|) of trainable parameters with a gradient the optimizer does not hold, largest
+    |g| first (NaN until the gradient norms reach the host; the gradients are as clip_grad_norm_ sees them, so
+    under fp16 still multiplied by the loss scale). frozen_in_optimizer: names of held parameters with
+    requires_grad False.
+    """
+
+    step: int
+    outside_optimizer: list[tuple[str, float]] = field(default_factory=list)
+    frozen_in_optimizer: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.outside_optimizer and not self.frozen_in_optimizer
+
+    def fill_norms(self, norms: dict[str, float]) -> None:
+        """Set the |g| of the outside parameters and sort them largest first (NaN counts as largest)."""
+        # An empty tensor has no entries, so no norm in the probe's stats: its norm is 0.
+        filled = [(name, norms.get(name, 0.0)) for name, _ in self.outside_optimizer]
+        self.outside_optimizer = sorted(filled, key=lambda item: -math.inf if math.isnan(item[1]) else -item[1])
+
+    def one_line(self) -> str:
+        if self.ok:
+            return f"step {self.step}: the optimizer holds every trainable tensor with a gradient, and no frozen one"
+        parts = []
+        if self.outside_optimizer:
+            shown = ", ".join(f"{name} |g|={norm:.3g}" for name, norm in self.outside_optimizer[:SHOWN])
+            more = ", ..." if len(self.outside_optimizer) > SHOWN else ""
+            parts.append(f"{len(self.outside_optimizer)} trainable tensors outside the optimizer ({shown}{more})")
+        if self.frozen_in_optimizer:
+            shown = ", ".join(self.frozen_in_optimizer[:SHOWN])
+            more = ", ..." if len(self.frozen_in_optimizer) > SHOWN else ""
+            parts.append(f"{len(self.frozen_in_optimizer)} frozen tensors in the optimizer ({shown}{more})")
+        return f"step {self.step}: " + "; ".join(parts)
+
+
+class OptimizerCoverage(StepObserver):
+    """TrainStep observer comparing the model's trainable parameters with the optimizer's, every step.
+
+    With `probe` (a GradNormProbe on the same model, attached to the same step) the gradient norms come from
+    the probe's host copy, so coverage adds no copy; they arrive when the probe copies (every `probe.every`
+    steps). Without a probe, coverage computes the norms of offending parameters itself and copies them once in
+    `on_step_end`, only on steps with offending parameters. `latest` is the newest finding, `findings` the
+    steps with problems.
+    """
+
+    def __init__(self, model: nn.Module, probe: GradNormProbe | None = None) -> None:
+        if probe is not None and probe.model is not model:
+            raise ValueError("OptimizerCoverage: the probe watches a different model")
+        self.model = model
+        self.probe = probe
+        self._named = list(model.named_parameters())
+        self.latest: CoverageFinding | None = None
+        self.findings: list[CoverageFinding] = []
+        self._awaiting: dict[int, CoverageFinding] = {}
+        self._norms: torch.Tensor | None = None
+        if probe is not None:
+            probe.subscribe(self._on_probe_stats)
+
+    def on_after_backward(self, ctx: Any) -> None:
+        """TrainStep event: check membership by id(param); no device work unless a parameter is outside."""
+        held = {id(p) for group in ctx.optimizer.param_groups for p in group["params"]}
+        outside = [(name, p) for name, p in self._named
+                   if p.requires_grad and p.grad is not None and id(p) not in held]
+        frozen = [name for name, p in self._named if id(p) in held and not p.requires_grad]
+        finding = CoverageFinding(ctx.step, [(name, math.nan) for name, _ in outside], frozen)
+        self.latest = finding
+        self._norms = None
+        if finding.ok:
+            return
+        self.findings.append(finding)
+        if not outside:
+            return
+        if self.probe is not None:
+            self._awaiting[ctx.step] = finding
+            return
+        with torch.no_grad():
+            grads = [p.grad for _, p in outside]
+            self._norms = torch.stack([n.to(grads[0].device) for n in
+                                       torch._foreach_norm(grads, 2, dtype=torch.float32)])
+
+    def on_step_end(self, ctx: Any) -> None:
+        """TrainStep event: without a probe, copy the offending gradient norms to the host (one copy)."""
+        if self._norms is None or self.latest is None:
+            return
+        values = host.to_host(self._norms).tolist()
+        self._norms = None
+        self.latest.fill_norms({name: value for (name, _), value in zip(self.latest.outside_optimizer, values)})
+
+    def _on_probe_stats(self, stats: StepStats) -> None:
+        finding = self._awaiting.pop(stats.step, None)
+        if finding is not None:
+            finding.fill_norms(dict(zip(stats.param_names, stats.param_norm.tolist())))
+
+    def one_line(self) -> str:
+        """The latest finding as one line, e.g. `step 1: 22 trainable tensors outside the optimizer (...)`."""
+        if self.latest is None:
+            return "no step checked yet"
+        return self.latest.one_line()

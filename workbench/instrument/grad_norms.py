@@ -1,0 +1,372 @@
+"""Gradient statistics per parameter, per group and globally, at one host copy per step (or per `every` steps).
+
+What the values are:
+
+- `.grad` as it is at `on_after_backward`: after every micro-batch backward of the optimizer step (with gradient
+  accumulation the statistics are per optimizer step, never per micro-batch) and after
+  `scaler.unscale_(optimizer)`. `unscale_` only touches the optimizer's parameters, so a parameter OUTSIDE the
+  optimizer still holds its gradient multiplied by the loss scale: exactly what `clip_grad_norm_` over all model
+  parameters sees (TrainStep's `clip_scope="model"`, the seed's behaviour).
+- The global norm is over every parameter that has a `.grad`, computed as `clip_grad_norm_` computes it (the
+  2-norm of the per-parameter 2-norms). With `clip_scope="optimizer"` TrainStep clips over the optimizer's
+  parameters only, so its `grad_norm` differs whenever parameters outside the optimizer hold gradients.
+- Norms are computed in float32 even for fp16 gradients: an fp16 norm overflows (65504) long before the values do.
+- A parameter without `.grad` is absent from that step's per-parameter arrays (NaN in `records()`'s
+  fixed-length vector); a group none of whose parameters has a gradient is absent from the group dicts.
+- Non-finite counts travel in float32: exact up to 2**24 per entry, and never rounded to or from zero.
+
+Cost per step with k parameters holding a gradient and G groups: three multi-tensor reductions over the
+gradients (`torch._foreach_norm` with ord 2, inf and 0), a temporary the size of the gradients for the non-finite
+count, a handful of element-wise ops on (G, k) tensors and one concatenation, all on the gradients' device.
+The only device-to-host copy is `workbench.instrument.host.to_host`, once per `every` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.amp.grad_scaler import OptState
+
+from workbench.instrument import host
+from workbench.instrument.groups import ParamGroups, default_groups, groups_from_patterns
+
+_O = TypeVar("_O", bound="StepObserver")
+
+
+class StepObserver:
+    """Attach/detach contract of the probes: an observer of at most one TrainStep at a time.
+
+    Attaching appends the probe to `step.observers` unless it is already there, so re-running a notebook
+    cell does not double count; `with probe.attached(step):` detaches on exit, errors included.
+    """
+
+    _train_step: Any = None
+
+    def attach(self, step: Any) -> None:
+        """Observe `step` (anything with an `observers` list, such as `workbench.train.TrainStep`)."""
+        if self._train_step is not None and self._train_step is not step:
+            self.detach()
+        if not any(obs is self for obs in step.observers):
+            step.observers.append(self)
+        self._train_step = step
+
+    def detach(self) -> None:
+        """Stop observing; a no-op when not attached."""
+        if self._train_step is not None:
+            self._train_step.observers[:] = [obs for obs in self._train_step.observers if obs is not self]
+            self._train_step = None
+
+    @contextlib.contextmanager
+    def attached(self: _O, step: Any) -> Iterator[_O]:
+        """`with probe.attached(step):` observe `step` for the block, detaching on exit."""
+        self.attach(step)
+        try:
+            yield self
+        finally:
+            self.detach()
+
+
+@dataclass
+class StepStats:
+    """One optimizer step's gradient statistics, on the host.
+
+    `param_norm`, `param_max`, `param_nonfinite` are (k,) arrays aligned with `param_names`, the k parameters
+    that had a gradient at this step. `update_ratio` is None unless the probe was built with update_ratio=True;
+    `scale` is the GradScaler scale this step's backward used (None without an enabled scaler).
+    """
+
+    step: int
+    global_norm: float
+    group_norm: dict[str, float]
+    group_max: dict[str, float]
+    group_nonfinite: dict[str, int]
+    param_names: list[str]
+    param_norm: np.ndarray
+    param_max: np.ndarray
+    param_nonfinite: np.ndarray
+    update_ratio: dict[str, float] | None
+    scale: float | None
+
+
+@dataclass
+class _Layout:
+    """The parameters with a gradient at a step and the device mask reducing them into groups.
+
+    index: positions in the probe's parameter list (k,); groups: the G groups holding at least one of them;
+    member: (G, k) bool on the pack device (the first gradient's); spread: gradients live on several devices.
+    """
+
+    index: tuple[int, ...]
+    groups: list[str]
+    member: torch.Tensor
+    spread: bool
+
+    def stack(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """k 0-d tensors -> (k,) on the pack device."""
+        if self.spread:
+            return torch.stack([v.to(self.member.device, non_blocking=True) for v in values])
+        return torch.stack(values)
+
+
+@dataclass
+class _Pending:
+    """A step whose statistics are still on the device: `parts` concatenate to the flat layout of `_decode`."""
+
+    step: int
+    layout: _Layout
+    has_scale: bool
+    parts: list[torch.Tensor]
+    has_ratio: bool = False
+
+    @property
+    def size(self) -> int:
+        g, k = len(self.layout.groups), len(self.layout.index)
+        return 1 + int(self.has_scale) + 3 * g + 3 * k + (g if self.has_ratio else 0)
+
+
+@dataclass
+class _Snapshot:
+    """Parameters before the optimizer step: copies (for the update) and their float32 norms (k,)."""
+
+    layout: _Layout
+    before: list[torch.Tensor]
+    before_norm: torch.Tensor
+
+
+def _group_sum_sq(member: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """sqrt of the per-group sum of squares of (k,) `values`: (G,). `where`, not a matmul: 0 * NaN would put
+    one parameter's NaN into every group."""
+    return torch.where(member, values.square(), 0.0).sum(dim=1).sqrt()
+
+
+def _scale_tensor(scaler: torch.amp.GradScaler | None, device: torch.device) -> torch.Tensor | None:
+    if scaler is None or not scaler.is_enabled():
+        return None
+    # `_scale` is private, but reading the device tensor is free where get_scale() is a host sync (.item());
+    # the concatenation copies it before scaler.update() rewrites it in place, so it is this step's scale.
+    scale = getattr(scaler, "_scale", None)
+    if isinstance(scale, torch.Tensor):
+        return scale.to(device, torch.float32, non_blocking=True).reshape(1)
+    return torch.full((1,), scaler.get_scale(), dtype=torch.float32, device=device)
+
+
+def _decode(pending: _Pending, values: np.ndarray, param_names: list[str]) -> StepStats:
+    """Inverse of the packing: [global, scale?, group norm, max, nonfinite (G each), param norm, max,
+    nonfinite (k each), update ratio? (G)]."""
+    groups, g, k = pending.layout.groups, len(pending.layout.groups), len(pending.layout.index)
+    sizes = [1, int(pending.has_scale), g, g, g, k, k, k]
+    glob, scale, g_norm, g_max, g_nf, p_norm, p_max, p_nf, ratio = np.split(values, np.cumsum(sizes))
+    return StepStats(
+        step=pending.step,
+        global_norm=float(glob[0]),
+        group_norm=dict(zip(groups, g_norm.tolist())),
+        group_max=dict(zip(groups, g_max.tolist())),
+        group_nonfinite=dict(zip(groups, np.rint(g_nf).astype(np.int64).tolist())),
+        param_names=param_names,
+        param_norm=p_norm.astype(np.float64),
+        param_max=p_max.astype(np.float64),
+        param_nonfinite=np.rint(p_nf).astype(np.int64),
+        update_ratio=dict(zip(groups, ratio.tolist())) if pending.has_ratio else None,
+        scale=float(scale[0]) if pending.has_scale else None,
+    )
+
+
+class GradNormProbe(StepObserver):
+    """Per-step gradient norms, max |g| and non-finite counts per parameter, per group and globally.
+
+    As a TrainStep observer (`probe.attach(step)` or `with probe.attached(step):`) it computes at
+    `on_after_backward` and copies to the host at `on_step_end`, every `every` steps packing the pending steps
+    into one copy. Without TrainStep call `collect()` after your own backward. After each copy `latest` holds
+    the newest StepStats and `history` all of them; `records()` flattens one for a run log.
+
+    groups: a ParamGroups, a mapping of group name -> pattern(s) for `groups_from_patterns`, or None for
+    `default_groups(model)`. update_ratio: also record per group ||w_after - w_before|| / ||w_before|| across
+    the optimizer step (keeps a copy of the parameters with a gradient between the two events).
+    """
+
+    def __init__(self, model: nn.Module, groups: ParamGroups | Mapping[str, str | Sequence[str]] | None = None,
+                 *, every: int = 1, update_ratio: bool = False) -> None:
+        if every < 1:
+            raise ValueError(f"every: expected a positive number of steps, got {every}")
+        self.model = model
+        self.every = every
+        self.update_ratio = update_ratio
+        if groups is None:
+            groups = default_groups(model)
+        elif not isinstance(groups, ParamGroups):
+            groups = groups_from_patterns(model, groups)
+        self.groups = groups
+        named = list(model.named_parameters())
+        self.param_labels: list[str] = [name for name, _ in named]
+        self._params = [p for _, p in named]
+        self._position = {name: i for i, name in enumerate(self.param_labels)}
+        self._membership = np.zeros((len(groups), len(named)), dtype=bool)
+        for row, (group, members) in enumerate(groups.items()):
+            unknown = [m for m in members if m not in self._position]
+            if unknown:
+                raise ValueError(f"parameter group {group!r}: {unknown[0]!r} is not a parameter of this model")
+            self._membership[row, [self._position[m] for m in members]] = True
+        self._layouts: dict[tuple[tuple[int, ...], torch.device], _Layout] = {}
+        self._current: _Pending | None = None
+        self._pending: list[_Pending] = []
+        self._snapshot: _Snapshot | None = None
+        self._listeners: list[Callable[[StepStats], None]] = []
+        self._last_step = 0
+        self.latest: StepStats | None = None
+        self.history: list[StepStats] = []
+
+    def subscribe(self, callback: Callable[[StepStats], None]) -> None:
+        """Call `callback(stats)` for every step right after its host copy (OptimizerCoverage uses it)."""
+        self._listeners.append(callback)
+
+    def _layout(self, index: tuple[int, ...], grads: list[torch.Tensor]) -> _Layout:
+        # The set of parameters with gradients changes only at stage changes: masks move to the device once.
+        device = grads[0].device
+        key = (index, device)
+        if key not in self._layouts:
+            member = self._membership[:, list(index)]
+            active = member.any(axis=1)
+            groups = [name for name, keep in zip(self.groups, active) if keep]
+            spread = any(g.device != device for g in grads)
+            self._layouts[key] = _Layout(index, groups, torch.from_numpy(member[active]).to(device), spread)
+        return self._layouts[key]
+
+    def _record(self, step: int, scaler: torch.amp.GradScaler | None, snapshot: bool) -> None:
+        if self._current is not None:
+            # The previous step raised between backward and its end (TrainStep's "stop" policy): keep its stats.
+            self._pending.append(self._current)
+            self._current = None
+        self._last_step = step
+        # Empty tensors are left out: they have no entries, and an inf-norm of nothing is an error.
+        index = tuple(i for i, p in enumerate(self._params) if p.grad is not None and p.numel() > 0)
+        if not index:
+            return
+        grads = [self._params[i].grad for i in index]
+        layout = self._layout(index, grads)
+        with torch.no_grad():
+            scale = _scale_tensor(scaler, layout.member.device)
+            packed = self._grad_stats(grads, layout, scale)
+            self._current = _Pending(step, layout, scale is not None, [packed])
+            if snapshot:
+                self._take_snapshot(layout)
+
+    @staticmethod
+    def _grad_stats(grads: list[torch.Tensor], layout: _Layout, scale: torch.Tensor | None) -> torch.Tensor:
+        f32 = torch.float32
+        norms = layout.stack(torch._foreach_norm(grads, 2, dtype=f32))
+        maxs = layout.stack(torch._foreach_norm(grads, math.inf, dtype=f32))
+        # A max reduction need not propagate NaN on every backend; the L2 norm's sum always does.
+        maxs = torch.where(torch.isnan(norms), norms, maxs)
+        # g * 0 is 0 where g is finite and NaN where it is not; the ord-0 "norm" counts the non-zeros.
+        nonfinite = layout.stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0, dtype=f32))
+        member = layout.member
+        group_norm = _group_sum_sq(member, norms)
+        group_max = torch.where(member, maxs, 0.0).amax(dim=1)
+        group_nonfinite = torch.where(member, nonfinite, 0.0).sum(dim=1)
+        head = [torch.linalg.vector_norm(norms).reshape(1)] + ([] if scale is None else [scale])
+        return torch.cat([*head, group_norm, group_max, group_nonfinite, norms, maxs, nonfinite])
+
+    def _take_snapshot(self, layout: _Layout) -> None:
+        params = [self._params[i] for i in layout.index]
+        if self._snapshot is None or self._snapshot.layout is not layout:
+            before = [torch.empty_like(p) for p in params]
+        else:
+            before = self._snapshot.before
+        torch._foreach_copy_(before, params)
+        before_norm = layout.stack(torch._foreach_norm(params, 2, dtype=torch.float32))
+        self._snapshot = _Snapshot(layout, before, before_norm)
+
+    def _ratio(self, snapshot: _Snapshot) -> torch.Tensor:
+        params = [self._params[i] for i in snapshot.layout.index]
+        with torch.no_grad():
+            torch._foreach_sub_(snapshot.before, params)  # now w_before - w_after, in place: no second copy
+            delta = snapshot.layout.stack(torch._foreach_norm(snapshot.before, 2, dtype=torch.float32))
+            member = snapshot.layout.member
+            return _group_sum_sq(member, delta) / _group_sum_sq(member, snapshot.before_norm)
+
+    def on_after_backward(self, ctx: Any) -> None:
+        """TrainStep event (gradients final and unscaled, before clipping): compute this step's statistics."""
+        self._record(ctx.step, ctx.scaler, snapshot=self.update_ratio)
+
+    def on_step_end(self, ctx: Any) -> None:
+        """TrainStep event (after the optimizer step): add the update ratio; copy to the host every `every` steps."""
+        current, self._current = self._current, None
+        if current is None:
+            return  # no gradient this step: the loss was skipped before backward, or nothing is trainable
+        if self.update_ratio and self._snapshot is not None:
+            current.parts.append(self._ratio(self._snapshot))
+            current.has_ratio = True
+        self._pending.append(current)
+        if len(self._pending) >= self.every:
+            self.flush()
+
+    def collect(self, optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
+                *, step: int | None = None) -> StepStats | None:
+        """Statistics of the gradients as they are now, for a loop without TrainStep; one host copy.
+
+        Call right after your own backward(s) and, with a GradScaler, after `scaler.unscale_(optimizer)`; pass
+        the scaler to record its scale and the optimizer to have the probe check that unscale_ happened (it
+        raises ValueError otherwise). The update ratio needs both events: call `on_after_backward(ctx)` and
+        `on_step_end(ctx)` around your optimizer step instead. Returns None when no parameter has a gradient.
+        """
+        if optimizer is not None and scaler is not None and scaler.is_enabled():
+            # Private state, read only: the one place GradScaler says whether this optimizer was unscaled.
+            state = scaler._per_optimizer_states.get(id(optimizer))
+            if state is None or state["stage"] is not OptState.UNSCALED:
+                raise ValueError("collect: the optimizer's gradients are still multiplied by the loss scale; "
+                                 "call scaler.unscale_(optimizer) first")
+        step = self._last_step + 1 if step is None else step
+        self._record(step, scaler, snapshot=False)
+        stats = self.flush()
+        return stats[-1] if stats and stats[-1].step == step else None
+
+    def flush(self) -> list[StepStats]:
+        """Copy every step still on the device to the host in one copy; returns their stats (oldest first)."""
+        if self._current is not None:
+            self._pending.append(self._current)
+            self._current = None
+        if not self._pending:
+            return []
+        pending, self._pending = self._pending, []
+        values = host.to_host(torch.cat([part for p in pending for part in p.parts]))
+        offsets = np.cumsum([0] + [p.size for p in pending])
+        out = [_decode(p, values[start:stop], [self.param_labels[i] for i in p.layout.index])
+               for p, start, stop in zip(pending, offsets[:-1], offsets[1:])]
+        self.history.extend(out)
+        self.latest = out[-1]
+        for stats in out:
+            for listener in self._listeners:
+                listener(stats)
+        return out
+
+    def detach(self) -> None:
+        """Stop observing and copy any pending steps to the host."""
+        super().detach()
+        self.flush()
+
+    def records(self, stats: StepStats | None = None) -> dict[str, Any]:
+        """Flat run-log row for `stats` (default: latest): grad_norm/<group>, grad_max/<group>,
+        grad_nonfinite/<group>, grad_norm/global, param_grad_norm (vector over `param_labels`, NaN where a
+        parameter had no gradient), update_ratio/<group> and scaler/scale when recorded."""
+        stats = self.latest if stats is None else stats
+        if stats is None:
+            return {}
+        row: dict[str, Any] = {"grad_norm/global": stats.global_norm}
+        for group in stats.group_norm:
+            row[f"grad_norm/{group}"] = stats.group_norm[group]
+            row[f"grad_max/{group}"] = stats.group_max[group]
+            row[f"grad_nonfinite/{group}"] = stats.group_nonfinite[group]
+        full = np.full(len(self.param_labels), np.nan)
+        full[[self._position[name] for name in stats.param_names]] = stats.param_norm
+        row["param_grad_norm"] = full
+        if stats.update_ratio is not None:
+            row.update({f"update_ratio/{group}": value for group, value in stats.update_ratio.items()})
+        if stats.scale is not None:
+            row["scaler/scale"] = stats.scale
+        return row

@@ -1,0 +1,593 @@
+"""Find the first non-finite tensor of a training step by replaying it (the second tier of anchors.md section 8).
+
+Tier one is `NonFiniteTracer`, a TrainStep observer: it captures a replay bundle at every step start and, at
+the step end, asks whether the step went non-finite with one batched reduction and one host read. Tier two is
+`localize`, run only on such a step: it replays the bundle on a private replica under a `TorchDispatchMode` that
+checks the floating outputs of every op, in execution order, through four phases:
+
+- forward: `forward_losses` (under the step's autocast); ops are attributed to the innermost module running
+  (forward pre/post hooks keep a module stack; ops outside the model belong to `<loss_fn>`).
+- backward: `loss.backward()` (scaled by the GradScaler like the live step) and `scaler.unscale_`. On CPU the
+  autograd engine runs on the calling thread and the mode sees every backward op;
+  `torch._C._current_autograd_node()` names the autograd node running it. Each node is labelled in forward
+  with the module whose op created it, and a node feeding a parameter's AccumulateGrad (directly or through
+  transposes, casts and views) names that parameter. On CUDA the engine runs backward on a device thread; the
+  engine installs the caller's thread-local state there, dispatch modes included, so the same checks should
+  apply (not verified on a GPU here). Whatever the mode sees, `register_post_accumulate_grad_hook` on every
+  trainable parameter names the first parameter whose gradient becomes non-finite, so a verdict always names it.
+- clip: `clip_grad_norm_` / `get_total_norm` over the step's clip parameters.
+- update: `scaler.step` or `optimizer.step`.
+
+Each phase ends with a check of its outcome (loss, gradients, grad norm, parameters and optimizer state); the
+verdict comes from the first phase whose outcome is non-finite, so an intermediate inf that the model discards
+(`torch.where` over a log, a CTC zero_infinity path) is not blamed on a healthy step.
+
+Producer vs propagator. Only two sources can feed a non-finite value into the first faulty op: state that was
+already non-finite at the step start (checked before the replay: batches, parameters, buffers, surviving
+gradients; reported as a `propagator` in phase "forward", with no op) and deliberate constants
+(`masked_fill(mask, -inf)`, a `-inf` mask buffer, CTC's log-alpha table). So an op output counts as produced
+when it holds a kind of non-finite value (NaN, or +-inf) that none of its inputs held; ops whose Python scalar
+arguments are non-finite (a masking constant) and the outputs listed in `EXPECTED_NONFINITE` never count.
+When no op is seen producing the value (a kernel outside the dispatcher), the first op output seen
+non-finite is reported as a propagator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from workbench.instrument.grad_norms import StepObserver
+from workbench.instrument.replay import ReplayBundle, bundle_rng, capture, replica, save_bundle
+
+if TYPE_CHECKING:
+    from workbench.train.step import StepContext, TrainStep
+
+PHASES: tuple[str, ...] = ("forward", "backward", "clip", "update")
+LOSS_FN = "<loss_fn>"
+
+ExpectedRule = Callable[[Mapping[str, Any]], Collection[int]]
+
+
+def _ctc_loss_expected(bound: Mapping[str, Any]) -> Collection[int]:
+    """`_ctc_loss` returns (loss, log_alpha); log_alpha is -inf on unreachable lattice cells. With
+    zero_infinity an infeasible utterance's inf loss is replaced by 0 right after, so it is expected too."""
+    return (0, 1) if bound.get("zero_infinity", False) else (1,)
+
+
+# Op (overload packet) -> rule giving the output indices whose non-finite values are by design.
+EXPECTED_NONFINITE: dict[str, ExpectedRule] = {"aten._ctc_loss": _ctc_loss_expected}
+
+# Their outputs are uninitialised memory: never inspected.
+_ALLOCATORS: frozenset[str] = frozenset({
+    "aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
+    "aten.resize_", "aten.resize_as_",
+})
+
+# Autograd nodes that only transpose, cast or view a gradient on its way to a parameter's AccumulateGrad.
+_PASS_THROUGH: frozenset[str] = frozenset({
+    "TBackward0", "ToCopyBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
+    "PermuteBackward0", "TransposeBackward0", "TransposeBackward1", "AliasBackward0", "CloneBackward0",
+})
+
+
+@dataclass
+class Verdict:
+    """Where a step first went non-finite.
+
+    phase: "forward" | "backward" | "clip" | "update". module: qualified module name ("" for the root,
+    "<loss_fn>" for ops outside the model). tensor: what went non-finite ("output", "grad of weight",
+    "grad_input (SqrtBackward0)", "param weight", "exp_avg_sq of weight", "batch features", ...).
+    op: the aten op that produced it ("" when no op was seen). dtype: that tensor's dtype.
+    nan / inf / numel: counts in that tensor. input_absmax: max |x| over the finite values of the op's inputs
+    (NaN when unknown). role: "producer" (the op made a non-finite kind its inputs lacked) or "propagator".
+    param: qualified name of the parameter concerned; in the backward phase the first parameter whose gradient
+    became non-finite.
+    """
+
+    step: int
+    phase: str
+    module: str
+    tensor: str
+    op: str
+    dtype: str
+    nan: int
+    inf: int
+    numel: int
+    input_absmax: float
+    role: str
+    param: str = ""
+
+    def line(self) -> str:
+        """One line, e.g. `step 1 backward: producer joint.net.4 grad of weight via aten.mm.default (float16):
+        12 inf / 2624, finite inputs max|x|=3.1e+02`."""
+        where = f"{self.module or '<root>'} {self.tensor}"
+        via = f" via {self.op}" if self.op else ""
+        counts = ", ".join(part for part in (f"{self.nan} nan" if self.nan else "",
+                                             f"{self.inf} inf" if self.inf else "") if part)
+        text = f"step {self.step} {self.phase}: {self.role} {where}{via} ({self.dtype}): {counts} / {self.numel}"
+        if not math.isnan(self.input_absmax):
+            text += f", finite inputs max|x|={self.input_absmax:.1e}"
+        owner, _, local = self.param.rpartition(".")
+        if self.param and not (owner == self.module and self.tensor.endswith(f" {local}")):
+            text += f"; first non-finite parameter: {self.param}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _Seen:
+    """A non-finite tensor found during the replay, before it becomes a Verdict."""
+
+    module: str
+    tensor: str
+    op: str
+    dtype: str
+    nan: int
+    inf: int
+    numel: int
+    input_absmax: float
+    role: str
+    param: str = ""
+
+
+def _inspectable(t: Any) -> bool:
+    return (isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided
+            and t.device.type != "meta" and t.numel() > 0)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def _kinds(t: torch.Tensor) -> tuple[bool, bool, float]:
+    """(holds NaN, holds +-inf, max |x| over the finite values) of a floating tensor."""
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return False, False, float(t.abs().max())
+    values = t[finite]
+    absmax = float(values.abs().max()) if values.numel() else 0.0
+    return bool(torch.isnan(t).any()), bool(torch.isinf(t).any()), absmax
+
+
+def _seen_state(t: torch.Tensor, module: str, tensor: str, param: str = "") -> _Seen:
+    """A tensor found non-finite with no op to blame (state at a phase boundary)."""
+    return _Seen(module, tensor, "", str(t.dtype).removeprefix("torch."), int(torch.isnan(t).sum()),
+                 int(torch.isinf(t).sum()), t.numel(), math.nan, "propagator", param)
+
+
+def _same_shape(param: torch.Size, grad: torch.Size) -> bool:
+    """Shapes equal up to size-1 dimensions (a bias gradient summed with keepdim) or, for matrices, transposed
+    (the weight gradient of `x @ w.t()` before its TBackward0)."""
+    a = [s for s in param if s != 1]
+    b = [s for s in grad if s != 1]
+    return a == b or (len(a) == 2 and a == b[::-1])
+
+
+def _owner(name: str) -> tuple[str, str]:
+    """Qualified parameter name -> (owning module, local name)."""
+    owner, _, local = name.rpartition(".")
+    return owner, local
+
+
+class _NonFiniteMode(TorchDispatchMode):
+    """Checks the floating outputs of every op until a phase's first produced non-finite value is found; keeps
+    that one and the first non-finite output seen at all.
+
+    Also labels, in forward, each autograd node with the module whose op created it (the outputs of op k get
+    their grad_fn only after the dispatch returns, so they are labelled at the next dispatch or at `flush`).
+    """
+
+    def __init__(self, module_stack: list[str], param_names: dict[int, str],
+                 expected: Mapping[str, ExpectedRule]) -> None:
+        super().__init__()
+        self.module_stack = module_stack
+        self.param_names = param_names
+        self.expected = expected
+        self.phase = "forward"
+        self.names: dict[int, tuple[str, str]] = {}
+        self.node_labels: dict[Any, str] = {}
+        self.produced: _Seen | None = None
+        self.first_seen: _Seen | None = None
+        self._pending: list[tuple[weakref.ref[torch.Tensor], str]] = []
+
+    def start(self, phase: str, names: dict[int, tuple[str, str]]) -> None:
+        """Begin a phase; `names` maps id(tensor) -> (parameter name, description) for the tensors it touches."""
+        self.phase, self.names = phase, names
+        self.produced = self.first_seen = None
+
+    def flush(self) -> None:
+        for ref, label in self._pending:
+            t = ref()
+            node = None if t is None else t.grad_fn
+            if node is not None and node not in self.node_labels:
+                self.node_labels[node] = label
+        self._pending.clear()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        self.flush()
+        packet = str(func.overloadpacket)
+        if packet in _ALLOCATORS:
+            return func(*args, **kwargs)
+        bound = self._bind(func, args, kwargs)
+        schema_args = func._schema.arguments
+        mutated = [t for a in schema_args if a.alias_info is not None and a.alias_info.is_write and not a.is_out
+                   for t in tree_flatten(bound.get(a.name))[0] if isinstance(t, torch.Tensor)]
+        checking = self.produced is None
+        with torch.no_grad():
+            # In-place ops overwrite their inputs: read those before the op runs.
+            before = [_kinds(t) for t in mutated if _inspectable(t)] if checking else []
+        out = func(*args, **kwargs)
+        returned = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        # In-place ops return the tensor they mutate: list it once.
+        outputs = returned + [m for m in mutated if not any(m is t for t in returned)]
+        if self.phase == "forward":
+            label = self.module_stack[-1] if self.module_stack else LOSS_FN
+            self._pending.extend((weakref.ref(t), label) for t in outputs)
+        if checking:
+            with torch.no_grad():
+                self._check(func, packet, bound, schema_args, outputs, mutated, before)
+        return out
+
+    @staticmethod
+    def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Argument name -> value, positional arguments first, in schema order."""
+        bound = {a.name: v for a, v in zip(func._schema.arguments, args)}
+        bound.update(kwargs)
+        return bound
+
+    def _check(self, func: Any, packet: str, bound: dict[str, Any], schema_args: Any,
+               outputs: list[torch.Tensor], mutated: list[torch.Tensor], before: list[tuple]) -> None:
+        bad = [k for k, t in enumerate(outputs) if _inspectable(t) and not _finite(t)]
+        if not bad:
+            return
+        scalars = [v for v in tree_flatten(list(bound.values()))[0] if isinstance(v, float)]
+        if any(not math.isfinite(v) for v in scalars):
+            return  # a deliberate constant such as masked_fill(mask, -inf)
+        rule = self.expected.get(packet)
+        if rule is not None:
+            skip = set(rule(bound))
+            bad = [k for k in bad if k not in skip]
+            if not bad:
+                return
+        outs = {a.name for a in schema_args if a.is_out}
+        inputs = [t for name, v in bound.items() if name not in outs for t in tree_flatten(v)[0]
+                  if _inspectable(t) and not any(t is m for m in mutated)]
+        stats = before + [_kinds(t) for t in inputs]
+        in_nan = any(s[0] for s in stats)
+        in_inf = any(s[1] for s in stats)
+        absmax = max([s[2] for s in stats] + [abs(v) for v in scalars], default=math.nan)
+        found = []
+        for k in bad:
+            t = outputs[k]
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            found.append((k, t, nan, inf, bool((nan and not in_nan) or (inf and not in_inf))))
+        k, t, nan, inf, new = next((f for f in found if f[4]), found[0])
+        module, tensor, param = self._describe(t, k, len(outputs), bound)
+        seen = _Seen(module, tensor, str(func), str(t.dtype).removeprefix("torch."), nan, inf, t.numel(), absmax,
+                     "producer" if new else "propagator", param)
+        if new and self.produced is None:
+            self.produced = seen
+        if self.first_seen is None:
+            self.first_seen = seen
+
+    def _describe(self, t: torch.Tensor, k: int, n_outputs: int, bound: dict[str, Any]) -> tuple[str, str, str]:
+        """(module, tensor description, parameter name) of output k."""
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            return self._describe_backward(node, t)
+        if self.phase == "forward":
+            module = self.module_stack[-1] if self.module_stack else LOSS_FN
+            if id(t) in self.names:
+                return module, self.names[id(t)][1], ""  # a buffer updated in place (BatchNorm statistics)
+            return module, "output" if n_outputs == 1 else f"output {k}", ""
+        if id(t) in self.names:
+            param, desc = self.names[id(t)]
+            return _owner(param)[0], desc, param
+        # Foreach ops (clip norms, optimizer updates): output k belongs to the k-th tensor of the first list.
+        first = next(iter(bound.values()), None)
+        if isinstance(first, (list, tuple)) and k < len(first) and id(first[k]) in self.names:
+            param, desc = self.names[id(first[k])]
+            return _owner(param)[0], f"output for {desc}", param
+        return "", "output", ""
+
+    def _describe_backward(self, node: Any, t: torch.Tensor) -> tuple[str, str, str]:
+        """A parameter's gradient when `node` accumulates or feeds it, else a gradient inside the module that
+        created `node` in forward."""
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in self.param_names:
+            name = self.param_names[id(variable)]  # the AccumulateGrad of this parameter
+            owner, local = _owner(name)
+            return owner, f"grad of {local}", name
+        name = self._param_fed_by(node, t)
+        if name:
+            owner, local = _owner(name)
+            return owner, f"grad of {local}", name
+        return self.node_labels.get(node, LOSS_FN), f"grad_input ({node.name()})", ""
+
+    def _param_fed_by(self, node: Any, t: torch.Tensor) -> str:
+        """The parameter whose AccumulateGrad `node` feeds through pass-through nodes and whose shape is t's
+        (see `_same_shape`); "" if none."""
+        frontier = [fn for fn, _ in node.next_functions if fn is not None]
+        for _ in range(4):
+            nxt = []
+            for fn in frontier:
+                variable = getattr(fn, "variable", None)
+                if variable is not None:
+                    if id(variable) in self.param_names and _same_shape(variable.shape, t.shape):
+                        return self.param_names[id(variable)]
+                elif fn.name() in _PASS_THROUGH:
+                    nxt.extend(f for f, _ in fn.next_functions if f is not None)
+            frontier = nxt
+        return ""
+
+
+class _Replay:
+    """One replay of a bundle on a replica, phase by phase, stopping at the first non-finite outcome."""
+
+    def __init__(self, rep: TrainStep, bundle: ReplayBundle, expected: Mapping[str, ExpectedRule]) -> None:
+        self.rep = rep
+        self.bundle = bundle
+        self.model: nn.Module = rep.model
+        self.params = dict(self.model.named_parameters())
+        self.module_stack: list[str] = []
+        self.mode = _NonFiniteMode(self.module_stack, {id(p): n for n, p in self.params.items()}, expected)
+        self.first_grad: str | None = None
+
+    def run(self) -> Verdict | None:
+        self.model.train()
+        stale = self._stale_state()
+        if stale is not None:
+            return self._verdict("forward", stale)
+        handles = self._install_hooks()
+        try:
+            return self._phases()
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _install_hooks(self) -> list[Any]:
+        handles = []
+        for name, module in self.model.named_modules():
+            handles.append(module.register_forward_pre_hook(functools.partial(self._enter, name)))
+            handles.append(module.register_forward_hook(self._leave, always_call=True))
+        for name, p in self.params.items():
+            if p.requires_grad:
+                handles.append(p.register_post_accumulate_grad_hook(lambda p, name=name: self._on_grad(name, p)))
+        return handles
+
+    def _enter(self, name: str, module: nn.Module, args: Any) -> None:
+        self.module_stack.append(name)
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.module_stack.pop()  # returning None keeps the module's output
+
+    def _on_grad(self, name: str, p: torch.Tensor) -> None:
+        if self.first_grad is None and not _finite(p.grad):
+            self.first_grad = name
+
+    def _names(self, *, grads: bool = False, state: bool = False) -> dict[int, tuple[str, str]]:
+        names: dict[int, tuple[str, str]] = {}
+        for name, buf in self.model.named_buffers():
+            names[id(buf)] = (name, f"buffer {_owner(name)[1]}")
+        for name, p in self.params.items():
+            local = _owner(name)[1]
+            names[id(p)] = (name, f"param {local}")
+            if grads and p.grad is not None:
+                names[id(p.grad)] = (name, f"grad of {local}")
+            if state:
+                for key, value in self.rep.optimizer.state.get(p, {}).items():
+                    if isinstance(value, torch.Tensor):
+                        names[id(value)] = (name, f"{key} of {local}")
+        return names
+
+    def _stale_state(self) -> _Seen | None:
+        """Non-finite values already present when the step starts: batches, parameters, buffers, gradients."""
+        for batch in self.bundle.batches:
+            fields = ({f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+                      if dataclasses.is_dataclass(batch) else getattr(batch, "__dict__", {}))
+            for key, value in fields.items():
+                if _inspectable(value) and not _finite(value):
+                    return _seen_state(value, "", f"batch {key}")
+        state = self.model.state_dict()
+        for name, p in self.params.items():
+            owner, local = _owner(name)
+            if not _finite(p.detach()):
+                return _seen_state(p.detach(), owner, f"param {local}", name)
+            if p.grad is not None and not _finite(p.grad):
+                return _seen_state(p.grad, owner, f"grad of {local}", name)
+        for name, buf in self.model.named_buffers():
+            if name in state and _inspectable(buf) and not _finite(buf):
+                owner, local = _owner(name)
+                return _seen_state(buf, owner, f"buffer {local}")
+        return None
+
+    def _bad_grad(self) -> _Seen | None:
+        """The first parameter whose gradient is non-finite: in time when the hooks saw it, else in order."""
+        order = ([self.first_grad] if self.first_grad else []) + list(self.params)
+        for name in order:
+            grad = self.params[name].grad
+            if grad is not None and not _finite(grad):
+                owner, local = _owner(name)
+                return _seen_state(grad, owner, f"grad of {local}", name)
+        return None
+
+    def _bad_update(self) -> _Seen | None:
+        """The first parameter, or optimizer state tensor, that is non-finite after the update."""
+        for name, p in self.params.items():
+            owner, local = _owner(name)
+            if not _finite(p.detach()):
+                return _seen_state(p.detach(), owner, f"param {local}", name)
+            for key, value in self.rep.optimizer.state.get(p, {}).items():
+                if _inspectable(value) and not _finite(value):
+                    return _seen_state(value, owner, f"{key} of {local}", name)
+        return None
+
+    def _phases(self) -> Verdict | None:
+        rep, bundle, mode = self.rep, self.bundle, self.mode
+        sem = rep.config.semantics
+        batches = [b.to(rep.device) for b in bundle.batches]
+        for i, batch in enumerate(batches):
+            mode.start("forward", self._names())
+            with mode:
+                losses = rep.forward_losses(batch, bundle.weights, rnnt=bundle.rnnt, mode=bundle.mode)
+            mode.flush()
+            total = losses["total"]
+            if not _finite(total.detach()):
+                return self._verdict("forward", _seen_state(total.detach(), LOSS_FN, "loss total"))
+            if i == 0:
+                rep._zero_grad()
+            mode.start("backward", self._names())
+            with mode:
+                loss = total / len(batches)
+                if rep.scaler is not None:
+                    loss = rep.scaler.scale(loss)
+                if loss.requires_grad:
+                    loss.backward()
+            bad = self._bad_grad()
+            if bad is not None:
+                return self._verdict("backward", bad)
+        if rep.scaler is not None and sem.unscale_before_clip:
+            mode.start("backward", self._names(grads=True))
+            with mode:
+                rep.scaler.unscale_(rep.optimizer)
+            bad = self._bad_grad()
+            if bad is not None:
+                return self._verdict("backward", bad)
+
+        mode.start("clip", self._names(grads=True))
+        params = rep.clip_params()
+        with mode:
+            if rep.config.clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, rep.config.clip, foreach=True)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        bad = self._bad_grad()
+        if bad is None and not _finite(norm):
+            bad = _seen_state(norm, "", "grad norm")
+        if bad is not None:
+            return self._verdict("clip", bad)
+
+        mode.start("update", self._names(grads=True, state=True))
+        with mode:
+            if rep.scaler is not None:
+                rep.scaler.step(rep.optimizer)
+            else:
+                rep.optimizer.step()
+        bad = self._bad_update()
+        return None if bad is None else self._verdict("update", bad)
+
+    def _verdict(self, phase: str, outcome: _Seen) -> Verdict:
+        """The phase's first produced (else first seen) non-finite op output; the outcome when no op was seen.
+        The backward phase always names the first parameter whose gradient went non-finite."""
+        seen = (self.mode.produced or self.mode.first_seen if self.mode.phase == phase else None) or outcome
+        param, module = seen.param, seen.module
+        if not param and phase == "backward":
+            param = self.first_grad or outcome.param
+        elif not param and phase in ("clip", "update"):
+            param = outcome.param
+            module = module or _owner(param)[0]
+        return Verdict(self.bundle.step, phase, module, seen.tensor, seen.op, seen.dtype, seen.nan, seen.inf,
+                       seen.numel, seen.input_absmax, seen.role, param)
+
+
+def localize(step: TrainStep, bundle: ReplayBundle, *,
+             expected: Mapping[str, ExpectedRule] = EXPECTED_NONFINITE) -> Verdict | None:
+    """Replay `bundle`'s step on a replica of `step` and return where it first went non-finite (None when the
+    replayed step is finite throughout). The live model, optimizer, scaler and RNG state are left untouched.
+
+    `expected` maps an op ("aten._ctc_loss") to a rule giving the indices of its outputs whose non-finite
+    values are by design; extend `EXPECTED_NONFINITE` for a model that builds masks with, e.g., `log(0)`.
+    """
+    rep = replica(step, bundle)
+    with bundle_rng(bundle):
+        return _Replay(rep, bundle, expected).run()
+
+
+def _step_flags(ctx: StepContext) -> tuple[bool, bool]:
+    """The step's (rnnt, mode) loss flags. StepContext does not carry them yet; until it does, TrainStep's
+    defaults (rnnt=True, mode=False) are assumed."""
+    return getattr(ctx, "rnnt", True), getattr(ctx, "mode", False)
+
+
+class NonFiniteTracer(StepObserver):
+    """Observer that localizes the first non-finite steps of a run (at most `max_traces` replays).
+
+    Per step while replays remain: `capture` at the step start (cost in `workbench.instrument.replay`), and at
+    the step end one check: the loss total and grad norm (already on the host), then one `torch._foreach_norm`
+    over every gradient and parameter, `isfinite().all()` and one host read. A non-finite step is replayed with
+    `localize`; the verdict goes to `verdicts` and to each of `verdict_listeners`, and the bundle to
+    `save_dir/step_<n>.pt` when `save_dir` is set. A step whose replay stays finite (e.g. CUDA
+    non-determinism) is listed in `unreproduced`; it uses up a replay as well.
+
+    Needs the TrainStep itself (config, loss_fn, device) to replay: use `attach(step)`, not only
+    `TrainStep(observers=[...])`. With the `stop` policy the step raises before `on_step_end`: call
+    `localize(step, tracer.bundle)` where the NonFiniteError is caught.
+    """
+
+    def __init__(self, *, max_traces: int = 1, save_dir: str | None = None) -> None:
+        self.max_traces = max_traces
+        self.save_dir = save_dir
+        self.verdicts: list[Verdict] = []
+        self.unreproduced: list[int] = []
+        self.verdict_listeners: list[Callable[[Verdict], None]] = []
+        self.bundle: ReplayBundle | None = None
+
+    def detach(self, step: Any | None = None) -> None:
+        """Stop observing the attached step (and remove the tracer from `step.observers` when given)."""
+        super().detach()
+        if step is not None:
+            step.observers[:] = [obs for obs in step.observers if obs is not self]
+
+    @property
+    def exhausted(self) -> bool:
+        return len(self.verdicts) + len(self.unreproduced) >= self.max_traces
+
+    def on_step_start(self, ctx: StepContext) -> None:
+        if self._train_step is None:
+            raise RuntimeError("NonFiniteTracer needs the TrainStep to replay steps: call tracer.attach(step)")
+        if self.exhausted:
+            self.bundle = None
+            return
+        rnnt, mode = _step_flags(ctx)
+        self.bundle = capture(self._train_step, ctx.batches, ctx.weights, rnnt=rnnt, mode=mode, index=ctx.step)
+
+    def on_step_end(self, ctx: StepContext) -> None:
+        if self.bundle is None or not self._went_nonfinite(ctx):
+            return
+        if self.save_dir is not None:
+            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+            save_bundle(Path(self.save_dir) / f"step_{ctx.step}.pt", self.bundle)
+        verdict = localize(self._train_step, self.bundle)
+        if verdict is None:
+            self.unreproduced.append(ctx.step)
+            return
+        self.verdicts.append(verdict)
+        for listener in self.verdict_listeners:
+            listener(verdict)
+
+    @staticmethod
+    def _went_nonfinite(ctx: StepContext) -> bool:
+        result = ctx.result
+        if not math.isfinite(result.losses.get("total", 0.0)):
+            return True
+        if result.grad_norm is not None and not math.isfinite(result.grad_norm):
+            return True
+        params = list(ctx.model.parameters())
+        tensors = [p.grad for p in params if p.grad is not None] + [p.detach() for p in params]
+        # fp32 norms: an fp16 norm overflows (65504) long before the values do.
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        return not bool(torch.isfinite(torch.stack(norms)).all())
