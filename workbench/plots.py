@@ -1,0 +1,116 @@
+"""Figures from run records: live in a notebook (updated in place through a display handle, the fastprogress
+pattern, which also leaves a static PNG in a headless papermill run) and saved as PNG files for the README.
+
+Plots read only recorded values (RunState objects or run logs); they never touch a model or a training step.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from matplotlib.figure import Figure  # noqa: E402  (the backend must be chosen first)
+
+TERM_STYLES = {"total": "-", "ctc": ":", "rnnt": "--", "mode": "-."}
+
+
+def _finite_or_none(values: Sequence[float | None]) -> list[float]:
+    """Non-finite points are not drawn (a line cannot show NaN); markers show where they were."""
+    return [v if v is not None and math.isfinite(v) else math.nan for v in values]
+
+
+def _nonfinite_steps(values: Sequence[float | None]) -> list[int]:
+    return [i + 1 for i, v in enumerate(values) if v is None or not math.isfinite(v)]
+
+
+def training_figure(runs: Mapping[str, object], *, title: str = "", markers: Mapping[str, Sequence[int]] | None = None,
+                    groups: Sequence[str] | None = None) -> Figure:
+    """Four panels over joint steps for one or more runs: loss per term, per-group gradient norm (first run's
+    groups, or `groups`), GradScaler scale, and non-finite gradient entries per group.
+
+    `runs` maps a label to an object with RunState's fields (`losses`, `group_norms`, `group_nonfinite`, `scale`,
+    `events`). Vertical lines mark unfreeze events; crosses mark steps with a non-finite total loss.
+    """
+    fig = Figure(figsize=(13, 7.5), layout="constrained")
+    ax_loss, ax_norm, ax_scale, ax_nf = fig.subplots(2, 2).ravel()
+    colors = matplotlib.colormaps["tab10"]
+    for k, (label, run) in enumerate(runs.items()):
+        color = colors(k % 10)
+        for term, values in run.losses.items():
+            steps = range(1, len(values) + 1)
+            ax_loss.plot(steps, _finite_or_none(values), TERM_STYLES.get(term, "-"), color=color,
+                         label=f"{label} {term}" if len(runs) > 1 or term != "total" else label)
+        bad = _nonfinite_steps(run.losses.get("total", []))
+        if bad:
+            ax_loss.plot(bad, [0.0] * len(bad), "x", color=color, markersize=8)
+        shown = groups or [g for g in run.group_norms if not g.startswith("encoder.layers")]
+        for j, g in enumerate(shown):
+            values = run.group_norms.get(g, [])
+            ax_norm.plot(range(1, len(values) + 1), _finite_or_none(values), color=color,
+                         linestyle=["-", "--", ":", "-."][j % 4], label=f"{label}: {g}" if len(runs) > 1 else g)
+            nf = run.group_nonfinite.get(g, [])
+            if any(nf):
+                ax_nf.plot(range(1, len(nf) + 1), nf, "o-", color=color, markersize=3,
+                           label=f"{label}: {g}" if len(runs) > 1 else g)
+        scale = run.scale
+        if any(s is not None for s in scale):
+            ax_scale.plot(range(1, len(scale) + 1), [s if s is not None else math.nan for s in scale],
+                          color=color, label=label)
+        for ev in run.events:
+            for ax in (ax_loss, ax_norm, ax_scale, ax_nf):
+                ax.axvline(ev["step"], color=color, alpha=0.4, linewidth=1)
+        for step in (markers or {}).get(label, []):
+            ax_loss.axvline(step, color=color, linestyle=":", alpha=0.6)
+    ax_loss.set(title="loss per term (x: non-finite total)", xlabel="joint step")
+    ax_norm.set(title="gradient L2 norm per group (before clipping)", xlabel="joint step", yscale="log")
+    ax_scale.set(title="GradScaler scale (fp16 only)", xlabel="joint step", yscale="log")
+    ax_nf.set(title="non-finite gradient entries per group", xlabel="joint step")
+    for ax in (ax_loss, ax_norm, ax_scale, ax_nf):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def figure_png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+class LiveFigure:
+    """A figure slot in a notebook that is redrawn in place; outside IPython it only keeps the last figure."""
+
+    def __init__(self, every: int = 1) -> None:
+        self.every = every
+        self.handle = None
+        self.figure: Figure | None = None
+        try:
+            from IPython import get_ipython
+            from IPython.display import display
+            if get_ipython() is not None:
+                self.handle = display(display_id=True)
+        except ImportError:
+            pass
+
+    def show(self, fig: Figure, step: int | None = None, *, force: bool = False) -> None:
+        self.figure = fig
+        if self.handle is None or not (force or step is None or step % self.every == 0):
+            return
+        from IPython.display import Image
+
+        self.handle.update(Image(figure_png(fig)))
