@@ -57,6 +57,7 @@ class LossAttribution:
     _pending: list[str] = field(default_factory=list)
 
     def request(self, steps: int, reason: str) -> None:
+        """Attribute the next `steps` steps, replacing any request still pending."""
         self._pending = [reason] * steps
 
     def on_losses(self, ctx) -> None:

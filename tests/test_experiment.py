@@ -1,0 +1,86 @@
+"""Joint-stage runs forked from one CTC-warm checkpoint: determinism, coverage, run logs, CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workbench.experiment import RunSettings, ctc_warm_checkpoint, run_joint
+from workbench.records import RunLog
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data_samples"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path, _ = ctc_warm_checkpoint(SAMPLE, "tiny", seed=0, steps=8, lr=3e-3,
+                                  cache_dir=tmp_path_factory.mktemp("cache"), log=lambda s: None)
+    return path
+
+
+def test_checkpoint_cache_is_keyed_by_settings(checkpoint):
+    again, summary = ctc_warm_checkpoint(SAMPLE, "tiny", seed=0, steps=8, lr=3e-3, cache_dir=checkpoint.parent,
+                                         log=lambda s: None)
+    assert again == checkpoint and summary is None
+    other, _ = ctc_warm_checkpoint(SAMPLE, "tiny", seed=0, steps=2, lr=3e-3, cache_dir=checkpoint.parent,
+                                   log=lambda s: None)
+    assert other != checkpoint
+
+
+def test_two_forks_with_the_same_settings_are_bitwise_identical(checkpoint):
+    settings = RunSettings(name="a", steps=3, lr=1e-4, precision="fp32", semantics="corrected", trace=False)
+    a = run_joint(checkpoint, SAMPLE, settings)
+    b = run_joint(checkpoint, SAMPLE, settings)
+    assert a.losses == b.losses
+    c = run_joint(checkpoint, SAMPLE, RunSettings(name="c", steps=3, lr=1e-3, precision="fp32",
+                                                  semantics="corrected", trace=False))
+    assert c.losses["total"][0] == a.losses["total"][0]  # same start, same first batch
+    assert c.losses["total"][1:] != a.losses["total"][1:]
+
+
+def test_coverage_sees_the_stale_optimizer_only_in_the_seed_loop(checkpoint):
+    seed = run_joint(checkpoint, SAMPLE, RunSettings(steps=1, precision="fp32", trace=False))
+    assert seed.outside_optimizer and all(n.startswith("rnnt_decoder.") for n in seed.outside_optimizer)
+    fixed = run_joint(checkpoint, SAMPLE, RunSettings(steps=1, precision="fp32", semantics="corrected",
+                                                      trace=False))
+    assert fixed.outside_optimizer == []
+
+
+def test_run_log_holds_every_step(checkpoint, tmp_path):
+    log_path = tmp_path / "run.h5"
+    result = run_joint(checkpoint, SAMPLE, RunSettings(steps=3, precision="fp32", semantics="corrected",
+                                                       policy="freeze_params", warmup=1), log_path=log_path)
+    with RunLog(log_path) as log:
+        assert log.status == "finished"
+        steps, total = log.series("loss/total")
+        assert steps.tolist() == [1, 2, 3]
+        np.testing.assert_array_equal(total, result.losses["total"])
+        assert "grad_norm/encoder" in log.series_names()
+        assert [e["event"] for e in log.table("events")] == ["unfreeze"]
+        # a request replaces what is pending: step 2 unfreezes, so steps 2-3 are attributed "after unfreeze"
+        assert [(a["step"], a["reason"]) for a in log.table("attribution")] == [
+            (1, "joint stage start"), (2, "after unfreeze"), (3, "after unfreeze")]
+        assert log.attrs["settings"]["policy"] == "freeze_params"
+
+
+def test_ctc_only_control_never_runs_the_decoder(checkpoint):
+    result = run_joint(checkpoint, SAMPLE, RunSettings(steps=2, precision="fp32", semantics="corrected",
+                                                       ctc_only=True, trace=False))
+    assert "rnnt" not in result.losses and result.val_rnnt_per is None
+
+
+def test_cli_run_and_trace(checkpoint, tmp_path):
+    out = tmp_path / "cli.h5"
+    cmd = [sys.executable, "-m", "workbench"]
+    proc = subprocess.run(cmd + ["run", "--checkpoint", str(checkpoint), "--data", str(SAMPLE), "--out", str(out),
+                                 "--steps", "2", "--precision", "fp32"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Batch 2/2 (100%)" in proc.stdout
+    proc = subprocess.run(cmd + ["trace", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "optimizer-coverage findings: 2 step(s)" in proc.stdout
+    again = subprocess.run(cmd + ["run", "--checkpoint", str(checkpoint), "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already exists" in again.stderr
