@@ -182,7 +182,7 @@ def _check_labels(group: h5py.Group, n_frames: int, fail: Fail) -> int:
     if seq_len > n_frames:
         raise fail("seq_len", f"at most n_time_steps = {n_frames} (CTC needs a frame per label)", seq_len)
     labels = ids[:seq_len]
-    bad = np.flatnonzero((labels < 0) | (labels > SIL))
+    bad = np.flatnonzero((labels < 1) | (labels > SIL))
     if bad.size:
         raise fail("seq_class_ids", f"ids in 1..{SIL} within the first seq_len = {seq_len} entries",
                    f"{labels[bad[0]]} at position {bad[0]}")
@@ -217,7 +217,8 @@ def index_file(path: str | Path, labelled: bool | None = None, session_index: in
     """Validate every trial of one HDF5 file and return their refs in numeric group order.
 
     `labelled=None` infers it: `data_train`/`data_val` are labelled, `data_test` is not, and a file with
-    another name is labelled when its first trial has `seq_class_ids`. Feature values are read one
+    another name is labelled when its first trial has `seq_class_ids`. Every ref carries `session_index`
+    (the caller's position of this session in its session list). Feature values are read one
     trial at a time for the finiteness check and not kept. Raises DataError on the first problem.
     """
     path = Path(path)

@@ -72,7 +72,14 @@ _TRIALS_PER_BLOCK = 10
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Generator knobs. Tuning patterns have unit variance per channel; noise levels are relative to that."""
+    """Generator knobs. Tuning patterns have unit variance per channel; noise levels are relative to that.
+
+    frames_per_phoneme, rest_frames: inclusive ranges of 20 ms bins per id and before/after speech.
+    smooth_sigma: Gaussian smoothing in bins. channel_noise: std of the independent noise.
+    sbp_correlation: correlation of the SBP tuning with the TC tuning of the same electrode.
+    drift_offset, drift_gain: std of the per-session channel offset and of the log channel gain.
+    silent_gain: modulation scale of silent (speaking_mode 0) trials. quantum: stored value resolution.
+    """
 
     frames_per_phoneme: tuple[int, int] = (5, 9)
     rest_frames: tuple[int, int] = (3, 8)
@@ -167,13 +174,11 @@ def _make_trial(sentence: str, tuning: np.ndarray, offset: np.ndarray, gain: np.
     return _Trial(_trial_features(ids, mode, tuning, offset, gain, rng, config), ids, sentence, mode)
 
 
-def _write_checksums(out_dir: Path, paths: list[Path]) -> Path:
+def _write_checksums(out_dir: Path, paths: list[Path]) -> None:
     """`SHA256SUMS` in `sha256sum` format, paths relative to `out_dir`."""
     relative = sorted(path.relative_to(out_dir).as_posix() for path in paths)
     lines = [f"{hashlib.sha256((out_dir / rel).read_bytes()).hexdigest()}  {rel}\n" for rel in relative]
-    manifest = out_dir / "SHA256SUMS"
-    manifest.write_text("".join(lines))
-    return manifest
+    (out_dir / "SHA256SUMS").write_text("".join(lines))
 
 
 def write_dataset(out_dir: str | Path, sessions: int = 2, trials: int = 24, seed: int = 0,
