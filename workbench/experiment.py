@@ -24,7 +24,7 @@ from workbench.device import pick_device, seed_everything
 from workbench.instrument import GradNormProbe, LossAttribution, NonFiniteTracer, OptimizerCoverage, default_groups
 from workbench.records import RunLogWriter
 from workbench.train import (
-    StepConfig, TrainConfig, TrainStep, build_optimizer, evaluate, get_semantics, model_from_checkpoint,
+    LoopSemantics, StepConfig, TrainConfig, TrainStep, build_optimizer, evaluate, get_semantics, model_from_checkpoint,
     run_training, seed_stages, set_trainable,
 )
 from workbench.train.loop import batches_forever, stage_loader, stage_seed
@@ -55,6 +55,16 @@ class RunSettings:
     ctc_only: bool = False
     attribution_steps: int = 2
     trace: bool = True
+    # single-switch overrides of the named loop semantics (None keeps the preset's value)
+    rebuild_optimizer: bool | None = None
+    clip_scope: str | None = None
+    zero_grad_scope: str | None = None
+
+    def loop_semantics(self) -> LoopSemantics:
+        overrides = {k: v for k, v in (("rebuild_optimizer", self.rebuild_optimizer),
+                                       ("clip_scope", self.clip_scope),
+                                       ("zero_grad_scope", self.zero_grad_scope)) if v is not None}
+        return get_semantics(self.semantics, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,20 +116,21 @@ def ctc_warm_checkpoint(data: str | Path, preset: str, *, seed: int = 0, steps: 
                         log: Callable[[str], None] = print) -> tuple[Path, dict | None]:
     """Train (or load from a cache keyed by its settings) the CTC-warm checkpoint; returns (path, summary).
 
-    The summary (losses per step, validation PER every `eval_every` steps) is None when the checkpoint came
-    from the cache.
+    The training summary (losses per step, validation PER every `eval_every` steps) is cached beside it.
     """
     key = checkpoint_key(data=str(Path(data).resolve()), preset=preset, seed=seed, steps=steps, lr=lr,
-                         batch_size=batch_size)
+                         batch_size=batch_size, eval_every=eval_every)
     path = Path(cache_dir) / f"ctc_warm_{preset}_{key}.pt"
-    if path.is_file():
+    summary_path = path.with_suffix(".json")
+    if path.is_file() and summary_path.is_file():
         log(f"Loaded CTC-warm checkpoint from cache: {path}")
-        return path, None
+        return path, json.loads(summary_path.read_text())
     work = Path(cache_dir) / f"tmp_{key}"
     cfg = TrainConfig(preset=preset, data=str(data), out=str(work), seed=seed, batch_size=batch_size,
                       ctc_steps=steps, joint_steps=0, ctc_lr=lr, device="cpu", eval_every=eval_every)
     summary = run_training(cfg, log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
+    summary_path.write_text(json.dumps(json_safe(summary), default=str))
     shutil.move(str(work / "ctc_warmup.pt"), path)
     shutil.rmtree(work, ignore_errors=True)
     return path, summary
@@ -167,7 +178,7 @@ def run_joint(
     policy = UnfreezePolicy(settings.policy, settings.warmup, rebuild=settings.rebuild_at_unfreeze)
     if not settings.ctc_only:
         policy.start(model)
-    semantics = get_semantics(settings.semantics)
+    semantics = settings.loop_semantics()
     if semantics.rebuild_optimizer:
         optimizer = build_optimizer(component_groups(model), settings.lr, settings.optimizer)
     else:

@@ -93,12 +93,10 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 
 
 class LiveFigure:
-    """A figure slot in a notebook that is redrawn in place; outside IPython it only keeps the last figure."""
+    """A figure slot in a notebook that is redrawn in place; outside IPython nothing is displayed."""
 
-    def __init__(self, every: int = 1) -> None:
-        self.every = every
+    def __init__(self) -> None:
         self.handle = None
-        self.figure: Figure | None = None
         try:
             from IPython import get_ipython
             from IPython.display import display
@@ -107,10 +105,12 @@ class LiveFigure:
         except ImportError:
             pass
 
-    def show(self, fig: Figure, step: int | None = None, *, force: bool = False) -> None:
-        self.figure = fig
-        if self.handle is None or not (force or step is None or step % self.every == 0):
-            return
-        from IPython.display import Image
+    @property
+    def active(self) -> bool:
+        return self.handle is not None
 
-        self.handle.update(Image(figure_png(fig)))
+    def show(self, fig: Figure) -> None:
+        if self.handle is not None:
+            from IPython.display import Image
+
+            self.handle.update(Image(figure_png(fig)))

@@ -1,0 +1,70 @@
+"""Small helpers that keep the notebooks thin: output folders, live multi-run figures, JSON summaries.
+
+The notebooks call the package for every computation; this module only wires results to the screen and disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from workbench.experiment import RunState, json_safe
+from workbench.plots import LiveFigure, save_figure, training_figure
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup(output_dir: str | Path, *, threads: int | None = None) -> Path:
+    """Create `output_dir` and pin torch's CPU threads (default: OMP_NUM_THREADS, else 1: on a 2-core CPU one
+    thread per process is several times faster for these small models than two contending threads)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
+    return out
+
+
+def resolve(path: str | Path) -> Path:
+    """Relative paths in parameter cells are relative to the repository root, wherever the kernel started."""
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+class LiveRuns:
+    """One live figure that overlays every run recorded so far and redraws in place as steps arrive.
+
+    Use `callback(name)` as `run_joint(..., on_step=...)`; the figure is redrawn every `every` steps (drawing
+    costs about a quarter of a second) and at `redraw()`; `save(path)` writes the final figure as PNG.
+    """
+
+    def __init__(self, title: str = "", every: int = 1, groups: list[str] | None = None) -> None:
+        self.title, self.groups, self.every = title, groups, every
+        self.runs: dict[str, RunState] = {}
+        self.live = LiveFigure()
+
+    def callback(self, name: str):
+        def on_step(i: int, run: RunState) -> None:
+            self.runs[name] = run
+            if i % self.every == 0:
+                self.redraw()
+        return on_step
+
+    def redraw(self) -> None:
+        if self.runs and self.live.active:
+            self.live.show(training_figure(self.runs, title=self.title, groups=self.groups))
+
+    def clear(self) -> None:
+        self.runs.clear()
+
+    def save(self, path: str | Path) -> Path:
+        return save_figure(training_figure(self.runs, title=self.title, groups=self.groups), path)
+
+
+def write_summary(output_dir: str | Path, name: str, summary: Mapping[str, Any]) -> Path:
+    """Write `<output_dir>/<name>` as strict JSON (non-finite floats become strings)."""
+    path = Path(output_dir) / name
+    path.write_text(json.dumps(json_safe(dict(summary)), indent=2, default=str))
+    return path
