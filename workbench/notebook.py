@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -40,8 +40,9 @@ class LiveRuns:
     costs about a quarter of a second) and at `redraw()`; `save(path)` writes the final figure as PNG.
     """
 
-    def __init__(self, title: str = "", every: int = 1, groups: list[str] | None = None) -> None:
-        self.title, self.groups, self.every = title, groups, every
+    def __init__(self, title: str = "", every: int = 1, groups: list[str] | None = None,
+                 terms: list[str] | None = None) -> None:
+        self.title, self.groups, self.terms, self.every = title, groups, terms, every
         self.runs: dict[str, RunState] = {}
         self.live = LiveFigure()
 
@@ -54,13 +55,34 @@ class LiveRuns:
 
     def redraw(self) -> None:
         if self.runs and self.live.active:
-            self.live.show(training_figure(self.runs, title=self.title, groups=self.groups))
+            self.live.show(training_figure(self.runs, title=self.title, groups=self.groups, terms=self.terms))
 
     def clear(self) -> None:
         self.runs.clear()
 
     def save(self, path: str | Path) -> Path:
-        return save_figure(training_figure(self.runs, title=self.title, groups=self.groups), path)
+        return save_figure(training_figure(self.runs, title=self.title, groups=self.groups, terms=self.terms), path)
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]):
+    """An HTML table of `columns` from `rows` for display in a notebook (plain text outside IPython)."""
+    from html import escape
+
+    from IPython.display import HTML
+
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{escape(_cell(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
+    return HTML(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return f"{len(value)}: " + ", ".join(map(str, value[:3])) + (" ..." if len(value) > 3 else "")
+    return str(value)
 
 
 def write_summary(output_dir: str | Path, name: str, summary: Mapping[str, Any]) -> Path:

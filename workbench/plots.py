@@ -30,12 +30,13 @@ def _nonfinite_steps(values: Sequence[float | None]) -> list[int]:
 
 
 def training_figure(runs: Mapping[str, object], *, title: str = "", markers: Mapping[str, Sequence[int]] | None = None,
-                    groups: Sequence[str] | None = None) -> Figure:
+                    groups: Sequence[str] | None = None, terms: Sequence[str] | None = None) -> Figure:
     """Four panels over joint steps for one or more runs: loss per term, per-group gradient norm (first run's
     groups, or `groups`), GradScaler scale, and non-finite gradient entries per group.
 
     `runs` maps a label to an object with RunState's fields (`losses`, `group_norms`, `group_nonfinite`, `scale`,
     `events`). Vertical lines mark unfreeze events; crosses mark steps with a non-finite total loss.
+    `terms` limits the loss terms drawn (default: all).
     """
     fig = Figure(figsize=(13, 7.5), layout="constrained")
     ax_loss, ax_norm, ax_scale, ax_nf = fig.subplots(2, 2).ravel()
@@ -43,6 +44,8 @@ def training_figure(runs: Mapping[str, object], *, title: str = "", markers: Map
     for k, (label, run) in enumerate(runs.items()):
         color = colors(k % 10)
         for term, values in run.losses.items():
+            if terms is not None and term not in terms:
+                continue
             steps = range(1, len(values) + 1)
             ax_loss.plot(steps, _finite_or_none(values), TERM_STYLES.get(term, "-"), color=color,
                          label=f"{label} {term}" if len(runs) > 1 or term != "total" else label)
@@ -51,13 +54,16 @@ def training_figure(runs: Mapping[str, object], *, title: str = "", markers: Map
             ax_loss.plot(bad, [0.0] * len(bad), "x", color=color, markersize=8)
         shown = groups or [g for g in run.group_norms if not g.startswith("encoder.layers")]
         for j, g in enumerate(shown):
+            # one run: a colour per group; several runs: a colour per run and a line style per group
+            group_color = colors(j % 10) if len(runs) == 1 else color
+            style = "-" if len(runs) == 1 else ["-", "--", ":", "-."][j % 4]
+            name = g if len(runs) == 1 else f"{label}: {g}"
             values = run.group_norms.get(g, [])
-            ax_norm.plot(range(1, len(values) + 1), _finite_or_none(values), color=color,
-                         linestyle=["-", "--", ":", "-."][j % 4], label=f"{label}: {g}" if len(runs) > 1 else g)
+            ax_norm.plot(range(1, len(values) + 1), _finite_or_none(values), color=group_color, linestyle=style,
+                         label=name)
             nf = run.group_nonfinite.get(g, [])
             if any(nf):
-                ax_nf.plot(range(1, len(nf) + 1), nf, "o-", color=color, markersize=3,
-                           label=f"{label}: {g}" if len(runs) > 1 else g)
+                ax_nf.plot(range(1, len(nf) + 1), nf, "o-", color=group_color, markersize=3, label=name)
         scale = run.scale
         if any(s is not None for s in scale):
             ax_scale.plot(range(1, len(scale) + 1), [s if s is not None else math.nan for s in scale],
@@ -76,6 +82,38 @@ def training_figure(runs: Mapping[str, object], *, title: str = "", markers: Map
             ax.legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def ctc_warmup_figure(summary: Mapping) -> Figure:
+    """CTC loss per step and validation PER over the CTC-warmup stage, from a training summary."""
+    stage = summary["stages"][0]
+    fig = Figure(figsize=(11, 3.6), layout="constrained")
+    ax_loss, ax_per = fig.subplots(1, 2)
+    losses = [step["ctc"] for step in stage["losses"]]
+    ax_loss.plot(range(1, len(losses) + 1), losses)
+    ax_loss.set(title="CTC loss (training batches)", xlabel="CTC-warmup step", yscale="log")
+    curve = [(0, summary["val_per_initial"])] + [tuple(p) for p in stage["val_curve"]]
+    ax_per.plot([p[0] for p in curve], [p[1] for p in curve], "o-")
+    ax_per.set(title="validation PER (greedy CTC)", xlabel="CTC-warmup step", ylim=(0, max(1.05, curve[0][1])))
+    return fig
+
+
+def outcome_figure(rows: Sequence[Mapping]) -> Figure:
+    """One bar per run: steps completed with finite parameters, red where the run diverged."""
+    fig = Figure(figsize=(9, 0.35 * len(rows) + 1.2), layout="constrained")
+    ax = fig.subplots()
+    names = [r["name"] for r in rows]
+    steps = [r["settings"]["steps"] for r in rows]
+    first_bad = [r["first_nonfinite_param_step"] or r["first_nonfinite_loss_step"] for r in rows]
+    finite = [(b - 1 if b else n) for b, n in zip(first_bad, steps)]
+    ax.barh(names, finite, color=["tab:red" if b else "tab:green" for b in first_bad])
+    for y, (r, b, n) in enumerate(zip(rows, first_bad, steps)):
+        text = (f"parameters non-finite after step {r['first_nonfinite_param_step']}, loss at step "
+                f"{r['first_nonfinite_loss_step']}" if b else "finite throughout")
+        ax.text((b - 1 if b else n) + 0.2, y, text, va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="joint steps completed with finite parameters and loss", xlim=(0, max(steps) * 1.8))
     return fig
 
 
