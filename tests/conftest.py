@@ -31,3 +31,13 @@ def tiny_batch():
     """The first two training trials of the committed sample as one Batch."""
     dataset = B2TDataset(SAMPLE, "train")
     return collate([dataset[0], dataset[1]])
+
+
+@pytest.fixture(scope="session")
+def ctc_checkpoint(tmp_path_factory) -> Path:
+    """A CTC-warm tiny checkpoint (8 steps) that joint-stage runs fork from."""
+    from workbench.experiment import ctc_warm_checkpoint
+
+    path, _ = ctc_warm_checkpoint(SAMPLE, "tiny", seed=0, steps=8, lr=3e-3,
+                                  cache_dir=tmp_path_factory.mktemp("cache"), log=lambda s: None)
+    return path

@@ -13,11 +13,9 @@ from workbench.records import RunLog
 SAMPLE = Path(__file__).resolve().parents[1] / "data_samples"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path, _ = ctc_warm_checkpoint(SAMPLE, "tiny", seed=0, steps=8, lr=3e-3,
-                                  cache_dir=tmp_path_factory.mktemp("cache"), log=lambda s: None)
-    return path
+@pytest.fixture()
+def checkpoint(ctc_checkpoint):
+    return ctc_checkpoint
 
 
 def test_checkpoint_cache_is_keyed_by_settings(checkpoint):

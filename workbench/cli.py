@@ -127,6 +127,44 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from workbench.report import write_report
+
+    for path in write_report(args.runlogs, args.out):
+        print(path)
+    return 0
+
+
+def _parameter(text: str) -> tuple[str, object]:
+    """`name=value` with value parsed as JSON when it parses (numbers, lists, true/false), else kept as text."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def cmd_notebooks(args: argparse.Namespace) -> int:
+    import papermill as pm
+
+    from workbench.notebook import REPO_ROOT
+
+    available = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    chosen = [nb for nb in available if not args.only or nb.name[:2] in args.only.split(",")]
+    if not chosen:
+        raise CliError(f"--only {args.only}: no notebook matches; available: {', '.join(n.name for n in available)}")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for nb in chosen:
+        params = {"preset": args.preset, "seed": args.seed, "output_dir": str(out / nb.stem), **dict(args.param)}
+        print(f"{nb.name} -> {out / nb.name}", flush=True)
+        pm.execute_notebook(str(nb), str(out / nb.name), parameters=params, kernel_name=args.kernel,
+                            cwd=str(REPO_ROOT), progress_bar=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from workbench.device import PRECISIONS
     from workbench.losses import RNNT_NORMALIZATIONS
@@ -150,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     for name in ("train", "pretrain"):
-        p = sub.add_parser(name, help="staged training (CTC warmup -> joint -> mode) with checkpoints")
+        p = sub.add_parser(name, help="staged training (CTC warmup -> joint -> mode) with checkpoints" if name == "train"
+                           else "CTC-warmup stage only (train with --joint-steps 0): the checkpoint runs fork from")
         p.add_argument("--preset", choices=sorted(PRESETS), default="small")
         p.add_argument("--data", default="data_samples", help="data root")
         p.add_argument("--out", default="runs/train", help="folder for checkpoints and the summary")
@@ -197,6 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runlog")
     p.add_argument("--limit", type=_positive_int, default=5, help="coverage findings to print")
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("report", help="figures and a summary table from one or more run logs")
+    p.add_argument("runlogs", nargs="+", help="run logs (.h5) written by `run`, `sweep` or the notebooks")
+    p.add_argument("--out", required=True, help="folder for training.png, outcomes.png, summary.json/.md")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("notebooks", help="execute the notebooks headlessly with papermill into a folder")
+    p.add_argument("--out", required=True, help="folder for the executed notebooks and their artefacts")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default="", help="comma-separated notebook numbers, e.g. 01,03")
+    p.add_argument("-p", "--param", type=_parameter, action="append", default=[],
+                   help="extra parameter NAME=VALUE (JSON values allowed), repeatable")
+    p.add_argument("--kernel", default="rnnt-workbench", help="Jupyter kernel (registered by `make install`)")
+    p.set_defaults(func=cmd_notebooks)
     return parser
 
 

@@ -1,0 +1,39 @@
+"""`workbench report`: figures and a summary table read back from run logs, including a killed run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from workbench.experiment import RunSettings, run_joint
+from workbench.records import RunLogWriter
+from workbench.report import read_run
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data_samples"
+
+
+def test_report_from_two_runs(ctc_checkpoint, tmp_path):
+    logs = []
+    for name, precision in (("a", "fp32"), ("b", "fp16")):
+        logs.append(tmp_path / f"{name}.h5")
+        run_joint(ctc_checkpoint, SAMPLE, RunSettings(name=name, steps=3, precision=precision),
+                  log_path=logs[-1])
+    proc = subprocess.run([sys.executable, "-m", "workbench", "report", *map(str, logs), "--out",
+                           str(tmp_path / "rep")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "rep" / "summary.json").read_text())["runs"]
+    assert [r["name"] for r in rows] == ["a", "b"] and all(r["steps"] == 3 for r in rows)
+    assert (tmp_path / "rep" / "training.png").stat().st_size > 10_000
+    assert "| a | finished | 3 |" in (tmp_path / "rep" / "summary.md").read_text()
+
+
+def test_partial_run_is_reported_up_to_its_last_step(tmp_path):
+    path = tmp_path / "partial.h5"
+    writer = RunLogWriter(path, attrs={"settings": RunSettings(name="partial").to_dict()})
+    for i, v in enumerate([3.0, 2.5, float("nan")], start=1):
+        writer.log_step(i, {"loss/total": v, "params_finite": i < 3, "skipped": i == 3})
+    # never closed: status stays "running", as after a SIGKILL
+    state, row = read_run(path)
+    assert row["status"] == "running" and row["steps"] == 3
+    assert row["first_nonfinite_loss_step"] == 3 and row["first_nonfinite_param_step"] == 3
+    assert row["skipped_steps"] == 1 and state.losses["total"][:2] == [3.0, 2.5]
