@@ -14,7 +14,7 @@ export OMP_NUM_THREADS ?= 1
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
-	$(PY) -m ipykernel install --user --name $(KERNEL) --display-name "RNN-T workbench (.venv)" > /dev/null
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "RNN-T workbench (.venv)" > /dev/null
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,9 +22,14 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q
 
+# The main job: staged training of the small model with seed-style progress lines and validation PER, then
+# notebook 01 executed headlessly (executed copy, figures, run logs and 01_summary.json under $(OUT)), then the
+# README's findings block regenerated from what the notebook computed.
 demo: install
-	$(PY) -m workbench train --preset small --data data_samples --out $(OUT) \
+	$(PY) -m workbench train --preset small --data data_samples --out $(OUT)/train \
 		--ctc-steps 300 --joint-steps 20 --seed 0
+	$(PY) -m workbench notebooks --only 01 --preset small --seed 0 --out $(OUT)
+	$(PY) -m workbench.findings --from $(OUT)
 
 bench: install
 	$(PY) benchmarks/bench_instrumentation.py

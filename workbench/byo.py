@@ -1,0 +1,371 @@
+"""Bring your own model: the workbench's instruments and run log on any `nn.Module` and loss function.
+
+High level: `instrument` wraps one training step of your model in the workbench's `TrainStep` and attaches
+the probes. Your loss function takes `(model, batch)` and returns a scalar tensor or a dict of scalar terms
+(their sum is the total unless the dict has a "total")::
+
+    import torch, torch.nn as nn, torch.nn.functional as F
+    from workbench.byo import instrument
+
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    with instrument(model, optimizer, loss_fn, groups={"hidden": "0", "out": "2"}, log_path="runs/mlp.h5") as s:
+        for _ in range(10):
+            result = s.step((torch.randn(16, 8), torch.randint(0, 3, (16,))))
+    print(s.probe.latest.group_norm, s.summary()["first_nonfinite_loss_step"])
+
+Each step records the gradient norm, max |g| and non-finite count per group (before clipping, after
+unscaling), checks that the optimizer holds every trainable parameter with a gradient, optionally records
+activation statistics, and on the first non-finite step replays it and names the first non-finite tensor and
+the op that produced it. Everything goes to the HDF5 run log (`workbench.records.RunLog` reads it).
+
+Low level, for your own training loop: a `GradNormProbe` needs no TrainStep. Call `collect` after your
+backward and, with a GradScaler, after `scaler.unscale_(optimizer)` (it raises if you forgot)::
+
+    from workbench.byo import GradNormProbe
+
+    probe = GradNormProbe(model, {"hidden": "0", "out": "2"})
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    stats = probe.collect(optimizer, scaler)       # one host copy; stats.group_norm["out"], stats.scale
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+
+`probe.records(stats)` flattens the statistics into a row for `RunLogWriter.log_step`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from matplotlib.figure import Figure
+
+from workbench.device import autocast_dtype
+from workbench.instrument import (
+    ActivationStats, GradNormProbe, NonFiniteTracer, OptimizerCoverage, ParamGroups, Verdict, default_groups,
+    groups_from_patterns,
+)
+from workbench.plots import training_figure
+from workbench.records import RunLogWriter
+from workbench.train.step import LoopSemantics, StepConfig, StepResult, TrainStep, get_semantics
+
+__all__ = ["GradNormProbe", "Session", "SessionHistory", "UserBatch", "instrument", "loss_terms"]
+
+UserLossFn = Callable[[nn.Module, Any], torch.Tensor | Mapping[str, torch.Tensor]]
+Groups = ParamGroups | Mapping[str, str | Sequence[str]] | Sequence[str] | None
+
+
+def _move(obj: Any, device: torch.device) -> Any:
+    """`obj` with every tensor moved to `device`: tensors and objects with their own `.to` are moved by it,
+    mappings (returned as dicts), namedtuples, tuples and lists element by element; anything else is kept."""
+    if isinstance(obj, torch.Tensor) or callable(getattr(obj, "to", None)):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: _move(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_move(v, device) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_move(v, device) for v in obj)
+    return obj
+
+
+@dataclass
+class UserBatch:
+    """Your batch, whatever its structure, as one object with `.to(device)`.
+
+    TrainStep reads a list or tuple as micro-batches and the tracer's replay moves batches with `.to`, so a
+    `(inputs, targets)` tuple is wrapped rather than passed as it is.
+    """
+
+    data: Any
+
+    def to(self, device: torch.device | str) -> UserBatch:
+        return UserBatch(_move(self.data, torch.device(device)))
+
+
+def loss_terms(value: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The user's loss as TrainStep's terms: {"total": ..., <term>: ...}, every value a 0-d floating tensor.
+
+    A tensor is the total. A dict's terms are summed into "total" unless it has one (then it is used as is).
+    """
+    terms = {"total": value} if isinstance(value, torch.Tensor) else dict(value)
+    if not terms:
+        raise ValueError("loss_fn returned an empty dict: expected a scalar tensor or named scalar terms")
+    for name, term in terms.items():
+        if not (isinstance(term, torch.Tensor) and term.ndim == 0 and term.is_floating_point()):
+            shape = tuple(term.shape) if isinstance(term, torch.Tensor) else type(term).__name__
+            raise ValueError(f"loss_fn: term {name!r} must be a 0-d floating tensor, got {shape}")
+    if "total" not in terms:
+        terms = {"total": sum(terms.values()), **terms}
+    return terms
+
+
+class _LossAdapter:
+    """TrainStep's loss hook around the user's `loss_fn(model, batch)`; the reference model's loss weights
+    and RNN-T flags do not apply to it and are ignored."""
+
+    def __init__(self, loss_fn: UserLossFn) -> None:
+        self.loss_fn = loss_fn
+
+    def __call__(self, model: nn.Module, batch: UserBatch, weights: Any, *, rnnt: bool, mode: bool,
+                 normalization: str) -> dict[str, torch.Tensor]:
+        return loss_terms(self.loss_fn(model, batch.data))
+
+
+def _param_groups(model: nn.Module, groups: Groups) -> ParamGroups:
+    """None: one group per top-level child; a list of name prefixes / 're:' patterns: one group each, named by
+    the pattern; a mapping: group name -> pattern(s)."""
+    if groups is None:
+        return default_groups(model)
+    if isinstance(groups, ParamGroups):
+        return groups
+    if isinstance(groups, Mapping):
+        return groups_from_patterns(model, groups)
+    if isinstance(groups, str):
+        raise TypeError("groups: expected a list of patterns or a mapping, got a single string")
+    return groups_from_patterns(model, {pattern: pattern for pattern in groups})
+
+
+@dataclass
+class SessionHistory:
+    """Per-step series of a session, in the shape `workbench.plots.training_figure` draws.
+
+    losses: term -> value per step. group_norms / group_nonfinite: group -> value per step with gradient
+    statistics (a step skipped before backward has none). scale: the GradScaler scale per step (None without
+    one). skipped: steps whose update was skipped. overflow: steps with a non-finite gradient.
+    """
+
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    group_norms: dict[str, list[float]] = field(default_factory=dict)
+    group_nonfinite: dict[str, list[int]] = field(default_factory=dict)
+    global_norm: list[float] = field(default_factory=list)
+    scale: list[float | None] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    overflow: list[int] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    first_nonfinite_loss_step: int | None = None
+
+
+class Session:
+    """One instrumented training loop over your model; build it with `instrument`.
+
+    Attributes: `train_step` (the TrainStep), `probe` (GradNormProbe), `coverage` (OptimizerCoverage),
+    `tracer` (NonFiniteTracer or None), `activations` (ActivationStats or None), `writer` (RunLogWriter or
+    None), `history` (SessionHistory) and `results` (the StepResult of every step).
+    """
+
+    def __init__(self, train_step: TrainStep, probe: GradNormProbe, coverage: OptimizerCoverage,
+                 tracer: NonFiniteTracer | None, activations: ActivationStats | None,
+                 writer: RunLogWriter | None) -> None:
+        self.train_step = train_step
+        self.probe = probe
+        self.coverage = coverage
+        self.tracer = tracer
+        self.activations = activations
+        self.writer = writer
+        self.history = SessionHistory()
+        self.results: list[StepResult] = []
+        self.closed = False
+        if tracer is not None and writer is not None:
+            tracer.verdict_listeners.append(
+                lambda v: writer.log_event("tracer", {**v.to_dict(), "line": v.line()}))
+
+    @property
+    def model(self) -> nn.Module:
+        return self.train_step.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.train_step.optimizer
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        return self.train_step.scaler
+
+    @property
+    def verdicts(self) -> list[Verdict]:
+        """The tracer's verdicts so far (the first non-finite tensor of each replayed step)."""
+        return list(self.tracer.verdicts) if self.tracer is not None else []
+
+    def step(self, batch: Any) -> StepResult:
+        """One instrumented optimizer step on `batch` (any structure your loss_fn accepts; its tensors are
+        moved to the model's device). Returns the step's losses (floats), skip reason, grad norm and scale."""
+        if self.closed:
+            raise RuntimeError("this instrumented session is closed")
+        step = self.train_step
+        # The user's loss_fn applies its own weighting: TrainStep's loss weights are not used.
+        result = step(UserBatch(batch).to(step.device), None)
+        self.results.append(result)
+        self._record(result)
+        return result
+
+    def _record(self, result: StepResult) -> None:
+        h, i = self.history, result.step
+        for term, value in result.losses.items():
+            h.losses.setdefault(term, []).append(value)
+        stats = self.probe.latest if self.probe.latest is not None and self.probe.latest.step == i else None
+        if stats is not None:
+            for group, value in stats.group_norm.items():
+                h.group_norms.setdefault(group, []).append(value)
+            for group, count in stats.group_nonfinite.items():
+                h.group_nonfinite.setdefault(group, []).append(count)
+            h.global_norm.append(stats.global_norm)
+        h.scale.append(result.scale)
+        if result.skipped:
+            h.skipped.append(i)
+        if result.reason == "nonfinite_grad" or (stats is not None and any(stats.group_nonfinite.values())):
+            h.overflow.append(i)
+        if h.first_nonfinite_loss_step is None and not math.isfinite(result.losses["total"]):
+            h.first_nonfinite_loss_step = i
+        finding = self.coverage.latest
+        if finding is not None and finding.step == i and not finding.ok:
+            h.events.append({"step": i, "event": "coverage", "message": finding.one_line()})
+        if self.writer is not None:
+            self._log(result, stats is not None)
+
+    def _log(self, result: StepResult, has_stats: bool) -> None:
+        i = result.step
+        row: dict[str, Any] = {f"loss/{k}": v for k, v in result.losses.items()}
+        row.update({"skipped": result.skipped, "step_ms": result.ms,
+                    "nonfinite_grad": result.reason == "nonfinite_grad"})
+        if result.scale is not None:
+            row["scaler/scale_before"] = result.scale
+        if result.grad_norm is not None:
+            row["clip/total_norm"] = result.grad_norm
+        for k, group in enumerate(self.optimizer.param_groups):
+            row[f"lr/{group.get('name', f'group{k}')}"] = group["lr"]
+        if has_stats:
+            row.update(self.probe.records())
+        if self.activations is not None:
+            row.update(self.activations.records())
+        self.writer.log_step(i, row)
+        finding = self.coverage.latest
+        if finding is not None and finding.step == i and not finding.ok:
+            self.writer.log_event("coverage", {"step": i, "line": finding.one_line(),
+                                               "outside_optimizer": finding.outside_optimizer,
+                                               "frozen_in_optimizer": finding.frozen_in_optimizer})
+
+    def summary(self) -> dict[str, Any]:
+        """Steps run, first non-finite loss step, skipped and overflow steps, tensors found outside the
+        optimizer, the tracer's verdict lines, the final value of each loss term and the run log's path."""
+        h = self.history
+        outside = next((f.outside_optimizer for f in self.coverage.findings if f.outside_optimizer), [])
+        return {
+            "steps": len(self.results),
+            "first_nonfinite_loss_step": h.first_nonfinite_loss_step,
+            "skipped_steps": list(h.skipped),
+            "overflow_steps": list(h.overflow),
+            "outside_optimizer": [name for name, _ in outside],
+            "tracer_verdicts": [v.line() for v in self.verdicts],
+            "final_losses": {term: values[-1] for term, values in h.losses.items() if values},
+            "log_path": str(self.writer.path) if self.writer is not None else None,
+        }
+
+    def figure(self, label: str = "run", title: str = "") -> Figure:
+        """Loss per term, gradient norm per group, GradScaler scale and non-finite entries per group, per step."""
+        return training_figure({label: self.history}, title=title)
+
+    def close(self, *, status: str = "finished", error: str | None = None) -> None:
+        """Detach every instrument (activation hooks included), write the summary and close the run log.
+        Closing twice does nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.tracer is not None:
+            self.tracer.detach(self.train_step)
+        if self.activations is not None:
+            self.activations.detach()
+        self.coverage.detach()
+        self.probe.detach()
+        if self.writer is not None:
+            if error is not None:
+                self.writer.set_attrs(error=error)
+            self.writer.set_attrs(summary=self.summary())
+            self.writer.close(status=status)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self.close(status="failed", error=repr(exc).replace("\n", " "))
+
+
+def instrument(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: UserLossFn,
+    *,
+    groups: Groups = None,
+    precision: str = "fp32",
+    clip: float | None = 1.0,
+    semantics: str | LoopSemantics = "corrected",
+    init_scale: float = 65536.0,
+    log_path: str | Path | None = None,
+    overwrite: bool = False,
+    activations: bool | Sequence[str] = False,
+    trace: bool = True,
+    device: torch.device | str | None = None,
+) -> Session:
+    """Instrument `model` trained by `optimizer` on `loss_fn(model, batch) -> Tensor | dict[str, Tensor]`.
+
+    loss_fn must run the model it is given, not a global one: the tracer replays a step on a copy.
+
+    groups: None (one group per top-level child module), a list of parameter-name prefixes or 're:' regular
+        expressions (one group each), or a mapping group name -> pattern(s); see `groups_from_patterns`.
+    precision: "fp32", "bf16" or "fp16" autocast (fp16 with a GradScaler starting at `init_scale`).
+    clip: max gradient norm (None: no clipping; the norm is still computed).
+    semantics: the step's loop semantics, "corrected" (zero every gradient, clip over the optimizer's
+        parameters, skip the update on a non-finite gradient) or "seed_faithful"; see `workbench.train.step`.
+    log_path: a new HDF5 run log for every step's series and the coverage / tracer events (its folder is
+        created); `overwrite` replaces an existing file instead of raising FileExistsError.
+    activations: record max |a|, RMS and non-finite count of leaf modules with parameters (True) or of the
+        named modules; their forward hooks are removed on `close`.
+    trace: replay the first non-finite step and name the first non-finite tensor (costs one state-dict copy
+        per step until then).
+    device: where batches go (default: the device of the model's first parameter).
+    """
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    autocast_dtype(precision)  # an unknown precision fails here, not at the first step
+    sem = semantics if isinstance(semantics, LoopSemantics) else get_semantics(semantics)
+    probe = GradNormProbe(model, _param_groups(model, groups))
+    coverage = OptimizerCoverage(model, probe=probe)
+    acts = None
+    if activations:
+        acts = ActivationStats(model, None if activations is True else list(activations))
+    tracer = NonFiniteTracer(max_traces=1) if trace else None
+    config = StepConfig(precision=precision, clip=clip, init_scale=init_scale, semantics=sem)
+    train_step = TrainStep(model, optimizer, config, device, loss_fn=_LossAdapter(loss_fn))
+    writer = None
+    if log_path is not None:
+        settings = {"model": type(model).__qualname__, "optimizer": type(optimizer).__qualname__,
+                    "precision": precision, "clip": clip, "semantics": dataclasses.asdict(sem),
+                    "groups": dict(probe.groups.items())}
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        writer = RunLogWriter(log_path, overwrite=overwrite,
+                              attrs={"settings": settings, "torch": torch.__version__, "device": str(device)})
+        writer.declare_vector("param_grad_norm", probe.param_labels)
+    # Observers and forward hooks go on last, once nothing above can fail and leave them behind.
+    for observer in (probe, coverage, acts, tracer):
+        if observer is not None:
+            observer.attach(train_step)
+    return Session(train_step, probe, coverage, tracer, acts, writer)
