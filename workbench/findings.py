@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if not source.is_dir():
         print(f"error: {source}: no executed notebooks here (run `make demo` first)", file=sys.stderr)
         return 2
-    update_readme(readme, render(source, Path(args.figures), readme.resolve().parent))
+    update_readme(readme, render(source, Path(args.figures).resolve(), readme.resolve().parent))
     print(f"updated {readme} from {source}")
     return 0
 
