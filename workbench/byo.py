@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Mapping, Sequence
@@ -60,6 +60,7 @@ from workbench.instrument import (
 )
 from workbench.plots import training_figure
 from workbench.records import RunLogWriter
+from workbench.records.traces import StepTraces
 from workbench.train.step import LoopSemantics, StepConfig, StepResult, TrainStep, get_semantics
 
 __all__ = ["GradNormProbe", "Session", "SessionHistory", "UserBatch", "instrument", "loss_terms"]
@@ -139,24 +140,8 @@ def _param_groups(model: nn.Module, groups: Groups) -> ParamGroups:
     return groups_from_patterns(model, {pattern: pattern for pattern in groups})
 
 
-@dataclass
-class SessionHistory:
-    """Per-step series of a session, in the shape `workbench.plots.training_figure` draws.
-
-    losses: term -> value per step. group_norms / group_nonfinite: group -> value per step with gradient
-    statistics (a step skipped before backward has none). scale: the GradScaler scale per step (None without
-    one). skipped: steps whose update was skipped. overflow: steps with a non-finite gradient.
-    """
-
-    losses: dict[str, list[float]] = field(default_factory=dict)
-    group_norms: dict[str, list[float]] = field(default_factory=dict)
-    group_nonfinite: dict[str, list[int]] = field(default_factory=dict)
-    global_norm: list[float] = field(default_factory=list)
-    scale: list[float | None] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
-    overflow: list[int] = field(default_factory=list)
-    events: list[dict] = field(default_factory=list)
-    first_nonfinite_loss_step: int | None = None
+class SessionHistory(StepTraces):
+    """Per-step series of a session, in the shape `workbench.plots.training_figure` draws (see StepTraces)."""
 
 
 class Session:

@@ -23,6 +23,7 @@ from workbench.data import B2TDataset, make_loader
 from workbench.device import pick_device, seed_everything
 from workbench.instrument import GradNormProbe, LossAttribution, NonFiniteTracer, OptimizerCoverage, default_groups
 from workbench.records import RunLogWriter
+from workbench.records.traces import StepTraces
 from workbench.train import (
     LoopSemantics, StepConfig, TrainConfig, TrainStep, build_optimizer, evaluate, get_semantics, model_from_checkpoint,
     run_training, seed_stages, set_trainable,
@@ -206,7 +207,7 @@ def run_joint(
 
     train_set = B2TDataset(data, "train")
     batches = batches_forever(stage_loader(train_set, settings.batch_size, settings.seed, JOINT_STAGE_INDEX))
-    run = RunState(settings)
+    run = RunState(settings=settings)
     attribution.request(settings.attribution_steps, "joint stage start")
     for i in range(1, settings.steps + 1):
         plan = policy.plan(i, weights) if not settings.ctc_only else None
@@ -261,21 +262,12 @@ def run_joint(
 
 
 @dataclass
-class RunState:
+class RunState(StepTraces):
     """What a run has recorded so far; live plots read it from `on_step` callbacks."""
 
-    settings: RunSettings
-    losses: dict[str, list[float]] = field(default_factory=dict)
-    group_norms: dict[str, list[float]] = field(default_factory=dict)
-    group_nonfinite: dict[str, list[int]] = field(default_factory=dict)
-    global_norm: list[float] = field(default_factory=list)
-    scale: list[float | None] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
-    overflow: list[int] = field(default_factory=list)
+    settings: RunSettings = field(default_factory=RunSettings)
     outside_optimizer: list[str] = field(default_factory=list)
     attribution: list[dict] = field(default_factory=list)
-    events: list[dict] = field(default_factory=list)
-    first_nonfinite_loss_step: int | None = None
     first_nonfinite_param_step: int | None = None
 
     def record(self, i: int, result, probe: GradNormProbe, coverage: OptimizerCoverage, finite_params: bool) -> None:

@@ -34,7 +34,7 @@ def read_run(path: str | Path) -> tuple[RunState, dict[str, Any]]:
     with RunLog(path) as log:
         settings = RunSettings(**log.attrs["settings"])
         names = log.series_names()
-        state = RunState(settings)
+        state = RunState(settings=settings)
         for key in names:
             head, _, rest = key.partition("/")
             if head == "loss":
