@@ -115,3 +115,11 @@ def test_cli_rejects_bad_arguments(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "workbench", "train", "--ctc-lr", "-1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "positive" in proc.stderr
+
+
+def test_mode_stage_trains_the_mode_head_on_synthetic_mode_labels(tmp_path):
+    summary = run_training(_cfg(tmp_path, ctc_steps=2, joint_steps=1, mode_steps=2, mode_lr=1e-3),
+                           log=lambda s: None)
+    mode_stage = summary["stages"][-1]
+    assert mode_stage["name"] == "mode"
+    assert all("mode" in step for step in mode_stage["losses"])
