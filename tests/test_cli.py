@@ -9,7 +9,7 @@ import pytest
 from workbench.cli import _parameter, build_parser
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data_samples"
-SUBCOMMANDS = ["synth", "validate", "train", "pretrain", "run", "trace", "report", "notebooks"]
+SUBCOMMANDS = ["synth", "validate", "train", "pretrain", "run", "sweep", "trace", "report", "notebooks"]
 
 
 def _run(*args, timeout=120):

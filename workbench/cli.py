@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_run)
 
+    from workbench.sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
+
     p = sub.add_parser("trace", help="print the tracer verdicts and optimizer-coverage findings of a run log")
     p.add_argument("runlog")
     p.add_argument("--limit", type=_positive_int, default=5, help="coverage findings to print")

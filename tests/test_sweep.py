@@ -1,0 +1,209 @@
+"""Sweep runner: grid validation, canonical run ids, resume after a killed worker and a killed sweep, bad CLI input."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from workbench.cli import main
+from workbench.criteria import Rule, first_nonfinite_step, run_summary, verdict
+from workbench.experiment import ctc_warm_checkpoint, run_joint
+from workbench.records import RunLog
+from workbench.sweep import Sweep, SweepError, SweepGrid, load_record, log_status, make_plan, run_id
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data_samples"
+TINY = dict(lr=(1e-4, 1e-3), policy="freeze_params", precision="fp32", semantics="corrected", clip=1.0,
+            rnnt_normalization="seed_sqrt_tu", optimizer="adamw", steps=3)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path, _ = ctc_warm_checkpoint(SAMPLE, "tiny", seed=0, steps=20, cache_dir=tmp_path_factory.mktemp("cache"),
+                                  log=lambda s: None)
+    return path
+
+
+@pytest.mark.parametrize("axis, value, message", [
+    ("warmup", [-1], "warmup: expected a non-negative integer"),
+    ("lr", [0.0], "lr: expected a positive learning rate"),
+    ("lr", [float("nan")], "lr: expected a positive learning rate"),
+    ("policy", ["thaw"], "policy: expected one of none, freeze_params"),
+    ("precision", ["fp8"], "precision: expected one of fp32, bf16, fp16"),
+    ("clip", [-1.0], "clip: expected a non-negative max gradient norm"),
+    ("optimizer", ["adam"], "optimizer: expected one of adamw, sgd"),
+    ("semantics", [], "semantics: expected at least one value"),
+    ("steps", 0, "steps: expected a positive integer"),
+])
+def test_bad_grid_values_raise_one_line(axis, value, message):
+    with pytest.raises(SweepError, match=message):
+        SweepGrid(**{axis: value})
+
+
+def test_grid_points_that_are_the_same_run_share_one_deterministic_id():
+    grid = SweepGrid(warmup=[0, 3], policy=["freeze_params", "loss_ramp"], rebuild=[True, False], **{
+        k: v for k, v in TINY.items() if k != "policy"})
+    plan = make_plan(grid)
+    assert len(plan.cells) == 2 * 2 * 2 * 2
+    n0 = {c["run"] for c in plan.cells if c["axes"]["warmup"] == 0}
+    assert len(n0) == 2  # one per lr: every policy and rebuild with N = 0 is the plain joint stage
+    # rebuild only matters for freeze_params with N > 0; loss_ramp never rebuilds
+    n3 = {(c["axes"]["policy"], c["axes"]["rebuild"], c["axes"]["lr"]): c["run"] for c in plan.cells
+          if c["axes"]["warmup"] == 3}
+    assert n3[("freeze_params", True, 1e-3)] != n3[("freeze_params", False, 1e-3)]
+    assert n3[("loss_ramp", True, 1e-3)] == n3[("loss_ramp", False, 1e-3)]
+    assert len(plan.controls) == 2 and all(plan.runs[c].ctc_only for c in plan.controls)
+    assert all(s.steps == 3 + 3 for s in plan.runs.values())  # max(N) + steps for every run
+    assert list(make_plan(grid).runs) == list(plan.runs)
+    assert all(run_id(s) == rid and s.name == rid for rid, s in plan.runs.items())
+
+
+def test_incomplete_log_is_redone_and_finished_log_kept(checkpoint, tmp_path):
+    grid = SweepGrid(warmup=[1], **TINY, controls=False)
+    sweep = Sweep(tmp_path / "sw", checkpoint, SAMPLE, grid)
+    first, second = list(sweep.plan.runs)
+    sweep.log_path(first).parent.mkdir(parents=True)
+    run_joint(checkpoint, SAMPLE, sweep.plan.runs[first], log_path=sweep.log_path(first))
+
+    def crash(i, run):
+        if i == 2:
+            raise KeyboardInterrupt  # a real partial log, as a kill mid-run leaves it
+    with pytest.raises(KeyboardInterrupt):
+        run_joint(checkpoint, SAMPLE, sweep.plan.runs[second], log_path=sweep.log_path(second), on_step=crash)
+    assert log_status(sweep.log_path(second)) == "incomplete"
+    kept = sweep.log_path(first).read_bytes()
+
+    outcome = sweep.run(workers=1, progress=False)
+    assert outcome.reused == [first] and outcome.done == [second] and not outcome.failed
+    assert sweep.log_path(first).read_bytes() == kept
+    index = json.loads(sweep.index_path.read_text())
+    assert {e["status"] for e in index["runs"].values()} == {"finished"}
+    with RunLog(sweep.log_path(second)) as log:
+        assert log.status == "finished" and log.last_step() == 4
+    record = load_record(sweep.log_path(second))
+    assert index["runs"][second]["summary"]["val_per"] == record.val_per
+    assert verdict(record, None, Rule())["per_vs_control"] is False  # no control in this sweep
+    assert run_summary(record, Rule())["first_nonfinite_step"] == first_nonfinite_step(record) is None
+
+
+def test_sweep_folder_belongs_to_one_checkpoint(checkpoint, tmp_path):
+    grid = SweepGrid(warmup=[0], **TINY, controls=False)
+    Sweep(tmp_path / "sw", checkpoint, SAMPLE, grid).scan()
+    other = tmp_path / "other.pt"
+    other.write_bytes(checkpoint.read_bytes() + b"\0")
+    with pytest.raises(SweepError, match="holds a sweep of checkpoint"):
+        Sweep(tmp_path / "sw", other, SAMPLE, grid)
+
+
+def _sweep_cmd(checkpoint, out):
+    return [sys.executable, "-m", "workbench", "sweep", "--checkpoint", str(checkpoint), "--data", str(SAMPLE),
+            "--out", str(out), "--warmup", "0,2", "--lr", "1e-4,1e-3,3e-3", "--policy", "freeze_params",
+            "--precision", "fp32", "--semantics", "corrected", "--clip", "1", "--rnnt-normalization", "seed_sqrt_tu",
+            "--optimizer", "adamw", "--steps", "6", "--no-controls", "--workers", "2"]
+
+
+def _finished(out: Path) -> dict[str, tuple[str, int]]:
+    """Finished run logs by name: (sha256, mtime_ns)."""
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted((out / "runs").glob("*.h5")) if log_status(p) == "finished"}
+
+
+def _start_and_wait(cmd, out: Path, at_least: int, timeout: float = 60.0) -> subprocess.Popen:
+    """Start the sweep in its own process group; return once `at_least` runs are finished in its index."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            index = json.loads((out / "index.json").read_text())
+            if sum(e["status"] == "finished" for e in index["runs"].values()) >= at_least:
+                return proc
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("the sweep did not finish a run in time")
+
+
+def _worker_pids(parent: int) -> list[int]:
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_resume_after_a_killed_worker_and_a_killed_sweep(checkpoint, tmp_path):
+    out = tmp_path / "sweep"
+    cmd = _sweep_cmd(checkpoint, out)
+
+    # 1. SIGKILL one worker: the sweep notices, records what finished, and exits with status 1
+    proc = _start_and_wait(cmd, out, at_least=1)
+    os.kill(_worker_pids(proc.pid)[0], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr
+    assert "a worker process died" in stdout
+    after_worker_kill = _finished(out)
+    assert 1 <= len(after_worker_kill) < 6
+
+    # 2. SIGKILL the sweep process alone once it finished one more run: its orphaned workers stop by themselves
+    proc = _start_and_wait(cmd, out, at_least=len(after_worker_kill) + 1)
+    workers = _worker_pids(proc.pid)
+    proc.kill()
+    proc.communicate(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert workers and not any(_alive(pid) for pid in workers)
+    after_sweep_kill = _finished(out)
+    assert set(after_worker_kill) < set(after_sweep_kill)
+    for name, stamp in after_worker_kill.items():
+        assert after_sweep_kill[name] == stamp
+
+    # 3. the rerun completes only the missing runs and leaves every finished log byte-identical and untouched
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    k = len(after_sweep_kill)
+    assert f"6 runs: {k} already finished, {6 - k} run now, 0 failed" in proc.stdout
+    final = _finished(out)
+    assert len(final) == 6 and len(list((out / "runs").glob("*.h5"))) == 6
+    for name, stamp in after_sweep_kill.items():
+        assert final[name] == stamp
+    index = json.loads((out / "index.json").read_text())
+    assert {e["status"] for e in index["runs"].values()} == {"finished"}
+    assert not list(out.glob(".index.json.*.tmp"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--warmup", "-1"], "error: --warmup: expected a non-negative integer number of steps, got -1"),
+    (["--warmup", "1.5"], "error: --warmup: expected comma-separated integers, got '1.5'"),
+    (["--lr", "0"], "error: --lr: expected a positive learning rate, got 0.0"),
+    (["--lr", "1e-5,x"], "error: --lr: expected comma-separated numbers, got '1e-5,x'"),
+    (["--policy", "thaw"], "error: --policy: expected one of none, freeze_params, freeze_and_mute, add_param_group, "
+                           "loss_ramp, lr_warmup, got 'thaw'"),
+    (["--precision", "fp8"], "error: --precision: expected one of fp32, bf16, fp16, got 'fp8'"),
+    (["--rnnt-normalization", "mean"], "error: --rnnt-normalization: expected one of torchaudio_mean"),
+    (["--rebuild", "maybe"], "error: --rebuild: expected yes or no, got 'maybe'"),
+    (["--steps", "0"], "error: --steps: expected an integer >= 1, got '0'"),
+    (["--workers", "0"], "error: --workers: expected an integer >= 1, got '0'"),
+])
+def test_bad_sweep_arguments_exit_2_with_one_line(checkpoint, tmp_path, capsys, args, message):
+    rc = main(["sweep", "--checkpoint", str(checkpoint), "--data", str(SAMPLE), "--out", str(tmp_path / "s"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_missing_checkpoint_exits_2(tmp_path, capsys):
+    rc = main(["sweep", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(SAMPLE), "--out", str(tmp_path)])
+    assert rc == 2 and capsys.readouterr().err.startswith("error: --checkpoint:")

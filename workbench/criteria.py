@@ -1,0 +1,497 @@
+"""The seed's five success criteria, summary tables, stability-map data and conclusions, computed from runs.
+
+Everything here is a pure function of `RunRecord`s (what a run log holds; `workbench.sweep.load_record` reads
+one) and of the sweep's grid cells. No sentence in `conclusions` is written in advance: each one is chosen and
+filled in by comparing recorded outcomes between runs that differ only in the axis the sentence is about.
+
+A grid cell is a mapping ``{"axes": {axis: value, ...}, "run": run_id, "control": control_run_id}``; several
+cells may name the same run when an axis has no effect there (every policy with N = 0 is the same run).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+# Policies that hold the decoder frozen for the first N steps and then unfreeze it (workbench.train.unfreeze).
+FREEZING_POLICIES: tuple[str, ...] = ("freeze_params", "freeze_and_mute", "add_param_group")
+DECODER_PREFIX = "rnnt_decoder."
+
+# The seed's five success criteria, in its order, with the exact rule each verdict applies.
+CRITERIA: dict[str, str] = {
+    "no_nonfinite": "no NaN/Inf in the joint stage: every loss term and every parameter finite at every step "
+                    "(fp16 gradient overflows that the GradScaler catches and skips are not counted)",
+    "clean_unfreeze": "the decoder unfreezes at step N without issues: with a freezing policy and N > 0 exactly one "
+                      "unfreeze event, at step N + 1; from its first trainable step on the decoder is inside the "
+                      "optimizer (coverage instrument); and the losses of that step and the next K are finite",
+    "stable_after_unfreeze": "the loss stays stable after unfreezing: from the decoder's first trainable step to the "
+                             "end, every loss term and parameter is finite and no term exceeds `explode_factor` "
+                             "times its reference (its median over the steps before that step, or its value at that "
+                             "step when it had none before)",
+    "per_vs_control": "final validation PER (greedy CTC) no worse than the CTC-only control with the same lr, "
+                      "precision, clipping, optimizer, loop semantics and steps (PER <= control PER + tolerance; "
+                      "a control whose parameters went non-finite has no PER and counts as worse)",
+    "all_steps_complete": "all steps complete: the run log is finished, every step is logged, and the final "
+                          "validation ran (it is skipped when the parameters are non-finite)",
+}
+# Axes of a sweep cell, in the order tables list them; a stability-map panel fixes all but warmup and lr.
+AXES: tuple[str, ...] = ("semantics", "policy", "rebuild", "precision", "clip", "rnnt_normalization", "optimizer",
+                         "warmup", "lr")
+PANEL_AXES: tuple[str, ...] = tuple(a for a in AXES if a not in ("warmup", "lr"))
+
+
+@dataclass
+class RunRecord:
+    """What one run log holds, as plain Python lists aligned to steps 1..n (None where a series has no row)."""
+
+    run_id: str
+    settings: dict[str, Any]
+    status: str
+    losses: dict[str, list[float | None]]
+    group_norms: dict[str, list[float | None]]
+    group_nonfinite: dict[str, list[float | None]]
+    global_norm: list[float | None]
+    scale: list[float | None]
+    params_finite: list[bool | None]
+    skipped: list[int]
+    nonfinite_grad: list[int]
+    events: list[dict] = field(default_factory=list)
+    coverage: list[dict] = field(default_factory=list)
+    tracer: list[str] = field(default_factory=list)
+    val_per: float | None = None
+    val_rnnt_per: float | None = None
+    wall_s: float | None = None
+
+    @property
+    def steps_logged(self) -> int:
+        return len(self.losses.get("total", []))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Parameters of the criteria: K steps after the unfreeze, the explosion factor, the PER tolerance."""
+
+    k_after: int = 5
+    explode_factor: float = 10.0
+    per_tolerance: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.k_after < 1:
+            raise ValueError(f"k_after: expected a positive number of steps, got {self.k_after}")
+        if not self.explode_factor > 1:
+            raise ValueError(f"explode_factor: expected a factor above 1, got {self.explode_factor}")
+        if self.per_tolerance < 0:
+            raise ValueError(f"per_tolerance: expected a non-negative tolerance, got {self.per_tolerance}")
+
+    def describe(self) -> dict[str, str]:
+        """The criteria with this rule's numbers filled in."""
+        text = dict(CRITERIA)
+        text["clean_unfreeze"] = text["clean_unfreeze"].replace("next K", f"next K = {self.k_after}")
+        text["stable_after_unfreeze"] = text["stable_after_unfreeze"].replace(
+            "`explode_factor` times", f"{self.explode_factor:g} times")
+        text["per_vs_control"] = text["per_vs_control"].replace("tolerance;", f"{self.per_tolerance:g};")
+        return text
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def freezes(settings: Mapping[str, Any]) -> bool:
+    return (not settings.get("ctc_only")) and settings["policy"] in FREEZING_POLICIES and settings["warmup"] > 0
+
+
+def attach_step(settings: Mapping[str, Any]) -> int:
+    """The decoder's first trainable step (1-based): N + 1 under a freezing policy with N > 0, else 1."""
+    return settings["warmup"] + 1 if freezes(settings) else 1
+
+
+def first_nonfinite_loss_step(record: RunRecord) -> int | None:
+    steps = [i + 1 for values in record.losses.values() for i, v in enumerate(values) if v is not None
+             and not math.isfinite(v)]
+    return min(steps, default=None)
+
+
+def first_nonfinite_param_step(record: RunRecord) -> int | None:
+    return next((i + 1 for i, ok in enumerate(record.params_finite) if ok is False), None)
+
+
+def nonfinite_from(record: RunRecord, start: int) -> int | None:
+    """The first step >= `start` with a non-finite loss term or parameter."""
+    steps = [i + 1 for values in record.losses.values() for i, v in enumerate(values)
+             if i + 1 >= start and v is not None and not math.isfinite(v)]
+    steps += [i + 1 for i, ok in enumerate(record.params_finite) if i + 1 >= start and ok is False]
+    return min(steps, default=None)
+
+
+def first_nonfinite_step(record: RunRecord) -> int | None:
+    """The first step with a non-finite loss term or parameter: the step the run diverged."""
+    return nonfinite_from(record, 1)
+
+
+def explosion(record: RunRecord, rule: Rule) -> dict[str, Any] | None:
+    """The first (step, term) whose finite loss exceeds `explode_factor` times its reference, or None.
+
+    The reference of a term is its median over the steps before the decoder's first trainable step; a term first
+    computed at that step (N = 0, or muted while frozen) is referred to its value at that step, which is computed
+    before the decoder's first update.
+    """
+    a = attach_step(record.settings)
+    found = []
+    for term, values in record.losses.items():
+        if term == "total":
+            continue
+        before = [v for v in values[:a - 1] if _finite(v)]
+        after = [(i + 1, v) for i, v in enumerate(values) if i + 1 >= a and v is not None]
+        if before:
+            reference = statistics.median(before)
+        elif after and _finite(after[0][1]):
+            reference = after[0][1]
+        else:
+            continue
+        if reference <= 0:
+            continue
+        for step, v in after:
+            if math.isfinite(v) and v > rule.explode_factor * reference:
+                found.append({"step": step, "term": term, "value": v, "reference": reference})
+                break
+    return min(found, key=lambda e: e["step"], default=None)
+
+
+def decoder_outside_steps(record: RunRecord) -> list[int]:
+    """Steps at or after the decoder's first trainable step where a decoder tensor trained outside the optimizer."""
+    a = attach_step(record.settings)
+    return [row["step"] for row in record.coverage if row["step"] >= a
+            and any(name.startswith(DECODER_PREFIX) for name, *_ in row.get("outside_optimizer", []))]
+
+
+def outcome(record: RunRecord, rule: Rule) -> str:
+    """"diverged" (a non-finite loss or parameter), "exploded" (finite, but the loss rule broke) or "stable"."""
+    if first_nonfinite_step(record) is not None:
+        return "diverged"
+    return "exploded" if explosion(record, rule) is not None else "stable"
+
+
+def _max_finite(values: Iterable[float | None]) -> float | None:
+    return max((v for v in values if _finite(v)), default=None)
+
+
+def run_summary(record: RunRecord, rule: Rule) -> dict[str, Any]:
+    """The summary-table numbers of one run, all read from its record."""
+    total = record.losses.get("total", [])
+    a = attach_step(record.settings)
+    before = total[a - 1] if a <= len(total) else None
+    after = total[a - 1 + rule.k_after] if a + rule.k_after <= len(total) else None
+    ratio = after / before if _finite(before) and before and after is not None else None
+    boom = explosion(record, rule)
+    return {
+        "outcome": outcome(record, rule),
+        "first_nonfinite_step": first_nonfinite_step(record),
+        "first_nonfinite_loss_step": first_nonfinite_loss_step(record),
+        "first_nonfinite_param_step": first_nonfinite_param_step(record),
+        "attach_step": a,
+        "steps_logged": record.steps_logged,
+        "steps_skipped": len(record.skipped),
+        "nonfinite_grad_steps": len(record.nonfinite_grad),
+        "max_grad_norm": _max_finite(record.global_norm),
+        "loss_at_attach": before,
+        "loss_k_after": after,
+        "loss_ratio_k_after": ratio,
+        "explosion": boom,
+        "decoder_outside_optimizer_steps": len(decoder_outside_steps(record)),
+        "final_loss": total[-1] if total else None,
+        "val_per": record.val_per,
+        "val_rnnt_per": record.val_rnnt_per,
+        "wall_s": record.wall_s,
+        "tracer": record.tracer[0] if record.tracer else None,
+    }
+
+
+def verdict(record: RunRecord, control: RunRecord | None, rule: Rule) -> dict[str, Any]:
+    """The five criteria for one run: True / False, or None where a criterion does not apply (a control run has
+    no decoder to unfreeze and no control of its own). `reasons` says in one line why each False is False."""
+    settings = record.settings
+    is_control = bool(settings.get("ctc_only"))
+    a = attach_step(settings)
+    reasons: dict[str, str] = {}
+    bad = first_nonfinite_step(record)
+    no_nonfinite = bad is None
+    if not no_nonfinite:
+        reasons["no_nonfinite"] = f"first non-finite loss or parameter at step {bad}"
+
+    clean: bool | None = None
+    if not is_control:
+        problems = []
+        unfreezes = [e["step"] for e in record.events if e.get("event") == "unfreeze"]
+        if freezes(settings) and unfreezes != [a]:
+            problems.append(f"unfreeze events at steps {unfreezes}, expected [{a}]")
+        outside = decoder_outside_steps(record)
+        if outside:
+            problems.append(f"decoder trained outside the optimizer at {len(outside)} step(s) from step {outside[0]}")
+        window = range(a, min(a + rule.k_after, record.steps_logged) + 1)
+        early = [s for s in window if any(s <= len(v) and v[s - 1] is not None and not math.isfinite(v[s - 1])
+                                          for v in record.losses.values())]
+        if early:
+            problems.append(f"non-finite loss at step {early[0]}, within {rule.k_after} steps of the unfreeze")
+        if a > record.steps_logged:
+            problems.append(f"the run ended (step {record.steps_logged}) before the decoder's first trainable step {a}")
+        clean = not problems
+        if problems:
+            reasons["clean_unfreeze"] = "; ".join(problems)
+
+    boom = explosion(record, rule)
+    late = nonfinite_from(record, a)
+    stable = late is None and boom is None
+    if late is not None:
+        reasons["stable_after_unfreeze"] = f"non-finite loss or parameter at step {late} (decoder trainable from {a})"
+    elif boom is not None:
+        reasons["stable_after_unfreeze"] = (f"{boom['term']} loss {boom['value']:.4g} at step {boom['step']} > "
+                                            f"{rule.explode_factor:g} x reference {boom['reference']:.4g}")
+
+    per_ok: bool | None = None
+    if not is_control:
+        if record.val_per is None:
+            per_ok = False
+            reasons["per_vs_control"] = "no final validation PER (parameters non-finite or run incomplete)"
+        elif control is None:
+            per_ok = False
+            reasons["per_vs_control"] = "no CTC-only control in this sweep"
+        elif control.val_per is None:
+            per_ok = True
+        else:
+            per_ok = record.val_per <= control.val_per + rule.per_tolerance
+            if not per_ok:
+                reasons["per_vs_control"] = f"PER {record.val_per:.3f} > control {control.val_per:.3f}"
+
+    expected = settings["steps"]
+    complete = record.status == "finished" and record.steps_logged == expected and record.val_per is not None
+    if not complete:
+        reasons["all_steps_complete"] = (f"status {record.status}, {record.steps_logged}/{expected} steps logged, "
+                                         f"validation {'ran' if record.val_per is not None else 'did not run'}")
+    checks = {"no_nonfinite": no_nonfinite, "clean_unfreeze": clean, "stable_after_unfreeze": stable,
+              "per_vs_control": per_ok, "all_steps_complete": complete}
+    return {**checks, "all": all(v is not False for v in checks.values()),
+            "passed": sum(v is True for v in checks.values()),
+            "applicable": sum(v is not None for v in checks.values()), "reasons": reasons}
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+
+def fmt(value: Any) -> str:
+    """A table cell: short floats, '-' for None, yes/no for booleans."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.3g}" if (abs(value) < 1e-2 or abs(value) >= 1e4) and value != 0 else f"{value:.3f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A fixed-width text table (no pandas needed; it reads the same in a headless notebook and a terminal)."""
+    cells = [[fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[j]) for r in cells]) for j, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def varying_axes(cells: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Axes that take more than one value among `cells`, in AXES order."""
+    return [a for a in AXES if len({repr(c["axes"][a]) for c in cells}) > 1]
+
+
+def axis_label(axis: str, value: Any) -> str:
+    if axis == "lr":
+        return f"lr {value:.0e}"
+    if axis == "warmup":
+        return f"N={value}"
+    if axis == "clip":
+        return "clip off" if not value else f"clip {value:g}"
+    if axis == "rebuild":
+        return "rebuild" if value else "no rebuild"
+    return str(value)
+
+
+def slice_label(axes: Mapping[str, Any], names: Iterable[str]) -> str:
+    return ", ".join(axis_label(a, axes[a]) for a in names) or "all runs"
+
+
+# ------------------------------------------------------------------------------------------- stability map
+
+@dataclass
+class MapPanel:
+    """One heatmap of the stability map: warmup N (rows) x lr (columns) for fixed values of the other axes.
+
+    `cells[i][j]` holds the run's outcome, first non-finite step, final validation PER and criteria passed, or
+    None when the grid has no such point.
+    """
+
+    title: str
+    warmups: list[int]
+    lrs: list[float]
+    cells: list[list[dict[str, Any] | None]]
+
+
+def stability_map(cells: Sequence[Mapping[str, Any]], summaries: Mapping[str, Mapping[str, Any]],
+                  verdicts: Mapping[str, Mapping[str, Any]]) -> list[MapPanel]:
+    """One panel per combination of the varied axes other than warmup and lr; runs missing from `summaries` or
+    `verdicts` (not finished yet) leave their cell None, so a live map keeps its shape while it fills in."""
+    varied = [a for a in varying_axes(cells) if a in PANEL_AXES]
+    panels: dict[tuple, list[Mapping[str, Any]]] = {}
+    for cell in cells:
+        panels.setdefault(tuple(repr(cell["axes"][a]) for a in varied), []).append(cell)
+    out = []
+    for members in panels.values():
+        warmups = sorted({c["axes"]["warmup"] for c in members})
+        lrs = sorted({c["axes"]["lr"] for c in members})
+        grid: list[list[dict[str, Any] | None]] = [[None] * len(lrs) for _ in warmups]
+        for c in members:
+            s, v = summaries.get(c["run"]), verdicts.get(c["run"])
+            if s is None or v is None:
+                continue
+            grid[warmups.index(c["axes"]["warmup"])][lrs.index(c["axes"]["lr"])] = {
+                "run": c["run"], "outcome": s["outcome"], "first_nonfinite_step": s["first_nonfinite_step"],
+                "val_per": s["val_per"], "passed": v["passed"], "applicable": v["applicable"]}
+        out.append(MapPanel(slice_label(members[0]["axes"], varied), warmups, lrs, grid))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- conclusions
+
+def _groups(cells: Sequence[Mapping[str, Any]], axis: str) -> list[list[Mapping[str, Any]]]:
+    """Cells that agree on every axis but `axis`, one list per group, keeping groups of >= 2 distinct runs."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for cell in cells:
+        key = tuple(repr(cell["axes"][a]) for a in AXES if a != axis)
+        groups.setdefault(key, []).append(cell)
+    return [g for g in groups.values() if len({c["run"] for c in g}) > 1]
+
+
+def axis_effect(cells: Sequence[Mapping[str, Any]], summaries: Mapping[str, Mapping[str, Any]],
+                axis: str) -> dict[str, Any]:
+    """How often changing `axis` alone changed whether a run diverged, and how often every value diverged.
+
+    Returns counts and, for the first few groups, what happened at each value of the axis. `monotone` counts the
+    changed groups where a larger value was never worse (every value above the largest diverged one stayed
+    finite); `delayed` counts the all-diverged groups where the largest value diverged later than the smallest.
+    """
+    changed, monotone, all_diverged, delayed, examples = 0, 0, 0, 0, []
+    groups = _groups(cells, axis)
+    for g in groups:
+        by_value = {}
+        for c in sorted(g, key=lambda c: c["axes"][axis]):
+            by_value[c["axes"][axis]] = summaries[c["run"]]["first_nonfinite_step"]
+        diverged = {v: s is not None for v, s in by_value.items()}
+        if len(set(diverged.values())) > 1:
+            changed += 1
+            flags = list(diverged.values())
+            monotone += flags == sorted(flags, reverse=True)
+            if len(examples) < 3:
+                others = slice_label(g[0]["axes"], [a for a in varying_axes(cells) if a != axis])
+                went = ", ".join(axis_label(axis, v) for v, d in diverged.items() if d)
+                held = ", ".join(axis_label(axis, v) for v, d in diverged.items() if not d)
+                examples.append(f"{others}: non-finite at {went}; finite at {held}")
+        elif all(diverged.values()):
+            all_diverged += 1
+            steps = list(by_value.values())
+            if steps[-1] > steps[0]:
+                delayed += 1
+    return {"axis": axis, "groups": len(groups), "changed": changed, "monotone": monotone,
+            "all_diverged": all_diverged, "delayed": delayed, "examples": examples}
+
+
+def _effect_sentence(effect: Mapping[str, Any], subject: str, scope: str) -> str:
+    axis = effect["axis"]
+    name = "warmup length N" if axis == "warmup" else axis
+    text = (f"{scope}: changing {name} alone changed whether a run went non-finite in {effect['changed']} of "
+            f"{effect['groups']} comparable groups of {subject}")
+    if effect["examples"]:
+        text += " (e.g. " + "; ".join(effect["examples"]) + ")"
+    if axis in ("warmup", "lr") and effect["changed"]:
+        text += (f"; a larger {name} was never worse in {effect['monotone']} of those {effect['changed']} "
+                 f"group(s)")
+    if axis == "warmup" and effect["all_diverged"]:
+        text += (f"; in {effect['all_diverged']} group(s) every N went non-finite, and the largest N did so "
+                 f"later than the smallest in {effect['delayed']} of them")
+    return text + "."
+
+
+def conclusions(cells: Sequence[Mapping[str, Any]], summaries: Mapping[str, Mapping[str, Any]],
+                verdicts: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Findings computed from the sweep's table; each sentence states the counts it rests on."""
+    if not cells:
+        return ["The sweep has no grid cells, so there is nothing to conclude."]
+    lines = []
+    runs = sorted({c["run"] for c in cells})
+    diverged = {r for r in runs if summaries[r]["first_nonfinite_step"] is not None}
+
+    warmups = sorted({c["axes"]["warmup"] for c in cells})
+    by_n = []
+    for n in warmups:
+        ids = {c["run"] for c in cells if c["axes"]["warmup"] == n}
+        by_n.append(f"N={n}: {len(ids & diverged)}/{len(ids)}")
+    lines.append(f"{len(diverged)} of {len(runs)} runs went non-finite (a NaN/Inf loss or parameter); by warmup "
+                 f"length: " + ", ".join(by_n) + ".")
+
+    # N's effect, split by whether the decoder was inside the optimizer from its first trainable step (measured by
+    # the coverage instrument): the seed's loop rebuilds the optimizer only at an unfreeze.
+    inside = [c for c in cells if summaries[c["run"]]["decoder_outside_optimizer_steps"] == 0]
+    outside = [c for c in cells if summaries[c["run"]]["decoder_outside_optimizer_steps"] > 0]
+    if len(warmups) > 1:
+        for subset, scope in ((inside, "Decoder inside the optimizer from its first trainable step"),
+                              (outside, "Decoder training outside the optimizer")):
+            effect = axis_effect(subset, summaries, "warmup")
+            if effect["groups"]:
+                lines.append(_effect_sentence(effect, "runs that differ only in N", scope))
+        verdict_n = axis_effect(inside, summaries, "warmup")
+        if verdict_n["groups"]:
+            if verdict_n["changed"]:
+                how = ("consistently: a longer warmup was never worse" if verdict_n["monotone"] == verdict_n["changed"]
+                       else f"but not consistently: a longer warmup was never worse in only {verdict_n['monotone']} "
+                            f"of them")
+                lines.append(f"Once the decoder is in the optimizer, warmup length changed whether training stayed "
+                             f"finite in {verdict_n['changed']} of {verdict_n['groups']} groups, {how}.")
+            else:
+                lines.append(f"Once the decoder is in the optimizer, warmup length did not change whether training "
+                             f"stayed finite in any of {verdict_n['groups']} groups in this grid.")
+    for axis in varying_axes(cells):
+        if axis in ("warmup", "lr"):
+            continue
+        effect = axis_effect(cells, summaries, axis)
+        if effect["groups"]:
+            lines.append(_effect_sentence(effect, f"runs that differ only in {axis}", "Across the grid"))
+
+    # The largest lr at which each N stayed finite and within the loss rule, per stability-map panel.
+    panels = stability_map(cells, summaries, verdicts)
+    for panel in panels:
+        parts = []
+        for i, n in enumerate(panel.warmups):
+            ok = [lr for lr, cell in zip(panel.lrs, panel.cells[i]) if cell and cell["outcome"] == "stable"]
+            parts.append(f"N={n}: {max(ok):.0e}" if ok else f"N={n}: none")
+        lines.append(f"Largest lr that stayed finite with no loss explosion ({panel.title}): "
+                     + ", ".join(parts) + ".")
+
+    passed = [r for r in runs if verdicts[r]["all"]]
+    per_criterion = ", ".join(
+        f"{name} {sum(verdicts[r][name] is True for r in runs)}/{sum(verdicts[r][name] is not None for r in runs)}"
+        for name in CRITERIA)
+    lines.append(f"All five success criteria held in {len(passed)} of {len(runs)} runs; per criterion: "
+                 f"{per_criterion}.")
+    pers = {n: [summaries[r]["val_per"] for r in {c['run'] for c in cells if c['axes']['warmup'] == n}
+                if summaries[r]["val_per"] is not None] for n in warmups}
+    controls = sorted({c["control"] for c in cells if c.get("control")})
+    control_pers = [summaries[c]["val_per"] for c in controls if c in summaries and summaries[c]["val_per"] is not None]
+    per_parts = [f"N={n}: {statistics.median(v):.3f}" for n, v in pers.items() if v]
+    if per_parts:
+        text = "Median final validation PER by N: " + ", ".join(per_parts)
+        if control_pers:
+            text += f"; CTC-only controls: {statistics.median(control_pers):.3f}"
+        lines.append(text + ".")
+    return lines
