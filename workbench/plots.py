@@ -130,18 +130,21 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def display_slot():
+    """An empty output slot updated in place through its display handle; None outside IPython."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        return None
+    return display(display_id=True) if get_ipython() is not None else None
+
+
 class LiveFigure:
     """A figure slot in a notebook that is redrawn in place; outside IPython nothing is displayed."""
 
     def __init__(self) -> None:
-        self.handle = None
-        try:
-            from IPython import get_ipython
-            from IPython.display import display
-            if get_ipython() is not None:
-                self.handle = display(display_id=True)
-        except ImportError:
-            pass
+        self.handle = display_slot()
 
     @property
     def active(self) -> bool:

@@ -53,7 +53,7 @@ from workbench.criteria import (
 from workbench.device import PRECISIONS
 from workbench.experiment import RunSettings, json_safe, run_joint
 from workbench.losses import RNNT_NORMALIZATIONS
-from workbench.plots import LiveFigure, training_figure
+from workbench.plots import LiveFigure, display_slot, training_figure
 from workbench.records import RunLog
 from workbench.train.optim import OPTIMIZERS
 from workbench.train.step import SEMANTICS
@@ -700,14 +700,7 @@ class DisplayLine:
     Outside IPython it writes to stderr."""
 
     def __init__(self) -> None:
-        self.handle = None
-        try:
-            from IPython import get_ipython
-            from IPython.display import display
-            if get_ipython() is not None:
-                self.handle = display(display_id=True)
-        except ImportError:
-            pass
+        self.handle = display_slot()
 
     def write(self, text: str) -> int:
         if self.handle is None:
