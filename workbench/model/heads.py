@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from workbench.model.init import xavier_linear_
+
 
 class CTCHead(nn.Module):
     """Dropout + Linear(d_model -> V), xavier weights and zero bias as in the seed.
@@ -19,8 +21,7 @@ class CTCHead(nn.Module):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.proj = nn.Linear(d_model, n_classes)
-        nn.init.xavier_uniform_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        xavier_linear_(self.proj)
 
     def forward(self, encoded: torch.Tensor) -> torch.Tensor:
         """
@@ -52,10 +53,7 @@ class ModeHead(nn.Module):
             nn.Linear(h1, h2), nn.ReLU(), nn.Dropout(dropout),
         )
         self.classifier = nn.Linear(h2, n_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+        xavier_linear_(self)
 
     def forward(self, encoded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from workbench.model.config import ModelConfig
 from workbench.model.heads import CTCHead, ModeHead
+from workbench.model.init import xavier_linear_
 from workbench.model.preprocessor import Preprocessor
 from workbench.model.rnnt import RNNTDecoder
 from workbench.model.ssm import Encoder
@@ -45,9 +46,7 @@ class HybridModel(nn.Module):
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear) and self.cfg.reinit_linear:
-            nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+            xavier_linear_(module)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):

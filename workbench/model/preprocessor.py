@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from workbench.model.init import xavier_linear_
+
 
 class Preprocessor(nn.Module):
     r"""BatchNorm1d -> channel gate -> depthwise Conv1d + ReLU with residual -> Linear -> LayerNorm -> Dropout.
@@ -48,8 +50,7 @@ class Preprocessor(nn.Module):
         self.dropout = nn.Dropout(dropout)
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.conv.bias)
-        nn.init.xavier_uniform_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        xavier_linear_(self.proj)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from workbench.model.init import xavier_linear_
+
 LSTMState = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -82,10 +84,7 @@ class Joint(nn.Module):
             nn.Linear(joint_dim, joint_dim), nn.Tanh(), nn.Dropout(dropout),
             nn.Linear(joint_dim, n_classes),
         )
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+        xavier_linear_(self)
 
     def forward(self, encoded: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
         """
