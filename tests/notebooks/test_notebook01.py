@@ -9,7 +9,7 @@ import pytest
 
 from workbench.records import RunLog
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = {"name", "settings", "first_nonfinite_loss_step", "first_nonfinite_param_step", "overflow_steps",
             "tracer_verdict", "outside_optimizer"}
 

@@ -9,7 +9,7 @@ from workbench.experiment import RunSettings, run_joint
 from workbench.records import RunLogWriter
 from workbench.report import read_run
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data_samples"
+SAMPLE = Path(__file__).resolve().parents[2] / "data_samples"
 
 
 def test_report_from_two_runs(ctc_checkpoint, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from workbench.experiment import RunSettings, ctc_warm_checkpoint, run_joint
 from workbench.records import RunLog
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data_samples"
+SAMPLE = Path(__file__).resolve().parents[2] / "data_samples"
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ import pytest
 from workbench.data import B2TDataset, index_file, sentence_to_ids, summarize, write_dataset
 from workbench.data.synth import SENTENCES, session_names
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data_samples"
+SAMPLE = Path(__file__).resolve().parents[2] / "data_samples"
 
 
 def test_embedded_sentences_are_short_known_and_distinct():

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import pytest
 
-from browser.lab import CHROMIUM, CHROMIUM_FLAGS, LabServer, parameterized_copy, start_lab
+from browser_lab import CHROMIUM, CHROMIUM_FLAGS, LabServer, parameterized_copy, start_lab
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "03_interactive_explorer.ipynb"
 SHOTS = ROOT / "runs" / "browser"  # git-ignored
 KERNEL = "rnnt-workbench"

@@ -11,11 +11,11 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers.runlog_writer import step_values
+from runlog_writer import step_values
 from workbench.records import RunLog, RunLogWriter
 
-ROOT = Path(__file__).resolve().parents[1]
-HELPER = Path(__file__).resolve().parent / "helpers" / "runlog_writer.py"
+ROOT = Path(__file__).resolve().parents[2]
+HELPER = Path(__file__).resolve().parent / "runlog_writer.py"
 
 
 def test_round_trip(tmp_path):

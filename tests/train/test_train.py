@@ -16,7 +16,7 @@ from workbench.train import (
     run_training, seed_stages, set_trainable,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data_samples"
 
 

@@ -17,7 +17,7 @@ from workbench.experiment import ctc_warm_checkpoint, run_joint
 from workbench.records import RunLog
 from workbench.sweep import Sweep, SweepError, SweepGrid, load_record, log_status, make_plan, run_id
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data_samples"
+SAMPLE = Path(__file__).resolve().parents[2] / "data_samples"
 TINY = dict(lr=(1e-4, 1e-3), policy="freeze_params", precision="fp32", semantics="corrected", clip=1.0,
             rnnt_normalization="seed_sqrt_tu", optimizer="adamw", steps=3)
 

@@ -12,7 +12,7 @@ import pytest
 from workbench.criteria import CRITERIA
 from workbench.records import RunLog
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "02_compare_warmup_lengths.ipynb"
 GRID = dict(warmup=[0, 2], lr=[1e-5, 1e-3], semantics=["seed_faithful", "corrected"], precision=["fp32"],
             rebuild=[True], regimes=[{"optimizer": "adamw", "clip": 1.0, "rnnt_normalization": "seed_sqrt_tu"}],

@@ -13,7 +13,7 @@ from workbench.experiment import ctc_warm_checkpoint
 from workbench.explore import CONTROLS, Explorer, build_controls, settings_from
 from workbench.records import RunLog
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data_samples"
 FAST = dict(warmup=0, lr=1e-4, policy="none", precision="fp32", semantics="corrected", steps=2, trace=False)
 
