@@ -138,6 +138,20 @@ def test_make_loader_order_depends_only_on_seed(synth_root):
     assert [b.batch_size for b in make_loader(ds, 4, True, 0, drop_last=True)] == [4] * 4
 
 
+def test_drop_last_with_fewer_trials_than_a_batch_is_an_error(synth_root):
+    ds = B2TDataset(synth_root, "val")
+    assert len(ds) == 6
+    # Such a loader yields no batch, so cycling it forever (the train loop) would hang.
+    with pytest.raises(DataError) as info:
+        make_loader(ds, 8, True, 0, drop_last=True)
+    assert str(info.value) == (f"{synth_root}: batch_size: expected at most the 6 trials of the val split "
+                               "(drop_last=True yields only full batches, so none would be produced), got 8")
+    with pytest.raises(DataError, match="^batch_size: expected at most the 2 trials of the dataset"):
+        make_loader(torch.utils.data.Subset(ds, [0, 1]), 3, False, 0, drop_last=True)
+    assert [b.batch_size for b in make_loader(ds, 6, True, 0, drop_last=True)] == [6]
+    assert [b.batch_size for b in make_loader(ds, 8, True, 0)] == [6]
+
+
 def test_dataset_pickles_without_open_handles(synth_root):
     ds = B2TDataset(synth_root, "train")
     first = ds[0]

@@ -15,14 +15,17 @@ IDS = [9, 34, 40, 37, 34, 40]
 
 
 def write_file(path, labelled=True, n_trials=2):
-    """A valid file: n_trials trials of FRAMES frames, labelled with IDS ('Do you') when `labelled`."""
+    """A valid file: n_trials trials of FRAMES frames, labelled with IDS ('Do you') when `labelled`.
+
+    The `session` attribute is the folder's name.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
         for i in range(n_trials):
             g = f.create_group(f"trial_{i:04d}")
             g.create_dataset("input_features", data=rng.standard_normal((FRAMES, 512)).astype(np.float32))
-            g.attrs.update(n_time_steps=FRAMES, block_num=1, trial_num=i, session=SESSION, speaking_mode=1)
+            g.attrs.update(n_time_steps=FRAMES, block_num=1, trial_num=i, session=path.parent.name, speaking_mode=1)
             if labelled:
                 ids = np.zeros(500, np.int32)
                 ids[: len(IDS)] = IDS
@@ -55,6 +58,12 @@ def non_finite(g):
     g["input_features"][7, 0] = np.inf
 
 
+def beyond_float32(g):
+    data = np.zeros((FRAMES, 512))
+    data[4, 9] = 1e300
+    replace_features(g, data)
+
+
 TRIAL_CASES = {
     "missing features": (lambda g: g.__delitem__("input_features"), "input_features", "no such dataset"),
     "features rank 1": (lambda g: replace_features(g, np.zeros(FRAMES, np.float32)), "input_features", "(30,)"),
@@ -65,6 +74,7 @@ TRIAL_CASES = {
                              "expected 31 rows (n_time_steps), got 30 rows"),
     "missing n_time_steps": (lambda g: g.attrs.__delitem__("n_time_steps"), "n_time_steps", "no such attribute"),
     "non-finite": (non_finite, "input_features", "got 2 non-finite values, the first in row 5"),
+    "float64 beyond float32": (beyond_float32, "input_features", "got 1 non-finite values, the first in row 4"),
     "missing seq_len": (lambda g: g.attrs.__delitem__("seq_len"), "seq_len", "required in train/val"),
     "missing seq_class_ids": (lambda g: g.__delitem__("seq_class_ids"), "seq_class_ids", "required in train/val"),
     "seq_len 0": (lambda g: g.attrs.__setitem__("seq_len", 0), "seq_len", "expected 1..500, got 0"),
@@ -168,13 +178,63 @@ def test_labelled_inference(tmp_path):
         index_file(val)
 
 
-def test_dataset_validates_every_file_at_construction(tmp_path):
-    path = write_file(tmp_path / SESSION / "data_train.hdf5")
-    write_file(tmp_path / "t15.2023.08.12" / "data_train.hdf5")
+def test_dataset_checks_the_structure_of_every_file_at_construction(tmp_path):
+    write_file(tmp_path / SESSION / "data_train.hdf5")
+    path = write_file(tmp_path / "t15.2023.08.12" / "data_train.hdf5")
+    with h5py.File(path, "r+") as f:
+        f["trial_0001"].attrs["n_time_steps"] = FRAMES + 1
+    with error_at(path, "trial_0001: input_features: expected 31 rows"):
+        B2TDataset(tmp_path, "train")
+
+
+def test_non_finite_features_fail_when_the_trial_is_read(tmp_path):
+    write_file(tmp_path / SESSION / "data_train.hdf5")
+    path = write_file(tmp_path / "t15.2023.08.12" / "data_train.hdf5")
     with h5py.File(path, "r+") as f:
         f["trial_0001"]["input_features"][29, 511] = np.nan
-    with error_at(path, "trial_0001: input_features: .* first in row 29"):
-        B2TDataset(tmp_path, "train")
+    dataset = B2TDataset(tmp_path, "train")
+    assert len(dataset) == 4 and dataset[2].features.shape == (FRAMES, 512)
+    with pytest.raises(DataError) as info:
+        dataset[3]
+    assert str(info.value) == (f"{path}: trial_0001: input_features: expected finite values, "
+                               "got 1 non-finite values, the first in row 29")
+    # The explicit full check still reads every value.
+    with error_at(path, "trial_0001: input_features: expected finite values"):
+        summarize(tmp_path)
+
+
+def test_unreadable_features_fail_when_the_trial_is_read(tmp_path):
+    path = write_file(tmp_path / SESSION / "data_train.hdf5")
+    with h5py.File(path, "r+") as f:
+        del f["trial_0000"]["input_features"]
+        # Raw storage in a file that does not exist: the metadata is fine, every read of the values fails.
+        f["trial_0000"].create_dataset("input_features", shape=(FRAMES, 512), dtype=np.float32,
+                                       external=[(str(tmp_path / "missing.raw"), 0, h5py.h5f.UNLIMITED)])
+    dataset = B2TDataset(tmp_path, "train")
+    with error_at(path, "trial_0000: input_features: expected readable values, got a read error"):
+        dataset[0]
+    with error_at(path, "trial_0000: input_features: expected readable values"):
+        index_file(path)
+
+
+def test_construction_reads_no_feature_values(tmp_path, monkeypatch):
+    write_file(tmp_path / SESSION / "data_train.hdf5", n_trials=300)
+    reads = []
+    for method in ("__getitem__", "read_direct"):
+        original = getattr(h5py.Dataset, method)
+
+        def counting(self, *args, _original=original, **kwargs):
+            reads.append(self.name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(h5py.Dataset, method, counting)
+    dataset = B2TDataset(tmp_path, "train")
+    assert len(dataset) == 300
+    assert not [name for name in reads if name.endswith("/input_features")]
+    assert len([name for name in reads if name.endswith("/seq_class_ids")]) == 300  # labels stay checked up front
+    reads.clear()
+    dataset[7]
+    assert [name for name in reads if name.endswith("/input_features")] == ["/trial_0007/input_features"]
 
 
 def test_summarize_good_root_and_bad_file(synth_root, tmp_path):
@@ -191,3 +251,23 @@ def test_summarize_good_root_and_bad_file(synth_root, tmp_path):
         summarize(tmp_path)
     with pytest.raises(DataError, match="no such file or directory"):
         summarize(tmp_path / "missing.hdf5")
+
+
+def test_misnamed_session_folder_is_named(tmp_path):
+    write_file(tmp_path / "session_one" / "data_train.hdf5")
+    expected = r"session folder: expected t15\.YYYY\.MM\.DD .*got 'session_one'"
+    with error_at(tmp_path, expected):
+        summarize(tmp_path)
+    with pytest.raises(DataError, match="session_one"):
+        B2TDataset(tmp_path, "train")
+    # Not silently skipped next to a valid session either.
+    write_file(tmp_path / SESSION / "data_train.hdf5")
+    with error_at(tmp_path, expected):
+        summarize(tmp_path)
+
+
+def test_session_folder_passed_as_the_root(tmp_path):
+    write_file(tmp_path / SESSION / "data_train.hdf5")
+    with error_at(tmp_path / SESSION, "data root: expected t15.YYYY.MM.DD session folders .*got split files "
+                                      "directly in this folder"):
+        summarize(tmp_path / SESSION)

@@ -7,8 +7,11 @@ Layout: `<root>/t15.YYYY.MM.DD/data_{train,val,test}.hdf5`, one group per trial 
 The optional `speaking_mode` attribute (0 = silent, 1 = vocalized) exists only in synthetic files:
 the real release does not publish the speaking strategy.
 
-Every trial is validated when a dataset is built, so malformed data fails before any training starts,
-with a `DataError` naming the file, the trial, the field and what was expected.
+Building a dataset checks the structure of every trial (shapes and dtypes from HDF5 metadata, `n_time_steps`
+against the rows, attributes, and the label ids, which are small), so malformed files fail before training
+starts without reading the features (about 20 GB over the full release). Feature values are checked (finite)
+when a trial is read, so none reaches the model unchecked; `summarize` checks everything up front.
+Every problem is a `DataError` naming the file, the trial, the field and what was expected.
 """
 
 from __future__ import annotations
@@ -145,8 +148,8 @@ def _text_attr(group: h5py.Group, name: str, fail: Fail) -> str | None:
         raise fail(name, "a UTF-8 string attribute (str or bytes)", f"{type(exc).__name__}: {exc}") from None
 
 
-def _check_features(group: h5py.Group, fail: Fail) -> int:
-    """Validate `input_features` against `n_time_steps` and finiteness; returns T. Reads one trial at a time."""
+def _check_feature_layout(group: h5py.Group, fail: Fail) -> int:
+    """Validate `input_features` shape and dtype against `n_time_steps` from HDF5 metadata alone; returns T."""
     features = group.get("input_features")
     expected = f"a (T, {N_FEATURES}) float dataset"
     if not isinstance(features, h5py.Dataset):
@@ -158,12 +161,25 @@ def _check_features(group: h5py.Group, fail: Fail) -> int:
         raise fail("n_time_steps", "at least 1", n_frames)
     if features.shape[0] != n_frames:
         raise fail("input_features", f"{n_frames} rows (n_time_steps)", f"{features.shape[0]} rows")
-    finite = np.isfinite(features[()])
+    return n_frames
+
+
+def _read_features(group: h5py.Group, fail: Fail) -> np.ndarray:
+    """`input_features` (T, 512) as float32, every value finite; the layout must already be checked."""
+    try:
+        # Overflow in the cast is reported below as non-finite values, not as a numpy warning.
+        with np.errstate(over="ignore"):
+            values = np.asarray(group["input_features"][()], dtype=np.float32)
+    except OSError as exc:
+        # A truncated or corrupt file is found here, not when the dataset is built: name the trial.
+        raise fail("input_features", "readable values", f"a read error ({exc})") from None
+    # Checked after the cast, so float64 values beyond the float32 range are caught as well.
+    finite = np.isfinite(values)
     if not finite.all():
         first_row = int(np.flatnonzero(~finite.all(axis=1))[0])
         raise fail("input_features", "finite values", f"{finite.size - int(finite.sum())} non-finite values, "
                                                       f"the first in row {first_row}")
-    return n_frames
+    return values
 
 
 def _check_labels(group: h5py.Group, n_frames: int, fail: Fail) -> int:
@@ -189,13 +205,20 @@ def _check_labels(group: h5py.Group, n_frames: int, fail: Fail) -> int:
     return seq_len
 
 
-def _index_trial(path: Path, group: h5py.Group, session: str, session_index: int, labelled: bool) -> TrialRef:
-    trial = group.name.lstrip("/")
-
+def _trial_fail(path: Path, trial: str) -> Fail:
     def fail(field: str, expected: str, got: object) -> DataError:
         return _error(path, field, expected, got, trial)
 
-    n_frames = _check_features(group, fail)
+    return fail
+
+
+def _index_trial(path: Path, group: h5py.Group, session: str, session_index: int, labelled: bool,
+                 check_values: bool) -> TrialRef:
+    trial = group.name.lstrip("/")
+    fail = _trial_fail(path, trial)
+    n_frames = _check_feature_layout(group, fail)
+    if check_values:
+        _read_features(group, fail)
     label_len = _check_labels(group, n_frames, fail) if labelled else 0
     block_num = _int_attr(group, "block_num", fail)
     trial_num = _int_attr(group, "trial_num", fail)
@@ -213,13 +236,15 @@ def _split_of(path: Path) -> str | None:
     return match.group(1) if match and match.group(1) in SPLITS else None
 
 
-def index_file(path: str | Path, labelled: bool | None = None, session_index: int = 0) -> list[TrialRef]:
+def index_file(path: str | Path, labelled: bool | None = None, session_index: int = 0,
+               check_values: bool = True) -> list[TrialRef]:
     """Validate every trial of one HDF5 file and return their refs in numeric group order.
 
     `labelled=None` infers it: `data_train`/`data_val` are labelled, `data_test` is not, and a file with
     another name is labelled when its first trial has `seq_class_ids`. Every ref carries `session_index`
-    (the caller's position of this session in its session list). Feature values are read one
-    trial at a time for the finiteness check and not kept. Raises DataError on the first problem.
+    (the caller's position of this session in its session list). With `check_values` the feature values
+    are read one trial at a time for the finiteness check and not kept; without it no feature value is
+    read (shapes and dtypes come from HDF5 metadata). Raises DataError on the first problem.
     """
     path = Path(path)
     session = _session_name(path.parent)
@@ -241,7 +266,7 @@ def index_file(path: str | Path, labelled: bool | None = None, session_index: in
         if labelled is None:
             split = _split_of(path)
             labelled = split != "test" if split else "seq_class_ids" in handle[names[0]]
-        return [_index_trial(path, handle[name], session, session_index, labelled) for name in names]
+        return [_index_trial(path, handle[name], session, session_index, labelled, check_values) for name in names]
 
 
 @dataclass(frozen=True)
@@ -260,7 +285,10 @@ class Trial:
 
 
 class B2TDataset(Dataset[Trial]):
-    """All trials of one split, validated at construction and read lazily.
+    """All trials of one split, read lazily.
+
+    Construction validates every trial except its feature values (`index_file(..., check_values=False)`);
+    `__getitem__` checks those (finite, readable) and raises DataError naming the file, trial and field.
 
     Order is deterministic: sessions sorted by name, trials in numeric group order. `.sessions` is the
     selected session list (see `list_sessions`), including sessions with no file for this split, so
@@ -277,10 +305,11 @@ class B2TDataset(Dataset[Trial]):
         files = find_session_files(self.root, split, self.sessions)
         if not files:
             raise _error(self.root, f"data_{split}.hdf5", "a file in at least one selected session folder",
-                         f"none in {', '.join(self.sessions) or 'no sessions'}")
+                         f"none in {', '.join(self.sessions) or 'no sessions'}{_misnamed_hint(self.root)}")
         position = {name: i for i, name in enumerate(self.sessions)}
-        self.refs: list[TrialRef] = [ref for path in files
-                                     for ref in index_file(path, self.labelled, position[path.parent.name])]
+        self.refs: list[TrialRef] = [
+            ref for path in files
+            for ref in index_file(path, self.labelled, position[path.parent.name], check_values=False)]
         self._handles: dict[Path, h5py.File] = {}
         self._pid = os.getpid()
 
@@ -290,7 +319,7 @@ class B2TDataset(Dataset[Trial]):
     def __getitem__(self, index: int) -> Trial:
         ref = self.refs[index]
         group = self._file(ref.path)[ref.group]
-        features = torch.from_numpy(np.asarray(group["input_features"][()], dtype=np.float32))
+        features = torch.from_numpy(_read_features(group, _trial_fail(ref.path, ref.group)))
         if ref.label_len:
             targets = torch.from_numpy(group["seq_class_ids"][: ref.label_len].astype(np.int64))
         else:
@@ -376,7 +405,18 @@ def collate(trials: list[Trial]) -> Batch:
 
 def make_loader(dataset: Dataset[Trial], batch_size: int, shuffle: bool, seed: int,
                 drop_last: bool = False) -> DataLoader:
-    """Single-process loader of `Batch`es whose shuffle order depends only on `seed` (and the epoch)."""
+    """Single-process loader of `Batch`es whose shuffle order depends only on `seed` (and the epoch).
+
+    With `drop_last` a dataset smaller than `batch_size` yields no batch at all, and a loop that cycles the
+    loader forever would hang: that raises DataError naming the split (and root), trials and batch size.
+    """
+    n_trials = len(dataset)
+    if drop_last and n_trials < batch_size:
+        root, split = getattr(dataset, "root", None), getattr(dataset, "split", None)
+        where = f"{root}: " if root is not None else ""
+        what = f"the {split} split" if split is not None else "the dataset"
+        raise DataError(f"{where}batch_size: expected at most the {n_trials} trials of {what} (drop_last=True "
+                        f"yields only full batches, so none would be produced), got {batch_size}")
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=collate,
                       num_workers=0, generator=torch.Generator().manual_seed(seed))
 
@@ -390,16 +430,42 @@ def _summary_line(path: Path, refs: list[TrialRef]) -> str:
             f"min={frames.min()} mean={frames.mean():.1f} max={frames.max()} {label_text}")
 
 
+def _holds_split_files(folder: Path) -> bool:
+    return any(folder.glob("data_*.hdf5"))
+
+
+def _misnamed_folders(root: Path) -> list[str]:
+    """Folders under `root` that hold split files but that `list_sessions` ignores (no `t15` prefix)."""
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and not p.name.startswith("t15") and _holds_split_files(p))
+
+
+def _misnamed_hint(root: Path) -> str:
+    misnamed = _misnamed_folders(root)
+    return f" (folders not named t15.YYYY.MM.DD are ignored: {', '.join(misnamed)})" if misnamed else ""
+
+
 def summarize(path: str | Path) -> list[str]:
-    """Validate a single .hdf5 file or every split file under a data root; one summary line per file."""
+    """Validate a single .hdf5 file or every split file under a data root; one summary line per file.
+
+    This is the full check: every feature value is read. A folder under the root that holds split files
+    but is not named `t15.YYYY.MM.DD` is an error rather than silently skipped.
+    """
     path = Path(path)
     if path.is_file():
         files = [path]
     elif path.is_dir():
+        misnamed = _misnamed_folders(path)
+        if misnamed:
+            raise _error(path, "session folder", "t15.YYYY.MM.DD (one folder per session holding "
+                         "data_{train,val,test}.hdf5)", ", ".join(repr(name) for name in misnamed))
         candidates = (path / name / f"data_{split}.hdf5" for name in list_sessions(path) for split in SPLITS)
         files = [file for file in candidates if file.is_file()]
         if not files:
-            raise _error(path, "data root", "session folders holding data_{train,val,test}.hdf5", "no such files")
+            got = ("split files directly in this folder (pass its parent, or one file)"
+                   if _holds_split_files(path) else "no such files")
+            raise _error(path, "data root", "t15.YYYY.MM.DD session folders holding data_{train,val,test}.hdf5",
+                         got)
     else:
         raise _error(path, "path", "an .hdf5 file or a data root directory", "no such file or directory")
     return [_summary_line(file, index_file(file)) for file in files]

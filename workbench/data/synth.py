@@ -9,12 +9,21 @@ Generative model, per trial:
 4. Independent per-channel noise, then a per-session drift (offset and gain per channel), then z-scoring.
 The synthetic-only attribute `speaking_mode` (0 = silent, 1 = vocalized) records step 3's mode; the real
 release does not publish it.
+
+`lengths="b2t"` gives trials the lengths of the real release instead (see `b2t_lengths`): several sentences
+per trial, and step 3's bins stretched to the drawn number of frames. `real_length_dataset` caches such a set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +78,20 @@ SENTENCES: tuple[str, ...] = (
 _FIRST_SESSION = datetime.date(2023, 8, 13)
 _TRIALS_PER_BLOCK = 10
 
+# Real-release statistics, /work/shared/research/b2t_format.md section 3.2 (third-party figures computed over
+# every trial: anikbiswas730/brain-to-text-decoder results/dataset_summary.csv, OzgurMertEmir/brain-to-text-25).
+B2T_FRAMES: dict[str, tuple[float, float, int]] = {  # n_time_steps (20 ms bins): mean, median, max per split
+    "train": (874.8, 836.0, 2475),
+    "val": (922.1, 890.5, 2382),
+    "test": (916.6, 894.0, 2140),
+}
+B2T_MIN_FRAMES = 138  # the smallest seen in session t15.2023.08.11 (read by eye; whole-set minimum unpublished)
+# Val: 31,947 phoneme labels (SIL included) over 1,426 trials = 22.4 per trial, at a mean of 922.1 frames.
+B2T_PHONEMES_PER_FRAME = 31947 / 1426 / 922.1
+# Log-sd of a trial's phonemes per frame around that rate: an assumption, no spread is published.
+_RATE_SPREAD = 0.25
+LENGTHS = ("sample", "b2t")
+
 
 @dataclass(frozen=True)
 class SynthConfig:
@@ -120,13 +143,44 @@ def _gaussian_kernel(sigma: float) -> np.ndarray:
     return taps / taps.sum()
 
 
+def b2t_lengths(split: str, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Frames T and target phoneme counts U of `count` trials, each (count,) int64, as in the real `split`.
+
+    T is log-normal with the split's published median and mean (`B2T_FRAMES`), clipped to
+    [`B2T_MIN_FRAMES`, the split's max]. U = T x a per-trial phoneme rate, log-normal around
+    `B2T_PHONEMES_PER_FRAME` (22.4 phonemes at the val mean T), so longer trials carry more phonemes;
+    U is at least 1 and at most T // 2 and half the 500-id storage bound.
+    """
+    if split not in B2T_FRAMES:
+        raise ValueError(f"split: expected one of {', '.join(B2T_FRAMES)}, got {split!r}")
+    mean, median, most = B2T_FRAMES[split]
+    sigma = np.sqrt(2 * np.log(mean / median))  # a log-normal's mean / median = exp(sigma^2 / 2)
+    frames = np.clip(np.round(median * np.exp(sigma * rng.standard_normal(count))), B2T_MIN_FRAMES, most)
+    rate = B2T_PHONEMES_PER_FRAME * np.exp(_RATE_SPREAD * rng.standard_normal(count) - _RATE_SPREAD**2 / 2)
+    labels = np.clip(np.round(frames * rate), 1, np.minimum(frames // 2, MAX_LABEL_LEN // 2))
+    return frames.astype(np.int64), labels.astype(np.int64)
+
+
+def _stretch(pieces: np.ndarray, n_frames: int) -> np.ndarray:
+    """Durations scaled to sum to `n_frames`, in proportion to `pieces`, at least one frame each."""
+    extra = n_frames - len(pieces)
+    bounds = np.round(np.cumsum(pieces) * extra / pieces.sum()).astype(np.int64)
+    return 1 + np.diff(bounds, prepend=0)
+
+
 def _trial_features(ids: list[int], mode: int, tuning: np.ndarray, offset: np.ndarray, gain: np.ndarray,
-                    rng: np.random.Generator, config: SynthConfig) -> np.ndarray:
-    """Features (T, 512) float32 for one phoneme id sequence; T = rest + 5-9 bins per id + rest."""
+                    rng: np.random.Generator, config: SynthConfig, n_frames: int | None = None) -> np.ndarray:
+    """Features (T, 512) float32 for one phoneme id sequence; T = rest + 5-9 bins per id + rest.
+
+    With `n_frames`, those bins are stretched in proportion so that T = n_frames (needs n_frames >= L + 2).
+    """
     low, high = config.frames_per_phoneme
     durations = rng.integers(low, high + 1, size=len(ids))
     lead, tail = rng.integers(config.rest_frames[0], config.rest_frames[1] + 1, size=2)
-    frame_ids = np.concatenate([np.full(lead, -1), np.repeat(ids, durations), np.full(tail, -1)])
+    pieces = np.concatenate([[lead], durations, [tail]])
+    if n_frames is not None:
+        pieces = _stretch(pieces, n_frames)
+    frame_ids = np.repeat(np.concatenate([[-1], ids, [-1]]), pieces)
     speaking = np.flatnonzero(frame_ids >= 0)
     one_hot = np.zeros((len(frame_ids), VOCAB_SIZE))
     one_hot[speaking, frame_ids[speaking]] = 1.0
@@ -142,15 +196,29 @@ def _trial_features(ids: list[int], mode: int, tuning: np.ndarray, offset: np.nd
     return (np.round(features / config.quantum) * config.quantum).astype(np.float32)
 
 
+@contextlib.contextmanager
+def _replace_when_done(path: Path) -> Iterator[Path]:
+    """A temporary name next to `path` that replaces `path` only when the block completes.
+
+    An interrupted run therefore never leaves a truncated file under the real name.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def _write_split(path: Path, session: str, trials: list[_Trial], first_block: int, labelled: bool,
-                 mode_labels: bool) -> None:
+                 mode_labels: bool, gzip_level: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as handle:
+    with _replace_when_done(path) as temporary, h5py.File(temporary, "w") as handle:
         for i, trial in enumerate(trials):
             group = handle.create_group(f"trial_{i:04d}")
             # track_times=False keeps modification times out of the file so that output is byte-reproducible.
             group.create_dataset("input_features", data=trial.features, chunks=trial.features.shape,
-                                 compression="gzip", compression_opts=9, shuffle=True, track_times=False)
+                                 compression="gzip", compression_opts=gzip_level, shuffle=True, track_times=False)
             group.attrs["n_time_steps"] = np.int64(trial.features.shape[0])
             group.attrs["block_num"] = np.int64(first_block + i // _TRIALS_PER_BLOCK)
             group.attrs["trial_num"] = np.int64(i % _TRIALS_PER_BLOCK)
@@ -161,8 +229,8 @@ def _write_split(path: Path, session: str, trials: list[_Trial], first_block: in
                 for name, values in (("seq_class_ids", trial.ids), ("transcription", [ord(c) for c in trial.sentence])):
                     padded = np.zeros(MAX_LABEL_LEN, dtype=np.int32)
                     padded[: len(values)] = values
-                    group.create_dataset(name, data=padded, compression="gzip", compression_opts=9, shuffle=True,
-                                         track_times=False)
+                    group.create_dataset(name, data=padded, compression="gzip", compression_opts=gzip_level,
+                                         shuffle=True, track_times=False)
                 group.attrs["seq_len"] = np.int64(len(trial.ids))
                 group.attrs["sentence_label"] = trial.sentence
 
@@ -174,22 +242,57 @@ def _make_trial(sentence: str, tuning: np.ndarray, offset: np.ndarray, gain: np.
     return _Trial(_trial_features(ids, mode, tuning, offset, gain, rng, config), ids, sentence, mode)
 
 
+def _make_b2t_trials(split: str, count: int, sentences: Iterator[str], tuning: np.ndarray, offset: np.ndarray,
+                     gain: np.ndarray, rng: np.random.Generator, config: SynthConfig) -> list[_Trial]:
+    """`count` trials with real-release lengths (`b2t_lengths`): whole sentences from `sentences`, joined.
+
+    Sentences are added while that brings the phoneme count closer to the drawn U (so U is met to within
+    half a sentence), never past T // 2 ids or the 500-character transcription bound.
+    """
+    frames, targets = b2t_lengths(split, count, rng)
+    made = []
+    following = next(sentences)
+    for n_frames, target in zip(frames.tolist(), targets.tolist()):
+        texts: list[str] = []
+        ids: list[int] = []
+        limit = min(n_frames // 2, MAX_LABEL_LEN)
+        while True:
+            more = sentence_to_ids(following)
+            text = " ".join([*texts, following])
+            fits = len(ids) + len(more) <= limit and len(text) < MAX_LABEL_LEN
+            if texts and not (fits and abs(len(ids) + len(more) - target) < abs(len(ids) - target)):
+                break
+            texts.append(following)
+            ids += more
+            following = next(sentences)
+        mode = int(rng.integers(0, 2))
+        features = _trial_features(ids, mode, tuning, offset, gain, rng, config, n_frames)
+        made.append(_Trial(features, ids, " ".join(texts), mode))
+    return made
+
+
 def _write_checksums(out_dir: Path, paths: list[Path]) -> None:
     """`SHA256SUMS` in `sha256sum` format, paths relative to `out_dir`."""
     relative = sorted(path.relative_to(out_dir).as_posix() for path in paths)
     lines = [f"{hashlib.sha256((out_dir / rel).read_bytes()).hexdigest()}  {rel}\n" for rel in relative]
-    (out_dir / "SHA256SUMS").write_text("".join(lines))
+    with _replace_when_done(out_dir / "SHA256SUMS") as temporary:
+        temporary.write_text("".join(lines))
 
 
 def write_dataset(out_dir: str | Path, sessions: int = 2, trials: int = 24, seed: int = 0,
                   val_fraction: float = 0.25, test_fraction: float = 0.25, mode_labels: bool = True,
-                  config: SynthConfig = SynthConfig()) -> list[Path]:
+                  config: SynthConfig = SynthConfig(), lengths: str = "sample", overwrite: bool = False) -> list[Path]:
     """Write `<out_dir>/t15.YYYY.MM.DD/data_{train,val,test}.hdf5` and `<out_dir>/SHA256SUMS`.
 
     `trials` train trials per session; val and test get round(trials * fraction) each, and a split with
     none gets no file (as in the real sessions without val/test). Speaking modes are always drawn;
-    `mode_labels=False` leaves the `speaking_mode` attribute out, as in the real release. Output is
-    byte-identical for equal arguments. Session k's data do not depend on how many sessions are made.
+    `mode_labels=False` leaves the `speaking_mode` attribute out, as in the real release.
+    `lengths="sample"`: one short sentence per trial, 5-9 frames per phoneme plus rest. `lengths="b2t"`:
+    frames and phoneme counts drawn from the real release's statistics (`b2t_lengths`), several sentences
+    per trial.
+    Output is byte-identical for equal arguments. Session k's data do not depend on how many sessions are
+    made. Existing output files are an error (FileExistsError naming one, nothing written) unless
+    `overwrite`; each file is written under a temporary name and renamed, so none is ever left truncated.
     Returns the written .hdf5 paths, session by session in train, val, test order.
     """
     if sessions < 1 or trials < 1:
@@ -197,6 +300,8 @@ def write_dataset(out_dir: str | Path, sessions: int = 2, trials: int = 24, seed
     for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= fraction <= 1:
             raise ValueError(f"{name}: expected 0..1, got {fraction}")
+    if lengths not in LENGTHS:
+        raise ValueError(f"lengths: expected one of {', '.join(LENGTHS)}, got {lengths!r}")
     out_dir = Path(out_dir)
     names = session_names(sessions)
     stale = sorted(p.name for p in out_dir.glob("t15*") if p.name not in names) if out_dir.is_dir() else []
@@ -204,6 +309,15 @@ def write_dataset(out_dir: str | Path, sessions: int = 2, trials: int = 24, seed
         raise ValueError(f"{out_dir}: holds sessions this generation would not rewrite ({', '.join(stale)}); "
                          "use an empty folder or remove them")
     counts = {"train": trials, "val": int(trials * val_fraction + 0.5), "test": int(trials * test_fraction + 0.5)}
+    outputs = [out_dir / session / f"data_{split}.hdf5" for session in names for split in SPLITS if counts[split]]
+    existing = [path for path in [*outputs, out_dir / "SHA256SUMS"] if path.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more of the files it would write)" if len(existing) > 1 else ""
+        raise FileExistsError(f"{existing[0]}: exists{more}; write_dataset replaces existing files only with "
+                              "overwrite=True")
+    # Real-length trials are ~8x longer than the sample's: gzip level 1 writes them ~10x faster than level 9
+    # for ~5% more bytes. The sample keeps level 9 (its committed bytes depend on it).
+    gzip_level = 1 if lengths == "b2t" else 9
     world, *session_seeds = np.random.SeedSequence(seed).spawn(sessions + 1)
     tuning = _make_tuning(np.random.default_rng(world), config)
     written = []
@@ -211,20 +325,49 @@ def write_dataset(out_dir: str | Path, sessions: int = 2, trials: int = 24, seed
         rng = np.random.default_rng(session_seed)
         offset = config.drift_offset * rng.standard_normal(N_FEATURES)
         gain = np.exp(config.drift_gain * rng.standard_normal(N_FEATURES))
-        # Sentences are drawn without replacement within a session, so val/test sentences are unseen there.
+        # Sentences are drawn without replacement within a session, so val/test sentences are unseen there
+        # (until the session has used all of them: then the order starts again).
         order = rng.permutation(len(SENTENCES))
-        used = 0
+        sentences = (SENTENCES[order[k % len(order)]] for k in itertools.count())
         block = 1
         for split in SPLITS:
             count = counts[split]
             if count == 0:
                 continue
-            chosen = [SENTENCES[order[(used + j) % len(order)]] for j in range(count)]
-            used += count
+            if lengths == "b2t":
+                made = _make_b2t_trials(split, count, sentences, tuning, offset, gain, rng, config)
+            else:
+                made = [_make_trial(next(sentences), tuning, offset, gain, rng, config) for _ in range(count)]
             path = out_dir / session / f"data_{split}.hdf5"
-            _write_split(path, session, [_make_trial(s, tuning, offset, gain, rng, config) for s in chosen],
-                         block, split != "test", mode_labels)
+            _write_split(path, session, made, block, split != "test", mode_labels, gzip_level)
             block += -(-count // _TRIALS_PER_BLOCK)
             written.append(path)
     _write_checksums(out_dir, written)
     return written
+
+
+def real_length_dataset(cache_dir: str | Path = "runs/data", sessions: int = 2, trials: int = 40,
+                        seed: int = 0) -> Path:
+    """The root of a real-length synthetic set (`write_dataset(..., lengths="b2t")`), generated on first use.
+
+    The root is `<cache_dir>/b2t_lengths_s{sessions}_t{trials}_seed{seed}` and is reused when present. It is
+    written into a temporary folder unique to this call and renamed into place, so the root is always
+    complete; when two processes race, the loser discards its copy and returns the winner's folder.
+    """
+    cache_dir = Path(cache_dir)
+    root = cache_dir / f"b2t_lengths_s{sessions}_t{trials}_seed{seed}"
+    if root.is_dir():
+        return root
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=cache_dir))
+    try:
+        write_dataset(temporary, sessions=sessions, trials=trials, seed=seed, lengths="b2t")
+        try:
+            # Atomic; fails when another process has already renamed its (complete) copy into place.
+            os.rename(temporary, root)
+        except OSError:
+            if not root.is_dir():
+                raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return root
