@@ -38,7 +38,7 @@ demo: install
 	$(PY) -m workbench train --preset small --data data_samples --out $(OUT)/train \
 		--ctc-steps 300 --joint-steps 20 --seed 0
 	$(PY) -m workbench notebooks --only 01 --preset small --seed 0 --out $(OUT)
-	$(PY) -m workbench.findings --from $(OUT)
+	$(PY) -m workbench.views.findings --from $(OUT)
 
 bench: install
 	$(PY) benchmarks/bench_instrumentation.py

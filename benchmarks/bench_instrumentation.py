@@ -25,9 +25,9 @@ from typing import Any, Callable
 import torch
 
 from workbench.data import B2TDataset, Batch, DataError, collate, write_dataset
-from workbench.device import pick_device, seed_everything
+from workbench.train.device import pick_device, seed_everything
 from workbench.instrument import ActivationStats, GradNormProbe, OptimizerCoverage
-from workbench.losses import LossWeights
+from workbench.model.losses import LossWeights
 from workbench.model import HybridModel, get_config
 from workbench.train import StepConfig, TrainStep, build_optimizer
 

@@ -20,8 +20,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402  (after the thread setting)
 
-from workbench.experiment import ctc_warm_checkpoint  # noqa: E402
-from workbench.sweep import Sweep, SweepGrid, records  # noqa: E402
+from workbench.run.cache import ctc_warm_checkpoint  # noqa: E402
+from workbench.studies.sweep import Sweep, SweepGrid, records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def main() -> None:
         tmp = Path(tmp)
         checkpoint, _ = ctc_warm_checkpoint(ROOT / "data_samples", args.preset, seed=0, steps=20,
                                             cache_dir=tmp / "cache", log=lambda line: None)
-        grid = SweepGrid(warmup=(0, 5), lr=(1e-4, 1e-3), policy="freeze_params", precision="fp32",
+        grid = SweepGrid(freeze_steps=(0, 5), lr=(1e-4, 1e-3), policy="freeze_params", precision="fp32",
                          semantics=("seed_faithful", "corrected"), clip=1.0, rnnt_normalization="seed_sqrt_tu",
                          optimizer="adamw", steps=args.steps, controls=False)
         serial_s, serial = timed_sweep(tmp / "serial", checkpoint, grid, workers=1)

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import torch
 
-from workbench.experiment import RunSettings, ctc_warm_checkpoint, run_joint
+from workbench.records import summarize
+from workbench.run.cache import ctc_warm_checkpoint
+from workbench.run.joint import run_joint
+from workbench.run.settings import RunSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,13 +36,14 @@ def main() -> int:
                                       log=lambda s: None)
         for semantics in ("seed_faithful", "corrected"):
             t0 = time.perf_counter()
-            r = run_joint(ckpt, ROOT / "data_samples", RunSettings(name=semantics, steps=args.steps,
-                                                                  semantics=semantics), device="cuda")
-            print(f"{preset} {semantics}: losses {[round(v, 3) for v in r.losses['total']]}; first non-finite "
-                  f"loss step {r.first_nonfinite_loss_step}; params non-finite after step "
-                  f"{r.first_nonfinite_param_step}; overflow steps {r.overflow_steps}; outside optimizer "
-                  f"{len(r.outside_optimizer)}; {time.perf_counter() - t0:.1f} s")
-            print(f"    tracer: {r.tracer_verdict}")
+            record = run_joint(ckpt, ROOT / "data_samples", RunSettings(name=semantics, steps=args.steps,
+                                                                       semantics=semantics), device="cuda")
+            r = summarize(record)
+            print(f"{preset} {semantics}: losses {[round(v, 3) for v in record.losses['total']]}; first non-finite "
+                  f"loss step {r['first_nonfinite_loss_step']}; params non-finite after step "
+                  f"{r['first_nonfinite_param_step']}; overflow steps {r['overflow_steps']}; outside optimizer "
+                  f"{len(r['outside_optimizer'])}; {time.perf_counter() - t0:.1f} s")
+            print(f"    tracer: {r['tracer_verdict']}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a synthetic data root and a small batch from the committed sample."""
+"""Shared fixtures: a synthetic data root, a small batch from the committed sample, and the session's one CTC-warm
+checkpoint (trained once, cached in `ctc_cache`)."""
 
 import os
 
@@ -33,11 +34,27 @@ def tiny_batch():
     return collate([dataset[0], dataset[1]])
 
 
-@pytest.fixture(scope="session")
-def ctc_checkpoint(tmp_path_factory) -> Path:
-    """A CTC-warm tiny checkpoint (8 steps) that joint-stage runs fork from."""
-    from workbench.experiment import ctc_warm_checkpoint
+# The one CTC-warm checkpoint of the test session: every test and notebook run that forks joint-stage runs uses
+# these settings and `ctc_cache`, so the warmup trains once per session.
+CTC_WARMUP = dict(preset="tiny", seed=0, steps=40, lr=1e-3, batch_size=4)
 
-    path, _ = ctc_warm_checkpoint(SAMPLE, "tiny", seed=0, steps=8, lr=3e-3,
-                                  cache_dir=tmp_path_factory.mktemp("cache"), log=lambda s: None)
+
+@pytest.fixture(scope="session")
+def ctc_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's checkpoint cache folder (pass it as the notebooks' `cache_dir`)."""
+    return tmp_path_factory.mktemp("ctc_cache")
+
+
+@pytest.fixture(scope="session")
+def ctc_warmup() -> dict:
+    """The settings of the session's CTC-warm checkpoint (as the notebooks' ctc_steps, ctc_lr, ...)."""
+    return dict(CTC_WARMUP)
+
+
+@pytest.fixture(scope="session")
+def ctc_checkpoint(ctc_cache: Path) -> Path:
+    """The session's CTC-warm tiny checkpoint that joint-stage runs fork from (trained once, then cached)."""
+    from workbench.run.cache import ctc_warm_checkpoint
+
+    path, _ = ctc_warm_checkpoint(SAMPLE, cache_dir=ctc_cache, log=lambda s: None, **CTC_WARMUP)
     return path

@@ -25,12 +25,14 @@ def test_every_subcommand_is_registered_with_help():
         assert exc.value.code == 0
 
 
+@pytest.mark.slow
 def test_validate_summarises_the_sample():
     proc = _run("validate", str(SAMPLE))
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip().splitlines()) == 6
 
 
+@pytest.mark.slow
 def test_validate_names_the_bad_file(tmp_path):
     bad = tmp_path / "t15.2023.08.11" / "data_train.hdf5"
     bad.parent.mkdir()
@@ -40,12 +42,14 @@ def test_validate_names_the_bad_file(tmp_path):
     assert proc.stderr.count("\n") == 1 and str(bad) in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["notebooks", "--out", "x", "--only", "99"], "no notebook matches"),
     (["run", "--checkpoint", "missing.pt", "--out", "{tmp}/r.h5"], "missing.pt"),
-    (["run", "--checkpoint", "x.pt", "--out", "r.h5", "--warmup", "-1"], "non-negative"),
-    (["run", "--checkpoint", "x.pt", "--out", "r.h5", "--policy", "gradual"], "invalid choice"),
-    (["run", "--checkpoint", "x.pt", "--out", "r.h5", "--precision", "fp8"], "invalid choice"),
+    (["run", "--checkpoint", "x.pt", "--out", "r.h5", "--freeze-steps", "-1"],
+     "--freeze-steps: expected an integer >= 0"),
+    (["run", "--checkpoint", "x.pt", "--out", "r.h5", "--policy", "gradual"], "--policy: expected one of none,"),
+    (["run", "--checkpoint", "x.pt", "--out", "r.h5", "--precision", "fp8"], "--precision: expected one of fp32,"),
     (["trace", "{tmp}/nothing.h5"], "nothing.h5"),
 ])
 def test_bad_arguments_get_one_clear_line(tmp_path, args, message):

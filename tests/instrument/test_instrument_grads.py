@@ -104,22 +104,33 @@ def test_groups_prefix_regex_overlap_and_typos():
         groups_from_patterns(model, {"bad": ["layers.0", "layers.11"]})
 
 
-def test_default_groups_generic_and_reference_shaped():
+def test_default_groups_generic_and_declared_by_the_model():
     assert list(default_groups(mlp())) == ["inp", "mid", "out"]  # the Tanh has no parameters
-    torch.manual_seed(0)
-    ref = nn.Module()
-    ref.preprocessor = nn.Linear(2, 2)
-    ref.encoder = nn.Module()
-    ref.encoder.layers = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
-    ref.ctc_head = nn.Linear(2, 3)
-    ref.rnnt_decoder = nn.Module()
-    ref.rnnt_decoder.predictor = nn.Embedding(3, 2)
-    ref.rnnt_decoder.joint = nn.Linear(2, 3)
-    ref.mode_head = nn.Linear(2, 2)
-    groups = default_groups(ref)
+
+    class Declares(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Module()
+            self.encoder.layers = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+            self.head = nn.Linear(2, 3)
+
+        def param_groups(self) -> dict[str, str | list[str]]:
+            return {"encoder": "encoder", "first": "encoder.layers.0", "weights": "re:weight$"}
+
+    groups = default_groups(Declares())
+    assert list(groups) == ["encoder", "first", "weights"]
+    assert groups["encoder"] == groups["first"] + ["encoder.layers.1.weight", "encoder.layers.1.bias"]
+    assert groups["weights"] == ["encoder.layers.0.weight", "encoder.layers.1.weight", "head.weight"]
+
+
+def test_reference_model_declares_its_groups():
+    from workbench.model import HybridModel, get_config
+
+    groups = default_groups(HybridModel(get_config("tiny", n_layers=2)))
     assert list(groups) == ["preprocessor", "encoder", "encoder.layers.0", "encoder.layers.1", "ctc_head",
                             "rnnt_decoder.predictor", "rnnt_decoder.joint", "mode_head"]
-    assert groups["encoder"] == groups["encoder.layers.0"] + groups["encoder.layers.1"]
+    assert groups["encoder"] == groups["encoder.layers.0"] + groups["encoder.layers.1"] + [
+        "encoder.norm.weight", "encoder.norm.bias"]
 
 
 def test_norms_equal_independent_computation_fp32():
@@ -375,7 +386,7 @@ def test_probe_rejects_foreign_groups_and_bad_every():
 
 def test_with_real_trainstep():
     train = pytest.importorskip("workbench.train")
-    losses = pytest.importorskip("workbench.losses")
+    losses = pytest.importorskip("workbench.model.losses")
     model = _three_children()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 

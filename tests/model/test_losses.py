@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchaudio.functional as AF
 
 from rnnt_reference import rnnt_nll
-from workbench.losses import (
+from workbench.model.losses import (
     RNNT_NORMALIZATIONS,
     LossWeights,
     compute_losses,

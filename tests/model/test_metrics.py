@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.metrics import ctc_greedy_decode, edit_distance, error_rate, word_error_rate
+from workbench.model.metrics import ctc_greedy_decode, edit_distance, error_rate, word_error_rate
 
 
 @pytest.mark.parametrize("a,b,expected", [

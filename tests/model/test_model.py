@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workbench.losses import LossWeights, compute_losses, ctc_loss
+from workbench.model.losses import LossWeights, compute_losses, ctc_loss
 from workbench.model import (
     BidirectionalLayer,
     HybridModel,
@@ -18,16 +18,6 @@ from workbench.model import (
 )
 
 N_CHANNELS, N_CLASSES = 512, 41
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # The CI box has 2 shared cores; with 2 OpenMP threads a busy neighbour makes every small op wait at a
-    # barrier (10-100x slower). One thread keeps this file fast and its timings stable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_batch(lengths: list[int], label_lengths: list[int], seed: int = 0, frames: int | None = None):

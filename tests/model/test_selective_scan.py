@@ -21,15 +21,6 @@ from workbench.model.ssm import (
 NAMES = ("y", "u", "dt", "A", "B", "C", "D")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Small ops on 2 shared cores: one thread avoids OpenMP barrier waits (see test_model.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def scan_inputs(lengths: list[int], frames: int, d_inner: int, d_state: int, seed: int = 0, dt_scale: float = 1.0,
                 dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """u, dt, A, B, C, D (leaves requiring grad) for a right-padded batch: dt = 0 beyond each length.

@@ -2,7 +2,7 @@
 
 A papermill-parameterised (not executed) copy of the notebook with the tiny preset is opened in JupyterLab, run
 with Run > Run All Cells on the `rnnt-workbench` kernel; the test checks that the widget controls render (the
-warmup-N and learning-rate sliders), that the parameter run's live plot renders as a PNG image, and that the
+freeze-length and learning-rate sliders), that the parameter run's live plot renders as a PNG image, and that the
 widgets' Run button forks a second run whose figure appears in the widget. A screenshot is written under the
 pytest tmp dir and copied to runs/browser/notebook03.png for a person to look at.
 """
@@ -29,8 +29,8 @@ NOTEBOOK = ROOT / "notebooks" / "03_interactive_explorer.ipynb"
 SHOTS = ROOT / "runs" / "browser"  # git-ignored
 KERNEL = "rnnt-workbench"
 # Tiny preset and short runs: the whole notebook executes in seconds on a 2-core CPU.
-PARAMETERS = dict(preset="tiny", seed=0, ctc_steps=8, steps=6, warmup=0, lr=1e-5, policy="none",
-                  precision="fp16", semantics="seed_faithful")
+PARAMETERS = dict(preset="tiny", seed=0, steps=6, freeze_steps=0, lr=1e-5, policy="none", precision="fp16",
+                  semantics="seed_faithful")
 PNG = 'img[src^="data:image/png"]'
 T = TypeVar("T")
 
@@ -103,10 +103,13 @@ def output_text(page: Page) -> str:
 
 @pytest.mark.slow
 def test_notebook03_runs_in_jupyterlab_with_widgets_and_plots(notebook_copy: Path, lab: LabServer, page: Page,
-                                                                tmp_path: Path) -> None:
+                                                                tmp_path: Path, ctc_cache: Path,
+                                                                ctc_warmup: dict) -> None:
     # Fixture order matters for teardown (reverse order): browser, then server, then the notebook's folder.
     out = tmp_path / "nb03-out"
-    parameterized_copy(NOTEBOOK, notebook_copy, dict(PARAMETERS, output_dir=str(out)))
+    parameters = dict(PARAMETERS, output_dir=str(out), cache_dir=str(ctc_cache), ctc_steps=ctc_warmup["steps"],
+                      ctc_lr=ctc_warmup["lr"])
+    parameterized_copy(NOTEBOOK, notebook_copy, parameters)
     relative = notebook_copy.relative_to(ROOT).as_posix()
     shot = tmp_path / "notebook03.png"
     try:
@@ -135,9 +138,9 @@ def test_notebook03_runs_in_jupyterlab_with_widgets_and_plots(notebook_copy: Pat
         text = output_text(page)
         assert "Traceback" not in text, text[-3000:]
 
-        # Controls: the sliders for warmup N and the log-scale learning rate, rendered by the widget manager.
+        # Controls: the sliders for the freeze length N and the log-scale learning rate, rendered by the widget manager.
         controls = page.locator(".jupyter-widgets.widget-vbox").last
-        for label in ("warmup N", "learning rate"):
+        for label in ("freeze length N", "learning rate"):
             slider = page.locator(".widget-slider", has=page.locator(".widget-label", has_text=label))
             slider.first.wait_for(state="visible", timeout=30_000)
         assert page.locator(".widget-slider .slider, .widget-slider .noUi-target").count() >= 3

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from workbench.byo import GradNormProbe, UserBatch, instrument, loss_terms
-from workbench.records import RunLog
+from workbench.run.byo import GradNormProbe, UserBatch, instrument, loss_terms
+from workbench.records import RunLog, read_record, summarize
 
 GROUPS = {"recurrent": "encoder", "output": "re:^head\\.weight$", "biases": "re:bias"}
 
@@ -113,14 +113,16 @@ def test_multi_step_series_in_the_run_log(tmp_path):
         for group in GROUPS:
             _, norms = log.series(f"grad_norm/{group}")
             np.testing.assert_array_equal(norms, [s.group_norm[group] for s in session.probe.history])
-            assert session.history.group_norms[group] == norms.tolist()
+            assert session.record.group_norms[group] == norms.tolist()
         _, per_param = log.series("param_grad_norm")
         assert per_param.shape == (4, 6) and log.labels("param_grad_norm")[0] == "encoder.weight_ih_l0"
         _, clip = log.series("clip/total_norm")
         np.testing.assert_array_equal(clip, [r.grad_norm for r in results])
         assert {"act_max/encoder", "act_rms/head", "act_nonfinite/head"} <= set(log.series_names())
         assert log.attrs["settings"]["groups"]["output"] == ["head.weight"]
-        assert log.attrs["summary"]["steps"] == 4 and log.attrs["summary"]["first_nonfinite_loss_step"] is None
+    summary = summarize(read_record(log_path))
+    assert summary == session.summary()  # the record read back from the log is the one the session kept
+    assert summary["steps"] == 4 and summary["first_nonfinite_loss_step"] is None
 
 
 def test_a_parameter_left_out_of_the_optimizer_is_flagged(tmp_path):

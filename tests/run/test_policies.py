@@ -1,117 +1,151 @@
-"""Unfreezing policies: requires_grad, loss weights and optimizer groups at every joint step."""
+"""Unfreezing policies, as the run engine applies them: requires_grad, loss weights and optimizer groups at every
+joint step, and adding a policy in one class."""
+
+import dataclasses
 
 import pytest
 import torch
 
-from workbench.losses import LossWeights
+from workbench.instrument import LossAttribution, StepObserver, default_groups
 from workbench.model import HybridModel, get_config
-from workbench.train import StepConfig, TrainStep, build_optimizer, get_semantics, seed_stages, set_trainable
+from workbench.model.losses import LossWeights
+from workbench.run.engine import RunEngine
+from workbench.train import (
+    StepConfig, TrainStep, UnfreezePolicy, build_optimizer, get_semantics, make_policy, seed_stages, set_trainable,
+)
 from workbench.train.optim import component_groups, optimizer_params
-from workbench.train.unfreeze import POLICIES, UnfreezePolicy
+from workbench.train.policies import POLICIES, StepPlan
 
-JOINT = seed_stages(1, 1)[1]
 LR = 1e-4
+JOINT = dataclasses.replace(seed_stages(1, 1, joint_lr=LR)[1])
 
 
-def _setup(kind: str, n: int, rebuild: bool = True):
+class BeforeForward(StepObserver):
+    """Records, at each step's start, (trainable, in optimizer, rnnt weight, rnnt computed, decoder lr)."""
+
+    def __init__(self):
+        self.trace = []
+
+    def on_step_start(self, ctx):
+        params = list(ctx.model.rnnt_decoder.parameters())
+        held = {id(p) for p in optimizer_params(ctx.optimizer)}
+        lr = [g["lr"] for g in ctx.optimizer.param_groups if g.get("name") == "rnnt_decoder"]
+        self.trace.append((all(p.requires_grad for p in params), all(id(p) in held for p in params),
+                           ctx.weights.rnnt, ctx.rnnt, lr[0] if lr else None))
+
+
+def _engine(kind: str, n: int, rebuild: bool = True, *, observers=()):
+    torch.manual_seed(0)
     model = HybridModel(get_config("tiny"))
-    set_trainable(model, JOINT.trainable)
-    policy = UnfreezePolicy(kind, n, rebuild=rebuild)
-    policy.start(model)
-    step = TrainStep(model, build_optimizer(component_groups(model), LR), StepConfig(), torch.device("cpu"))
-    return model, policy, step
+    step = TrainStep(model, build_optimizer(model.parameters(), LR), StepConfig(), torch.device("cpu"))
+    engine = RunEngine(step, instruments=list(observers))
+    engine.enter_stage(JOINT, seed=0, rebuild=True, policy=make_policy(kind, n, rebuild_at_unfreeze=rebuild))
+    return engine
 
 
-def _decoder_state(model, step):
-    params = list(model.rnnt_decoder.parameters())
-    held = {id(p) for p in optimizer_params(step.optimizer)}
-    return (all(p.requires_grad for p in params), all(id(p) in held for p in params))
+def _walk(kind, n, steps, batch, rebuild=True):
+    probe = BeforeForward()
+    engine = _engine(kind, n, rebuild, observers=[probe])
+    for _ in range(steps):
+        engine.step(batch)
+    return probe.trace
 
 
-def _walk(kind, n, steps, rebuild=True):
-    """(trainable, in optimizer, rnnt weight, rnnt computed, decoder lr) before each step's forward."""
-    model, policy, step = _setup(kind, n, rebuild)
-    trace = []
-    for i in range(1, steps + 1):
-        plan = policy.plan(i, JOINT.weights)
-        policy.apply(plan, step, LR)
-        trainable, held = _decoder_state(model, step)
-        lr = [g["lr"] for g in step.optimizer.param_groups if g.get("name") == "rnnt_decoder"]
-        trace.append((trainable, held, plan.weights.rnnt, plan.rnnt, lr[0] if lr else None))
-    return trace
+def test_none_trains_the_decoder_from_step_one(tiny_batch):
+    assert _walk("none", 3, 2, tiny_batch) == [(True, True, 1.0, True, LR)] * 2
 
 
-def test_none_trains_the_decoder_from_step_one():
-    assert _walk("none", 3, 2) == [(True, True, 1.0, True, LR)] * 2
-
-
-def test_freeze_params_keeps_rnnt_in_the_loss_then_rebuilds():
-    trace = _walk("freeze_params", 2, 4)
+def test_freeze_params_keeps_rnnt_in_the_loss_then_rebuilds(tiny_batch):
+    trace = _walk("freeze_params", 2, 4, tiny_batch)
     assert trace[:2] == [(False, False, 1.0, True, None)] * 2
     assert trace[2:] == [(True, True, 1.0, True, LR)] * 2
 
 
-def test_freeze_params_without_rebuild_leaves_the_decoder_outside_the_optimizer():
-    trace = _walk("freeze_params", 2, 3, rebuild=False)
+def test_freeze_params_without_rebuild_leaves_the_decoder_outside_the_optimizer(tiny_batch):
+    trace = _walk("freeze_params", 2, 3, tiny_batch, rebuild=False)
     assert trace[2] == (True, False, 1.0, True, None)
 
 
-def test_freeze_and_mute_drops_the_rnnt_term_while_frozen():
-    trace = _walk("freeze_and_mute", 2, 3)
+def test_freeze_and_mute_drops_the_rnnt_term_while_frozen(tiny_batch):
+    trace = _walk("freeze_and_mute", 2, 3, tiny_batch)
     assert trace[:2] == [(False, False, 0.0, False, None)] * 2
     assert trace[2] == (True, True, 1.0, True, LR)
 
 
-def test_add_param_group_keeps_the_encoder_adam_state():
-    model, policy, step = _setup("add_param_group", 1)
-    encoder_param = next(model.encoder.parameters())
-    step.optimizer.state[encoder_param]["marker"] = torch.tensor(1.0)
-    old_optimizer = step.optimizer
-    policy.apply(policy.plan(2, JOINT.weights), step, LR)
-    assert step.optimizer is old_optimizer and "marker" in step.optimizer.state[encoder_param]
-    assert [g.get("name") for g in step.optimizer.param_groups][-1] == "rnnt_decoder"
-    assert _decoder_state(model, step) == (True, True)
+def test_add_param_group_keeps_the_encoder_adam_state(tiny_batch):
+    engine = _engine("add_param_group", 1)
+    engine.step(tiny_batch)
+    optimizer = engine.train_step.optimizer
+    encoder_param = next(engine.model.encoder.parameters())
+    state = {k: v.clone() for k, v in optimizer.state[encoder_param].items()}
+    engine.step(tiny_batch)
+    assert engine.train_step.optimizer is optimizer and optimizer.state[encoder_param]["step"] == state["step"] + 1
+    assert [g.get("name") for g in optimizer.param_groups][-1] == "rnnt_decoder"
+    assert all(p.requires_grad for p in engine.model.rnnt_decoder.parameters())
 
 
-def test_loss_ramp_weights():
-    assert [t[2] for t in _walk("loss_ramp", 4, 6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+def test_a_rebuild_keeps_the_optimizer_kind_and_settings(tiny_batch):
+    torch.manual_seed(0)
+    model = HybridModel(get_config("tiny"))
+    set_trainable(model, seed_stages(1, 0)[0].trainable)
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=0.7)
+    engine = RunEngine(TrainStep(model, sgd, StepConfig(), torch.device("cpu")))
+    engine.enter_stage(JOINT, seed=0, rebuild=False, policy=make_policy("freeze_params", 1))
+    engine.step(tiny_batch)
+    engine.step(tiny_batch)
+    rebuilt = engine.train_step.optimizer
+    assert rebuilt is not sgd and type(rebuilt) is torch.optim.SGD and rebuilt.defaults["momentum"] == 0.7
 
 
-def test_lr_warmup_ramps_only_the_decoder_group():
-    model, policy, step = _setup("lr_warmup", 4)
-    lrs = []
-    for i in range(1, 6):
-        policy.apply(policy.plan(i, JOINT.weights), step, LR)
-        lrs.append({g["name"]: g["lr"] for g in step.optimizer.param_groups})
-    assert [d["rnnt_decoder"] for d in lrs] == pytest.approx([LR / 4, LR / 2, 3 * LR / 4, LR, LR])
-    assert all(d["encoder"] == LR for d in lrs)
+def test_loss_ramp_weights(tiny_batch):
+    assert [t[2] for t in _walk("loss_ramp", 4, 6, tiny_batch)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("kind", POLICIES)
-def test_length_zero_means_no_freeze(kind):
-    trace = _walk(kind, 0, 1)
+def test_lr_warmup_ramps_only_the_decoder_group(tiny_batch):
+    trace = _walk("lr_warmup", 4, 5, tiny_batch)
+    assert [t[4] for t in trace] == pytest.approx([LR / 4, LR / 2, 3 * LR / 4, LR, LR])
+
+
+@pytest.mark.parametrize("kind", sorted(POLICIES))
+def test_length_zero_means_no_freeze(kind, tiny_batch):
+    trace = _walk(kind, 0, 1, tiny_batch)
     assert trace[0][:2] == (True, True) and trace[0][2] == 1.0
 
 
 def test_bad_policy_arguments():
     with pytest.raises(ValueError, match="unfreezing policy"):
-        UnfreezePolicy("gradual", 3)
+        make_policy("gradual", 3)
     with pytest.raises(ValueError, match="non-negative"):
-        UnfreezePolicy("freeze_params", -1)
+        make_policy("freeze_params", -1)
+    with pytest.raises(ValueError, match="already registered"):
+        class Clash(UnfreezePolicy, name="freeze_params"):
+            pass
+
+
+def test_a_new_policy_is_one_registered_class(tiny_batch):
+    class HalfRnnt(UnfreezePolicy, name="half_rnnt_test", freezes=True):
+        """Frozen for N steps with half the RNN-T weight, then unfrozen into a rebuilt optimizer."""
+
+        def plan(self, i: int, weights: LossWeights) -> StepPlan:
+            plan = super().plan(i, weights)
+            return dataclasses.replace(plan, weights=dataclasses.replace(weights, rnnt=weights.rnnt / 2))
+
+    try:
+        trace = _walk("half_rnnt_test", 1, 2, tiny_batch)
+        assert trace == [(False, False, 0.5, True, None), (True, True, 0.5, True, LR)]
+    finally:
+        del POLICIES["half_rnnt_test"]
 
 
 def test_frozen_decoder_still_passes_rnnt_gradient_to_the_encoder(tiny_batch):
     """freeze_params (the seed's code) vs freeze_and_mute (its stated intent), measured by attribution."""
-    from workbench.instrument import LossAttribution, default_groups
-
     for kind, expect_rnnt in (("freeze_params", True), ("freeze_and_mute", False)):
-        torch.manual_seed(0)
-        model, policy, step = _setup(kind, 3)
-        attribution = LossAttribution(default_groups(model))
-        step.observers.append(attribution)
-        attribution.request(1, "test")
-        plan = policy.plan(1, JOINT.weights)
-        step(tiny_batch, plan.weights, rnnt=plan.rnnt)
+        model = HybridModel(get_config("tiny"))
+        attribution = LossAttribution(default_groups(model), after_change=1)
+        step = TrainStep(model, build_optimizer(model.parameters(), LR), StepConfig(), torch.device("cpu"))
+        engine = RunEngine(step, instruments=[attribution])
+        engine.enter_stage(JOINT, seed=0, rebuild=True, policy=make_policy(kind, 3))
+        engine.step(tiny_batch)
         result = attribution.results[0]
         assert result.norms["ctc"]["encoder"] > 0
         assert (result.norms.get("rnnt", {}).get("encoder", 0.0) > 0) == expect_rnnt

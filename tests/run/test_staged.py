@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from workbench.data import B2TDataset, collate
-from workbench.losses import LossWeights
+from workbench.model.losses import LossWeights
 from workbench.model import HybridModel, get_config
+from workbench.run.settings import TrainSettings
+from workbench.run.staged import run_training
 from workbench.train import (
-    StepConfig, TrainConfig, TrainStep, build_optimizer, load_checkpoint, model_from_checkpoint,
-    run_training, seed_stages, set_trainable,
+    StepConfig, TrainStep, build_optimizer, load_checkpoint, model_from_checkpoint, seed_stages, set_trainable,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +25,7 @@ def _cfg(tmp_path, **kw):
     base = dict(preset="tiny", data=str(DATA), out=str(tmp_path), seed=3, ctc_steps=6, joint_steps=4,
                 ctc_lr=3e-3, joint_lr=1e-4, device="cpu")
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainSettings(**base)
 
 
 def _losses(summary):
@@ -68,7 +69,7 @@ def test_seed_stages_weights():
 def test_seed_faithful_keeps_the_stale_optimizer(tmp_path):
     lines = []
     run_training(_cfg(tmp_path, semantics="seed_faithful", joint_steps=1), log=lines.append)
-    kept = [ln for ln in lines if ln.startswith("Kept optimizer")]
+    kept = [ln for ln in lines if ln.startswith("Kept the optimizer")]
     assert len(kept) == 1
     n_decoder = sum(1 for n, _ in HybridModel(get_config("tiny")).named_parameters() if n.startswith("rnnt_decoder"))
     assert f"{n_decoder} of" in kept[0]
@@ -97,6 +98,7 @@ def test_step_runs_at_every_precision(precision):
     assert result.grad_norm is not None
 
 
+@pytest.mark.slow
 def test_cli_train_writes_summary(tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run(
@@ -111,6 +113,7 @@ def test_cli_train_writes_summary(tmp_path):
     assert (out / "joint.pt").is_file()
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_arguments(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "workbench", "train", "--ctc-lr", "-1"],
                           capture_output=True, text=True, timeout=120)

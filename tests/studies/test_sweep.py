@@ -12,33 +12,32 @@ from pathlib import Path
 import pytest
 
 from workbench.cli import main
-from workbench.criteria import Rule, first_nonfinite_step, run_summary, verdict
-from workbench.experiment import ctc_warm_checkpoint, run_joint
-from workbench.records import RunLog
-from workbench.sweep import Sweep, SweepError, SweepGrid, load_record, log_status, make_plan, run_id
+from workbench.records import RunLog, read_record
+from workbench.run.joint import run_joint
+from workbench.studies.criteria import Rule, run_summary, verdict
+from workbench.studies.sweep import Sweep, SweepError, SweepGrid, log_status, make_plan, run_id
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data_samples"
 TINY = dict(lr=(1e-4, 1e-3), policy="freeze_params", precision="fp32", semantics="corrected", clip=1.0,
             rnnt_normalization="seed_sqrt_tu", optimizer="adamw", steps=3)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path, _ = ctc_warm_checkpoint(SAMPLE, "tiny", seed=0, steps=20, cache_dir=tmp_path_factory.mktemp("cache"),
-                                  log=lambda s: None)
-    return path
+@pytest.fixture()
+def checkpoint(ctc_checkpoint):
+    return ctc_checkpoint
 
 
 @pytest.mark.parametrize("axis, value, message", [
-    ("warmup", [-1], "warmup: expected a non-negative integer"),
+    ("freeze_steps", [-1], "freeze_steps: expected an integer >= 0"),
     ("lr", [0.0], "lr: expected a positive learning rate"),
     ("lr", [float("nan")], "lr: expected a positive learning rate"),
     ("policy", ["thaw"], "policy: expected one of none, freeze_params"),
     ("precision", ["fp8"], "precision: expected one of fp32, bf16, fp16"),
-    ("clip", [-1.0], "clip: expected a non-negative max gradient norm"),
+    ("clip", [-1.0], "clip: expected a positive max gradient norm"),
     ("optimizer", ["adam"], "optimizer: expected one of adamw, sgd"),
     ("semantics", [], "semantics: expected at least one value"),
     ("steps", 0, "steps: expected a positive integer"),
+    ("warmup", [1], "warmup: not a sweep axis"),
 ])
 def test_bad_grid_values_raise_one_line(axis, value, message):
     with pytest.raises(SweepError, match=message):
@@ -46,15 +45,15 @@ def test_bad_grid_values_raise_one_line(axis, value, message):
 
 
 def test_grid_points_that_are_the_same_run_share_one_deterministic_id():
-    grid = SweepGrid(warmup=[0, 3], policy=["freeze_params", "loss_ramp"], rebuild=[True, False], **{
+    grid = SweepGrid(freeze_steps=[0, 3], policy=["freeze_params", "loss_ramp"], rebuild_at_unfreeze=[True, False], **{
         k: v for k, v in TINY.items() if k != "policy"})
     plan = make_plan(grid)
     assert len(plan.cells) == 2 * 2 * 2 * 2
-    n0 = {c["run"] for c in plan.cells if c["axes"]["warmup"] == 0}
+    n0 = {c["run"] for c in plan.cells if c["axes"]["freeze_steps"] == 0}
     assert len(n0) == 2  # one per lr: every policy and rebuild with N = 0 is the plain joint stage
     # rebuild only matters for freeze_params with N > 0; loss_ramp never rebuilds
-    n3 = {(c["axes"]["policy"], c["axes"]["rebuild"], c["axes"]["lr"]): c["run"] for c in plan.cells
-          if c["axes"]["warmup"] == 3}
+    n3 = {(c["axes"]["policy"], c["axes"]["rebuild_at_unfreeze"], c["axes"]["lr"]): c["run"] for c in plan.cells
+          if c["axes"]["freeze_steps"] == 3}
     assert n3[("freeze_params", True, 1e-3)] != n3[("freeze_params", False, 1e-3)]
     assert n3[("loss_ramp", True, 1e-3)] == n3[("loss_ramp", False, 1e-3)]
     assert len(plan.controls) == 2 and all(plan.runs[c].ctc_only for c in plan.controls)
@@ -64,13 +63,13 @@ def test_grid_points_that_are_the_same_run_share_one_deterministic_id():
 
 
 def test_incomplete_log_is_redone_and_finished_log_kept(checkpoint, tmp_path):
-    grid = SweepGrid(warmup=[1], **TINY, controls=False)
+    grid = SweepGrid(freeze_steps=[1], **TINY, controls=False)
     sweep = Sweep(tmp_path / "sw", checkpoint, SAMPLE, grid)
     first, second = list(sweep.plan.runs)
     sweep.log_path(first).parent.mkdir(parents=True)
     run_joint(checkpoint, SAMPLE, sweep.plan.runs[first], log_path=sweep.log_path(first))
 
-    def crash(i, run):
+    def crash(i, record):
         if i == 2:
             raise KeyboardInterrupt  # a real partial log, as a kill mid-run leaves it
     with pytest.raises(KeyboardInterrupt):
@@ -85,14 +84,14 @@ def test_incomplete_log_is_redone_and_finished_log_kept(checkpoint, tmp_path):
     assert {e["status"] for e in index["runs"].values()} == {"finished"}
     with RunLog(sweep.log_path(second)) as log:
         assert log.status == "finished" and log.last_step() == 4
-    record = load_record(sweep.log_path(second))
-    assert index["runs"][second]["summary"]["val_per"] == record.val_per
+    record = read_record(sweep.log_path(second))
+    assert index["runs"][second]["summary"]["val_per"] == record.attrs["val_per"]
     assert verdict(record, None, Rule())["per_vs_control"] is False  # no control in this sweep
-    assert run_summary(record, Rule())["first_nonfinite_step"] == first_nonfinite_step(record) is None
+    assert run_summary(record, Rule())["first_nonfinite_step"] == record.first_nonfinite_step() is None
 
 
 def test_sweep_folder_belongs_to_one_checkpoint(checkpoint, tmp_path):
-    grid = SweepGrid(warmup=[0], **TINY, controls=False)
+    grid = SweepGrid(freeze_steps=[0], **TINY, controls=False)
     Sweep(tmp_path / "sw", checkpoint, SAMPLE, grid).scan()
     other = tmp_path / "other.pt"
     other.write_bytes(checkpoint.read_bytes() + b"\0")
@@ -102,7 +101,7 @@ def test_sweep_folder_belongs_to_one_checkpoint(checkpoint, tmp_path):
 
 def _sweep_cmd(checkpoint, out):
     return [sys.executable, "-m", "workbench", "sweep", "--checkpoint", str(checkpoint), "--data", str(SAMPLE),
-            "--out", str(out), "--warmup", "0,2", "--lr", "1e-4,1e-3,3e-3", "--policy", "freeze_params",
+            "--out", str(out), "--freeze-steps", "0,2", "--lr", "1e-4,1e-3,3e-3", "--policy", "freeze_params",
             "--precision", "fp32", "--semantics", "corrected", "--clip", "1", "--rnnt-normalization", "seed_sqrt_tu",
             "--optimizer", "adamw", "--steps", "6", "--no-controls", "--workers", "2"]
 
@@ -143,6 +142,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 def test_resume_after_a_killed_worker_and_a_killed_sweep(checkpoint, tmp_path):
     out = tmp_path / "sweep"
     cmd = _sweep_cmd(checkpoint, out)
@@ -185,15 +185,15 @@ def test_resume_after_a_killed_worker_and_a_killed_sweep(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--warmup", "-1"], "error: --warmup: expected a non-negative integer number of steps, got -1"),
-    (["--warmup", "1.5"], "error: --warmup: expected comma-separated integers, got '1.5'"),
-    (["--lr", "0"], "error: --lr: expected a positive learning rate, got 0.0"),
-    (["--lr", "1e-5,x"], "error: --lr: expected comma-separated numbers, got '1e-5,x'"),
+    (["--freeze-steps", "-1"], "error: --freeze-steps: expected an integer >= 0 (steps), got '-1'"),
+    (["--freeze-steps", "1.5"], "error: --freeze-steps: expected an integer >= 0 (steps), got '1.5'"),
+    (["--lr", "0"], "error: --lr: expected a positive learning rate, got '0'"),
+    (["--lr", "1e-5,x"], "error: --lr: expected a positive learning rate, got 'x'"),
     (["--policy", "thaw"], "error: --policy: expected one of none, freeze_params, freeze_and_mute, add_param_group, "
                            "loss_ramp, lr_warmup, got 'thaw'"),
     (["--precision", "fp8"], "error: --precision: expected one of fp32, bf16, fp16, got 'fp8'"),
     (["--rnnt-normalization", "mean"], "error: --rnnt-normalization: expected one of torchaudio_mean"),
-    (["--rebuild", "maybe"], "error: --rebuild: expected yes or no, got 'maybe'"),
+    (["--rebuild-at-unfreeze", "maybe"], "error: --rebuild-at-unfreeze: expected yes or no, got 'maybe'"),
     (["--steps", "0"], "error: --steps: expected an integer >= 1, got '0'"),
     (["--workers", "0"], "error: --workers: expected an integer >= 1, got '0'"),
 ])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from workbench.losses import LossWeights
+from workbench.model.losses import LossWeights
 from workbench.train import NonFiniteError, StepConfig, TrainStep, get_semantics
 
 

@@ -5,13 +5,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from workbench.experiment import RunSettings, run_joint
-from workbench.records import RunLogWriter
-from workbench.report import read_run
+import pytest
+
+from workbench.records import Recorder, RunRecord, read_record, summarize
+from workbench.run.joint import run_joint
+from workbench.run.settings import RunSettings
+from workbench.views.report import labelled
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data_samples"
 
 
+@pytest.mark.slow
 def test_report_from_two_runs(ctc_checkpoint, tmp_path):
     logs = []
     for name, precision in (("a", "fp32"), ("b", "fp16")):
@@ -27,13 +31,19 @@ def test_report_from_two_runs(ctc_checkpoint, tmp_path):
     assert "| a | finished | 3 |" in (tmp_path / "rep" / "summary.md").read_text()
 
 
+def test_runs_with_the_same_name_keep_apart():
+    a, b = RunRecord({"name": "run"}, path="x/one.h5"), RunRecord({"name": "run"}, path="y/two.h5")
+    assert list(labelled([a, b])) == ["run (one.h5)", "run (two.h5)"]
+    assert list(labelled([a, RunRecord({"name": "other"})])) == ["run", "other"]
+
+
 def test_partial_run_is_reported_up_to_its_last_step(tmp_path):
     path = tmp_path / "partial.h5"
-    writer = RunLogWriter(path, attrs={"settings": RunSettings(name="partial").to_dict()})
+    recorder = Recorder(RunRecord(RunSettings(name="partial").to_dict()), log_path=path)
     for i, v in enumerate([3.0, 2.5, float("nan")], start=1):
-        writer.log_step(i, {"loss/total": v, "params_finite": i < 3, "skipped": i == 3})
+        recorder.writer.log_step(i, {"loss/total": v, "params_finite": i < 3, "skipped": i == 3})
     # never closed: status stays "running", as after a SIGKILL
-    state, row = read_run(path)
+    row = summarize(read_record(path))
     assert row["status"] == "running" and row["steps"] == 3
     assert row["first_nonfinite_loss_step"] == 3 and row["first_nonfinite_param_step"] == 3
-    assert row["skipped_steps"] == 1 and state.losses["total"][:2] == [3.0, 2.5]
+    assert row["skipped_steps"] == [3] and read_record(path).losses["total"][:2] == [3.0, 2.5]

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import h5py
@@ -33,53 +34,16 @@ import numpy as np
 from workbench.data.b2t import MAX_LABEL_LEN, N_FEATURES, SPLITS
 from workbench.data.vocab import VOCAB_SIZE, sentence_to_ids
 
-SENTENCES: tuple[str, ...] = (
-    "I am hungry.", "I am tired.", "I feel cold.", "I feel fine.", "I need water.", "I need help.",
-    "Do you need help?", "Please come here.", "Please sit down.", "Open the door.", "Close the door.",
-    "Turn on the light.", "Turn off the light.", "It is cold today.", "It is warm outside.", "The sun is out.",
-    "It looks like rain.", "Where are my glasses?", "Where is my phone?", "Call my wife.", "Call my son.",
-    "Call the nurse.", "I want to sleep.", "I want to go home.", "Let us go outside.", "What time is it?",
-    "How are you today?", "I am doing well.", "Thank you very much.", "You are welcome.", "Good morning.",
-    "Good night.", "See you later.", "Nice to meet you.", "How was your day?", "That sounds good.",
-    "I like that idea.", "I do not know.", "I think so.", "Maybe later.", "Not right now.", "Can you help me?",
-    "Bring it closer.", "Move it left.", "Move it right.", "Raise the bed.", "Lower the bed.", "I have a headache.",
-    "My back hurts.", "My leg is sore.", "I feel much better.", "Give me a minute.", "Wait for me.",
-    "Let me think.", "Say that again.", "Speak more slowly.", "I can hear you.", "I cannot hear you.",
-    "Turn up the music.", "Turn down the music.", "Play some music.", "Read me the news.", "What is the weather?",
-    "Is it raining?", "The coffee is hot.", "I would like tea.", "Pass the salt.", "This tastes great.",
-    "Dinner was good.", "I am full.", "Get my blanket.", "Fix my pillow.", "Open the window.", "Close the window.",
-    "The room is hot.", "The room is cold.", "Who is at the door?", "Let them in.", "Tell them to wait.",
-    "I miss my family.", "My sister is coming.", "My brother called.", "We should talk.", "Tell me a story.",
-    "That was funny.", "I love you.", "I love this song.", "Watch the game.", "Who won the game?",
-    "The team played well.", "Change the channel.", "Find my book.", "Read the letter.", "Write this down.",
-    "Send a message.", "Check my email.", "Charge my phone.", "The battery is low.", "Is dinner ready?",
-    "What is for lunch?", "I want some soup.", "Cut it smaller.", "Add more sugar.", "No milk please.",
-    "Just a little.", "That is enough.", "One more please.", "I am thirsty.", "Get me a drink.",
-    "Clean my glasses.", "Brush my hair.", "I need a bath.", "Help me stand up.", "Let me rest.", "I am ready now.",
-    "Start the car.", "Drive me to town.", "We are late.", "Hurry up please.", "Slow down please.",
-    "Take your time.", "It is getting dark.", "Shut the curtains.", "Leave it open.", "Keep it closed.",
-    "Put it over there.", "Put it on the table.", "Hand me the cup.", "Hold my hand.", "Sit with me.",
-    "Stay a while.", "Come back soon.", "Have a good trip.", "Drive safely.", "Be careful.", "Watch your step.",
-    "It is very quiet.", "Who made this?", "My mother made it.", "I made a mistake.", "Try it again.",
-    "Let us begin.", "We are done.", "That was easy.", "This is hard.", "I am not sure.", "Ask the doctor.",
-    "When is my appointment?", "Is the doctor here?", "Take my pills.", "I feel dizzy.", "My hands are cold.",
-    "My feet are warm.", "Get a towel.", "Wash your hands.", "Dry the dishes.", "Feed the dog.", "Walk the dog.",
-    "The cat is hungry.", "Let the cat out.", "The birds are singing.", "Look at the sky.", "The stars are bright.",
-    "The moon is full.", "It snowed last night.", "The road is wet.", "Grab your coat.", "Wear a hat.",
-    "My shoes are tight.", "I need new socks.", "Buy some bread.", "We need eggs.", "Make a list.",
-    "Go to the store.", "The bus is late.", "Meet me downstairs.", "I will be right back.", "Stay right here.",
-    "Turn around.", "Look behind you.", "Face the window.", "Lean forward.", "Sit up straight.", "Breathe slowly.",
-    "Relax your arms.", "Stretch your legs.", "This chair is soft.", "I like this room.", "Paint it blue.",
-    "It is my birthday.", "Happy birthday to you.", "Let us celebrate.", "Bring the cake.", "Light the candles.",
-    "Make a wish.", "Open your present.", "What a nice gift.", "I feel lucky.", "We had fun.", "Sleep well.",
-    "Sweet dreams.", "See you tomorrow.",
-)
+# Real English sentences, one per line, in a fixed order (the committed sample depends on it).
+SENTENCES: tuple[str, ...] = tuple(
+    (resources.files("workbench.data") / "sentences.txt").read_text(encoding="utf-8").splitlines())
 
 _FIRST_SESSION = datetime.date(2023, 8, 13)
 _TRIALS_PER_BLOCK = 10
 
-# Real-release statistics, /work/shared/research/b2t_format.md section 3.2 (third-party figures computed over
-# every trial: anikbiswas730/brain-to-text-decoder results/dataset_summary.csv, OzgurMertEmir/brain-to-text-25).
+# Real-release statistics: third-party figures computed over every trial of the release
+# (anikbiswas730/brain-to-text-decoder results/dataset_summary.csv, OzgurMertEmir/brain-to-text-25), as compiled in
+# the project's notes on the Brain-to-Text '25 format (section 3.2).
 B2T_FRAMES: dict[str, tuple[float, float, int]] = {  # n_time_steps (20 ms bins): mean, median, max per split
     "train": (874.8, 836.0, 2475),
     "val": (922.1, 890.5, 2382),
@@ -95,24 +59,19 @@ LENGTHS = ("sample", "b2t")
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Generator knobs. Tuning patterns have unit variance per channel; noise levels are relative to that.
+    """Generator knobs. Tuning patterns have unit variance per channel; noise levels are relative to that."""
 
-    frames_per_phoneme, rest_frames: inclusive ranges of 20 ms bins per id and before/after speech.
-    smooth_sigma: Gaussian smoothing in bins. channel_noise: std of the independent noise.
-    sbp_correlation: correlation of the SBP tuning with the TC tuning of the same electrode.
-    drift_offset, drift_gain: std of the per-session channel offset and of the log channel gain.
-    silent_gain: modulation scale of silent (speaking_mode 0) trials. quantum: stored value resolution.
-    """
-
+    # inclusive ranges of 20 ms bins per id, and of rest bins before and after speech
     frames_per_phoneme: tuple[int, int] = (5, 9)
     rest_frames: tuple[int, int] = (3, 8)
-    smooth_sigma: float = 1.5
-    channel_noise: float = 0.5
-    sbp_correlation: float = 0.8
+    smooth_sigma: float = 1.5  # Gaussian smoothing, in bins
+    channel_noise: float = 0.5  # std of the independent noise
+    sbp_correlation: float = 0.8  # correlation of an electrode's SBP tuning with its TC tuning
+    # std of the per-session channel offset, and of the log channel gain
     drift_offset: float = 0.5
     drift_gain: float = 0.3
-    silent_gain: float = 0.5
-    quantum: float = 1 / 64
+    silent_gain: float = 0.5  # modulation scale of silent (speaking_mode 0) trials
+    quantum: float = 1 / 64  # resolution of the stored values
 
 
 @dataclass(frozen=True)

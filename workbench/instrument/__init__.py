@@ -17,7 +17,8 @@ steps where it finds a parameter outside the optimizer.
 from workbench.instrument.activations import ActivationStats, leaf_modules_with_params
 from workbench.instrument.attribution import Attribution, LossAttribution, attribute
 from workbench.instrument.coverage import CoverageFinding, OptimizerCoverage
-from workbench.instrument.grad_norms import GradNormProbe, StepObserver, StepStats
+from workbench.instrument.grad_norms import GradNormProbe, StepStats
+from workbench.instrument.observer import StepObserver
 from workbench.instrument.groups import ParamGroups, default_groups, groups_from_patterns
 from workbench.instrument.host import to_host
 from workbench.instrument.replay import ReplayBundle, bundle_rng, capture, load_bundle, replica, save_bundle

@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from workbench.instrument import host
-from workbench.instrument.grad_norms import StepObserver
+from workbench.instrument.observer import StepObserver
 
 # model -> the ActivationStats whose hooks are on it: a re-run notebook cell replaces, never doubles, them.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, ActivationStats] = weakref.WeakKeyDictionary()
@@ -146,6 +146,10 @@ class ActivationStats(StepObserver):
 
     def _label(self, index: int) -> str:
         return self.modules[index] or "(root)"
+
+    def row(self, step: int) -> dict[str, float | int]:
+        """`records()` when the latest statistics are those of `step`."""
+        return self.records() if self.step == step else {}
 
     def records(self) -> dict[str, float | int]:
         """Flat run-log row of `latest`: act_max/<module>, act_rms/<module>, act_nonfinite/<module>."""

@@ -14,7 +14,7 @@ by it, so the attribution sees the same fp16 overflows the step's backward would
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from workbench.instrument.host import to_host
+from workbench.instrument.observer import StepObserver
 
 TERMS: tuple[str, ...] = ("ctc", "rnnt", "mode")
 
@@ -46,19 +47,26 @@ class Attribution:
         return f"step {self.step} ({self.reason}): gradient into {group} by term: {parts}"
 
 
-@dataclass
-class LossAttribution:
-    """TrainStep observer. Attributes on every `every`-th step (0 = never) and on steps requested explicitly
-    (`request(k, reason)`: the next k steps, used after a stage change or an unfreeze)."""
+class LossAttribution(StepObserver):
+    """TrainStep observer. Attributes on every `every`-th step (0 = never), on the `after_change` steps that
+    follow a change of the trainable set (`on_change`, sent by the run engine at a stage start or an unfreeze),
+    and on steps requested explicitly (`request(k, reason)`)."""
 
-    groups: Mapping[str, Sequence[str]]
-    every: int = 0
-    results: list[Attribution] = field(default_factory=list)
-    _pending: list[str] = field(default_factory=list)
+    def __init__(self, groups: Mapping[str, Sequence[str]], *, every: int = 0, after_change: int = 0) -> None:
+        self.groups = groups
+        self.every = every
+        self.after_change = after_change
+        self.results: list[Attribution] = []
+        self._pending: list[str] = []
 
     def request(self, steps: int, reason: str) -> None:
         """Attribute the next `steps` steps, replacing any request still pending."""
         self._pending = [reason] * steps
+
+    def on_change(self, reason: str) -> None:
+        """The trainable set changed (e.g. "joint stage start", "after unfreeze")."""
+        if self.after_change:
+            self.request(self.after_change, reason)
 
     def on_losses(self, ctx) -> None:
         if self._pending:
@@ -69,6 +77,9 @@ class LossAttribution:
             return
         self.results.append(attribute(ctx.model, ctx.losses, ctx.weights, self.groups, ctx.step, reason,
                                       scale=ctx.scaler.get_scale() if ctx.scaler is not None else None))
+
+    def events(self, step: int) -> list[tuple[str, dict]]:
+        return [("attribution", a.to_dict()) for a in self.results if a.step == step]
 
 
 def attribute(model: nn.Module, losses: Mapping[str, torch.Tensor], weights, groups: Mapping[str, Sequence[str]],

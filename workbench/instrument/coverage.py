@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from workbench.instrument import host
-from workbench.instrument.grad_norms import GradNormProbe, StepObserver, StepStats
+from workbench.instrument.grad_norms import GradNormProbe, StepStats
+from workbench.instrument.observer import StepObserver
 
 SHOWN = 3  # offending tensors named in one_line()
 
@@ -117,6 +118,14 @@ class OptimizerCoverage(StepObserver):
         finding = self._awaiting.pop(stats.step, None)
         if finding is not None:
             finding.fill_norms(dict(zip(stats.param_names, stats.param_norm.tolist())))
+
+    def events(self, step: int) -> list[tuple[str, dict[str, Any]]]:
+        """The finding of `step` as a "coverage" event when it found a problem."""
+        finding = self.latest
+        if finding is None or finding.step != step or finding.ok:
+            return []
+        return [("coverage", {"step": step, "line": finding.one_line(), "outside_optimizer": finding.outside_optimizer,
+                              "frozen_in_optimizer": finding.frozen_in_optimizer})]
 
     def one_line(self) -> str:
         """The latest finding as one line, e.g. `step 1: 22 trainable tensors outside the optimizer (...)`."""

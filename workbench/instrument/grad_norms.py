@@ -23,10 +23,9 @@ The only device-to-host copy is `workbench.instrument.host.to_host`, once per `e
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,41 +34,7 @@ from torch.amp.grad_scaler import OptState
 
 from workbench.instrument import host
 from workbench.instrument.groups import ParamGroups, default_groups, groups_from_patterns
-
-_O = TypeVar("_O", bound="StepObserver")
-
-
-class StepObserver:
-    """Attach/detach contract of the probes: an observer of at most one TrainStep at a time.
-
-    Attaching appends the probe to `step.observers` unless it is already there, so re-running a notebook
-    cell does not double count; `with probe.attached(step):` detaches on exit, errors included.
-    """
-
-    _train_step: Any = None
-
-    def attach(self, step: Any) -> None:
-        """Observe `step` (anything with an `observers` list, such as `workbench.train.TrainStep`)."""
-        if self._train_step is not None and self._train_step is not step:
-            self.detach()
-        if not any(obs is self for obs in step.observers):
-            step.observers.append(self)
-        self._train_step = step
-
-    def detach(self) -> None:
-        """Stop observing; a no-op when not attached."""
-        if self._train_step is not None:
-            self._train_step.observers[:] = [obs for obs in self._train_step.observers if obs is not self]
-            self._train_step = None
-
-    @contextlib.contextmanager
-    def attached(self: _O, step: Any) -> Iterator[_O]:
-        """`with probe.attached(step):` observe `step` for the block, detaching on exit."""
-        self.attach(step)
-        try:
-            yield self
-        finally:
-            self.detach()
+from workbench.instrument.observer import StepObserver
 
 
 @dataclass
@@ -349,6 +314,15 @@ class GradNormProbe(StepObserver):
         """Stop observing and copy any pending steps to the host."""
         super().detach()
         self.flush()
+
+    @property
+    def vector_labels(self) -> dict[str, list[str]]:
+        """Column names of the vector series in `records()`."""
+        return {"param_grad_norm": self.param_labels}
+
+    def row(self, step: int) -> dict[str, Any]:
+        """`records()` of `step` once its statistics reached the host (empty before, or without a gradient)."""
+        return self.records() if self.latest is not None and self.latest.step == step else {}
 
     def records(self, stats: StepStats | None = None) -> dict[str, Any]:
         """Flat run-log row for `stats` (default: latest): grad_norm/<group>, grad_max/<group>,

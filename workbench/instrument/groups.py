@@ -7,9 +7,6 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch.nn as nn
 
-REFERENCE_CHILDREN: tuple[str, ...] = ("preprocessor", "encoder", "ctc_head", "rnnt_decoder", "mode_head")
-
-
 class ParamGroups(Mapping[str, list[str]]):
     """Ordered mapping group name -> parameter names (as `model.named_parameters()` spells them).
 
@@ -62,34 +59,17 @@ def groups_from_patterns(model: nn.Module, patterns: Mapping[str, str | Sequence
     return ParamGroups(groups)
 
 
-def _is_reference(model: nn.Module) -> bool:
-    children = dict(model.named_children())
-    if not all(name in children for name in REFERENCE_CHILDREN):
-        return False
-    decoder = dict(children["rnnt_decoder"].named_children())
-    return "predictor" in decoder and "joint" in decoder
-
-
 def _has_params(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
 def default_groups(model: nn.Module) -> ParamGroups:
-    """Groups for `model`.
-
-    The reference hybrid (children preprocessor, encoder, ctc_head, rnnt_decoder with predictor and joint,
-    mode_head) gets preprocessor, encoder, encoder.layers.N for each layer, ctc_head, rnnt_decoder.predictor,
-    rnnt_decoder.joint and mode_head. Any other model gets one group per top-level child with parameters;
-    parameters registered directly on the root belong to no group (they still count in per-parameter and
-    global statistics). Components without parameters are left out rather than raising.
-    """
-    if _is_reference(model):
-        candidates = ["preprocessor", "encoder"]
-        layers = getattr(model.get_submodule("encoder"), "layers", None)
-        if layers is not None:
-            candidates += [f"encoder.layers.{name}" for name, _ in layers.named_children()]
-        candidates += ["ctc_head", "rnnt_decoder.predictor", "rnnt_decoder.joint", "mode_head"]
-    else:
-        candidates = [name for name, _ in model.named_children()]
-    kept = [name for name in candidates if _has_params(model.get_submodule(name))]
+    """Groups for `model`: the model's own, when it defines `param_groups()` (a mapping group name ->
+    pattern(s), as `groups_from_patterns` takes; the reference model names its encoder layers and decoder parts
+    this way), else one group per top-level child with parameters. Parameters registered directly on the root
+    belong to no group (they still count in per-parameter and global statistics)."""
+    own = getattr(model, "param_groups", None)
+    if callable(own):
+        return groups_from_patterns(model, own())
+    kept = [name for name, child in model.named_children() if _has_params(child)]
     return groups_from_patterns(model, {name: name for name in kept})

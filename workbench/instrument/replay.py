@@ -198,7 +198,7 @@ def save_bundle(path: str | Path, bundle: ReplayBundle) -> None:
 
     Constraint: each batch (and the loss weights, when not a plain dict or number) must be a dataclass whose
     init fields hold only tensors, numbers, strings, None and lists/tuples/dicts of those (as
-    `workbench.data.Batch` and `workbench.losses.LossWeights` do). It is stored as a dict of its fields plus its
+    `workbench.data.Batch` and `workbench.model.losses.LossWeights` do). It is stored as a dict of its fields plus its
     type's import path, and rebuilt by calling the type with those fields.
     """
     payload = {

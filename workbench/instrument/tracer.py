@@ -2,10 +2,11 @@
 
 Tier one is `NonFiniteTracer`, a TrainStep observer: it captures a replay bundle at every step start and, at
 the step end, asks whether the step went non-finite with one batched reduction and one host read. Tier two is
-`localize`, run only on such a step: it replays the bundle on a private replica under a `TorchDispatchMode` that
-checks the floating outputs of every op, in execution order, through four phases:
+`localize`, run only on such a step: it replays the bundle on a private replica by calling the same
+`TrainStep.run` the live step ran, with a `StepMonitor` that puts each phase under a `TorchDispatchMode` checking
+the floating outputs of every op, in execution order, through four phases:
 
-- forward: `forward_losses` (under the step's autocast); ops are attributed to the innermost module running
+- forward: `TrainStep.forward` (under the step's autocast); ops are attributed to the innermost module running
   (forward pre/post hooks keep a module stack; ops outside the model belong to `<loss_fn>`).
 - backward: `loss.backward()` (scaled by the GradScaler like the live step) and `scaler.unscale_`. On CPU the
   autograd engine runs on the calling thread and the mode sees every backward op;
@@ -34,24 +35,23 @@ non-finite is reported as a propagator.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from workbench.instrument.grad_norms import StepObserver
+from workbench.instrument.observer import StepObserver
 from workbench.instrument.replay import ReplayBundle, bundle_rng, capture, replica, save_bundle
-
-if TYPE_CHECKING:
-    from workbench.train.step import StepContext, TrainStep
+from workbench.train.step import StepContext, StepMonitor, TrainStep
 
 PHASES: tuple[str, ...] = ("forward", "backward", "clip", "update")
 LOSS_FN = "<loss_fn>"
@@ -82,21 +82,17 @@ _PASS_THROUGH: frozenset[str] = frozenset({
 
 
 @dataclass
-class Verdict:
-    """Where a step first went non-finite.
+class Finding:
+    """A non-finite tensor: where it is and what made it.
 
-    phase: "forward" | "backward" | "clip" | "update". module: qualified module name ("" for the root,
-    "<loss_fn>" for ops outside the model). tensor: what went non-finite ("output", "grad of weight",
-    "grad_input (SqrtBackward0)", "param weight", "exp_avg_sq of weight", "batch features", ...).
-    op: the aten op that produced it ("" when no op was seen). dtype: that tensor's dtype.
+    module: qualified module name ("" for the root, "<loss_fn>" for ops outside the model). tensor: what went
+    non-finite ("output", "grad of weight", "grad_input (SqrtBackward0)", "param weight", "exp_avg_sq of weight",
+    "batch features", ...). op: the aten op that produced it ("" when no op was seen). dtype: that tensor's dtype.
     nan / inf / numel: counts in that tensor. input_absmax: max |x| over the finite values of the op's inputs
     (NaN when unknown). role: "producer" (the op made a non-finite kind its inputs lacked) or "propagator".
-    param: qualified name of the parameter concerned; in the backward phase the first parameter whose gradient
-    became non-finite.
+    param: qualified name of the parameter concerned.
     """
 
-    step: int
-    phase: str
     module: str
     tensor: str
     op: str
@@ -107,6 +103,15 @@ class Verdict:
     input_absmax: float
     role: str
     param: str = ""
+
+
+@dataclass(kw_only=True)
+class Verdict(Finding):
+    """Where a step first went non-finite: the Finding, at step `step` in phase `phase` ("forward" | "backward" |
+    "clip" | "update"). In the backward phase `param` is the first parameter whose gradient became non-finite."""
+
+    step: int
+    phase: str
 
     def line(self) -> str:
         """One line, e.g. `step 1 backward: producer joint.net.4 grad of weight via aten.mm.default (float16):
@@ -125,22 +130,6 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@dataclass
-class _Seen:
-    """A non-finite tensor found during the replay, before it becomes a Verdict."""
-
-    module: str
-    tensor: str
-    op: str
-    dtype: str
-    nan: int
-    inf: int
-    numel: int
-    input_absmax: float
-    role: str
-    param: str = ""
 
 
 def _inspectable(t: Any) -> bool:
@@ -162,9 +151,9 @@ def _kinds(t: torch.Tensor) -> tuple[bool, bool, float]:
     return bool(torch.isnan(t).any()), bool(torch.isinf(t).any()), absmax
 
 
-def _seen_state(t: torch.Tensor, module: str, tensor: str, param: str = "") -> _Seen:
+def _seen_state(t: torch.Tensor, module: str, tensor: str, param: str = "") -> Finding:
     """A tensor found non-finite with no op to blame (state at a phase boundary)."""
-    return _Seen(module, tensor, "", str(t.dtype).removeprefix("torch."), int(torch.isnan(t).sum()),
+    return Finding(module, tensor, "", str(t.dtype).removeprefix("torch."), int(torch.isnan(t).sum()),
                  int(torch.isinf(t).sum()), t.numel(), math.nan, "propagator", param)
 
 
@@ -199,8 +188,8 @@ class _NonFiniteMode(TorchDispatchMode):
         self.phase = "forward"
         self.names: dict[int, tuple[str, str]] = {}
         self.node_labels: dict[Any, str] = {}
-        self.produced: _Seen | None = None
-        self.first_seen: _Seen | None = None
+        self.produced: Finding | None = None
+        self.first_seen: Finding | None = None
         self._pending: list[tuple[weakref.ref[torch.Tensor], str]] = []
 
     def start(self, phase: str, names: dict[int, tuple[str, str]]) -> None:
@@ -277,7 +266,7 @@ class _NonFiniteMode(TorchDispatchMode):
             found.append((k, t, nan, inf, bool((nan and not in_nan) or (inf and not in_inf))))
         k, t, nan, inf, new = next((f for f in found if f[4]), found[0])
         module, tensor, param = self._describe(t, k, len(outputs), bound)
-        seen = _Seen(module, tensor, str(func), str(t.dtype).removeprefix("torch."), nan, inf, t.numel(), absmax,
+        seen = Finding(module, tensor, str(func), str(t.dtype).removeprefix("torch."), nan, inf, t.numel(), absmax,
                      "producer" if new else "propagator", param)
         if new and self.produced is None:
             self.produced = seen
@@ -335,8 +324,22 @@ class _NonFiniteMode(TorchDispatchMode):
         return ""
 
 
-class _Replay:
-    """One replay of a bundle on a replica, phase by phase, stopping at the first non-finite outcome."""
+class _Found(Exception):
+    """Raised by the replay's monitor at the first phase whose outcome is non-finite."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.line())
+        self.verdict = verdict
+
+
+# TrainStep's phases -> the verdict's phase (unscaling is part of the backward's outcome).
+_VERDICT_PHASE = {"forward": "forward", "backward": "backward", "unscale": "backward", "clip": "clip",
+                  "update": "update"}
+
+
+class _Replay(StepMonitor):
+    """One replay of a bundle on a replica: `TrainStep.run` itself, watched phase by phase, stopping at the first
+    non-finite outcome."""
 
     def __init__(self, rep: TrainStep, bundle: ReplayBundle, expected: Mapping[str, ExpectedRule]) -> None:
         self.rep = rep
@@ -348,16 +351,41 @@ class _Replay:
         self.first_grad: str | None = None
 
     def run(self) -> Verdict | None:
-        self.model.train()
         stale = self._stale_state()
         if stale is not None:
             return self._verdict("forward", stale)
         handles = self._install_hooks()
+        batches = [b.to(self.rep.device) for b in self.bundle.batches]
         try:
-            return self._phases()
+            self.rep.run(batches, self.bundle.weights, rnnt=self.bundle.rnnt, mode=self.bundle.mode, monitor=self)
+        except _Found as found:
+            return found.verdict
         finally:
             for h in handles:
                 h.remove()
+        return None
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        grads = name in ("unscale", "clip", "update")
+        self.mode.start(_VERDICT_PHASE[name], self._names(grads=grads, state=name == "update"))
+        with self.mode:
+            yield
+        self.mode.flush()
+
+    def after(self, name: str, **outcome: Any) -> None:
+        if name == "forward":
+            total = outcome["losses"]["total"].detach()
+            bad = None if _finite(total) else _seen_state(total, LOSS_FN, "loss total")
+        elif name == "update":
+            bad = self._bad_update()
+        else:
+            bad = self._bad_grad()
+            norm = outcome.get("norm")
+            if bad is None and norm is not None and not _finite(norm):
+                bad = _seen_state(norm, "", "grad norm")
+        if bad is not None:
+            raise _Found(self._verdict(_VERDICT_PHASE[name], bad))
 
     def _install_hooks(self) -> list[Any]:
         handles = []
@@ -394,7 +422,7 @@ class _Replay:
                         names[id(value)] = (name, f"{key} of {local}")
         return names
 
-    def _stale_state(self) -> _Seen | None:
+    def _stale_state(self) -> Finding | None:
         """Non-finite values already present when the step starts: batches, parameters, buffers, gradients."""
         for batch in self.bundle.batches:
             fields = ({f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
@@ -415,7 +443,7 @@ class _Replay:
                 return _seen_state(buf, owner, f"buffer {local}")
         return None
 
-    def _bad_grad(self) -> _Seen | None:
+    def _bad_grad(self) -> Finding | None:
         """The first parameter whose gradient is non-finite: in time when the hooks saw it, else in order."""
         order = ([self.first_grad] if self.first_grad else []) + list(self.params)
         for name in order:
@@ -425,7 +453,7 @@ class _Replay:
                 return _seen_state(grad, owner, f"grad of {local}", name)
         return None
 
-    def _bad_update(self) -> _Seen | None:
+    def _bad_update(self) -> Finding | None:
         """The first parameter, or optimizer state tensor, that is non-finite after the update."""
         for name, p in self.params.items():
             owner, local = _owner(name)
@@ -436,61 +464,7 @@ class _Replay:
                     return _seen_state(value, owner, f"{key} of {local}", name)
         return None
 
-    def _phases(self) -> Verdict | None:
-        rep, bundle, mode = self.rep, self.bundle, self.mode
-        sem = rep.config.semantics
-        batches = [b.to(rep.device) for b in bundle.batches]
-        for i, batch in enumerate(batches):
-            mode.start("forward", self._names())
-            with mode:
-                losses = rep.forward_losses(batch, bundle.weights, rnnt=bundle.rnnt, mode=bundle.mode)
-            mode.flush()
-            total = losses["total"]
-            if not _finite(total.detach()):
-                return self._verdict("forward", _seen_state(total.detach(), LOSS_FN, "loss total"))
-            if i == 0:
-                rep._zero_grad()
-            mode.start("backward", self._names())
-            with mode:
-                loss = total / len(batches)
-                if rep.scaler is not None:
-                    loss = rep.scaler.scale(loss)
-                if loss.requires_grad:
-                    loss.backward()
-            bad = self._bad_grad()
-            if bad is not None:
-                return self._verdict("backward", bad)
-        if rep.scaler is not None and sem.unscale_before_clip:
-            mode.start("backward", self._names(grads=True))
-            with mode:
-                rep.scaler.unscale_(rep.optimizer)
-            bad = self._bad_grad()
-            if bad is not None:
-                return self._verdict("backward", bad)
-
-        mode.start("clip", self._names(grads=True))
-        params = rep.clip_params()
-        with mode:
-            if rep.config.clip is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, rep.config.clip, foreach=True)
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        bad = self._bad_grad()
-        if bad is None and not _finite(norm):
-            bad = _seen_state(norm, "", "grad norm")
-        if bad is not None:
-            return self._verdict("clip", bad)
-
-        mode.start("update", self._names(grads=True, state=True))
-        with mode:
-            if rep.scaler is not None:
-                rep.scaler.step(rep.optimizer)
-            else:
-                rep.optimizer.step()
-        bad = self._bad_update()
-        return None if bad is None else self._verdict("update", bad)
-
-    def _verdict(self, phase: str, outcome: _Seen) -> Verdict:
+    def _verdict(self, phase: str, outcome: Finding) -> Verdict:
         """The phase's first produced (else first seen) non-finite op output; the outcome when no op was seen.
         The backward phase always names the first parameter whose gradient went non-finite."""
         seen = (self.mode.produced or self.mode.first_seen if self.mode.phase == phase else None) or outcome
@@ -500,8 +474,8 @@ class _Replay:
         elif not param and phase in ("clip", "update"):
             param = outcome.param
             module = module or _owner(param)[0]
-        return Verdict(self.bundle.step, phase, module, seen.tensor, seen.op, seen.dtype, seen.nan, seen.inf,
-                       seen.numel, seen.input_absmax, seen.role, param)
+        return Verdict(**{**dataclasses.asdict(seen), "module": module, "param": param}, step=self.bundle.step,
+                       phase=phase)
 
 
 def localize(step: TrainStep, bundle: ReplayBundle, *,
@@ -517,19 +491,13 @@ def localize(step: TrainStep, bundle: ReplayBundle, *,
         return _Replay(rep, bundle, expected).run()
 
 
-def _step_flags(ctx: StepContext) -> tuple[bool, bool]:
-    """The step's (rnnt, mode) loss flags. StepContext does not carry them yet; until it does, TrainStep's
-    defaults (rnnt=True, mode=False) are assumed."""
-    return getattr(ctx, "rnnt", True), getattr(ctx, "mode", False)
-
-
 class NonFiniteTracer(StepObserver):
     """Observer that localizes the first non-finite steps of a run (at most `max_traces` replays).
 
     Per step while replays remain: `capture` at the step start (cost in `workbench.instrument.replay`), and at
     the step end one check: the loss total and grad norm (already on the host), then one `torch._foreach_norm`
     over every gradient and parameter, `isfinite().all()` and one host read. A non-finite step is replayed with
-    `localize`; the verdict goes to `verdicts` and to each of `verdict_listeners`, and the bundle to
+    `localize`; the verdict goes to `verdicts` (and to a run's recorder through `events`), and the bundle to
     `save_dir/step_<n>.pt` when `save_dir` is set. A step whose replay stays finite (e.g. CUDA
     non-determinism) is listed in `unreproduced`; it uses up a replay as well.
 
@@ -543,7 +511,6 @@ class NonFiniteTracer(StepObserver):
         self.save_dir = save_dir
         self.verdicts: list[Verdict] = []
         self.unreproduced: list[int] = []
-        self.verdict_listeners: list[Callable[[Verdict], None]] = []
         self.bundle: ReplayBundle | None = None
 
     def detach(self, step: Any | None = None) -> None:
@@ -562,8 +529,8 @@ class NonFiniteTracer(StepObserver):
         if self.exhausted:
             self.bundle = None
             return
-        rnnt, mode = _step_flags(ctx)
-        self.bundle = capture(self._train_step, ctx.batches, ctx.weights, rnnt=rnnt, mode=mode, index=ctx.step)
+        self.bundle = capture(self._train_step, ctx.batches, ctx.weights, rnnt=ctx.rnnt, mode=ctx.mode,
+                              index=ctx.step)
 
     def on_step_end(self, ctx: StepContext) -> None:
         if self.bundle is None or not self._went_nonfinite(ctx):
@@ -576,8 +543,10 @@ class NonFiniteTracer(StepObserver):
             self.unreproduced.append(ctx.step)
             return
         self.verdicts.append(verdict)
-        for listener in self.verdict_listeners:
-            listener(verdict)
+
+    def events(self, step: int) -> list[tuple[str, dict[str, Any]]]:
+        """The verdict of `step`, when that step was replayed, as a "tracer" event."""
+        return [("tracer", {**v.to_dict(), "line": v.line()}) for v in self.verdicts if v.step == step]
 
     @staticmethod
     def _went_nonfinite(ctx: StepContext) -> bool:

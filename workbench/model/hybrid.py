@@ -44,6 +44,13 @@ class HybridModel(nn.Module):
         self.mode_head = ModeHead(cfg.d_model, cfg.mode_hidden, cfg.mode_classes, cfg.dropout)
         self.apply(self._init_weights)
 
+    def param_groups(self) -> dict[str, str]:
+        """The parameter groups the instruments report by: each component, each encoder layer, and the
+        decoder's predictor and joint network (group name -> parameter-name prefix)."""
+        names = ["preprocessor", "encoder"] + [f"encoder.layers.{i}" for i in range(len(self.encoder.layers))]
+        names += ["ctc_head", "rnnt_decoder.predictor", "rnnt_decoder.joint", "mode_head"]
+        return {name: name for name in names}
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear) and self.cfg.reinit_linear:
             xavier_linear_(module)

@@ -54,7 +54,7 @@ def to_json(obj: Any) -> str:
     numpy scalars and arrays become Python numbers and (nested) lists. :func:`from_json` turns those three
     strings back into floats, so a genuine string "nan" in a row also reads back as a float.
     """
-    return json.dumps(_json_safe(obj), allow_nan=False)
+    return json.dumps(json_safe(obj), allow_nan=False)
 
 
 def from_json(text: str) -> Any:
@@ -62,17 +62,18 @@ def from_json(text: str) -> Any:
     return _restore_non_finite(json.loads(text))
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """`obj` with numpy values as Python values and non-finite floats as the strings "inf", "-inf", "nan"."""
     if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
+        return json_safe(obj.tolist())
     if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
+        return json_safe(obj.item())
     if isinstance(obj, float) and not math.isfinite(obj):
         return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 

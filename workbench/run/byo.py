@@ -5,7 +5,7 @@ the probes. Your loss function takes `(model, batch)` and returns a scalar tenso
 (their sum is the total unless the dict has a "total")::
 
     import torch, torch.nn as nn, torch.nn.functional as F
-    from workbench.byo import instrument
+    from workbench.run.byo import instrument
 
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -22,12 +22,14 @@ the probes. Your loss function takes `(model, batch)` and returns a scalar tenso
 Each step records the gradient norm, max |g| and non-finite count per group (before clipping, after
 unscaling), checks that the optimizer holds every trainable parameter with a gradient, optionally records
 activation statistics, and on the first non-finite step replays it and names the first non-finite tensor and
-the op that produced it. Everything goes to the HDF5 run log (`workbench.records.RunLog` reads it).
+the op that produced it. Everything goes to `s.record` (a `workbench.records.RunRecord`) and, with `log_path`,
+to the HDF5 run log (`workbench.records.read_record` reads it back); `workbench.views.plots.training_figure`
+draws either.
 
 Low level, for your own training loop: a `GradNormProbe` needs no TrainStep. Call `collect` after your
 backward and, with a GradScaler, after `scaler.unscale_(optimizer)` (it raises if you forgot)::
 
-    from workbench.byo import GradNormProbe
+    from workbench.run.byo import GradNormProbe
 
     probe = GradNormProbe(model, {"hidden": "0", "out": "2"})
     scaler.scale(loss).backward()
@@ -43,7 +45,6 @@ backward and, with a GradScaler, after `scaler.unscale_(optimizer)` (it raises i
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -51,19 +52,17 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from matplotlib.figure import Figure
 
-from workbench.device import autocast_dtype
 from workbench.instrument import (
     ActivationStats, GradNormProbe, NonFiniteTracer, OptimizerCoverage, ParamGroups, Verdict, default_groups,
     groups_from_patterns,
 )
-from workbench.plots import training_figure
-from workbench.records import RunLogWriter
-from workbench.records.traces import StepTraces
+from workbench.records import Recorder, RunRecord, summarize
+from workbench.run.engine import RunEngine
+from workbench.train.device import autocast_dtype
 from workbench.train.step import LoopSemantics, StepConfig, StepResult, TrainStep, get_semantics
 
-__all__ = ["GradNormProbe", "Session", "SessionHistory", "UserBatch", "instrument", "loss_terms"]
+__all__ = ["GradNormProbe", "Session", "UserBatch", "instrument", "loss_terms"]
 
 UserLossFn = Callable[[nn.Module, Any], torch.Tensor | Mapping[str, torch.Tensor]]
 Groups = ParamGroups | Mapping[str, str | Sequence[str]] | Sequence[str] | None
@@ -127,8 +126,8 @@ class _LossAdapter:
 
 
 def _param_groups(model: nn.Module, groups: Groups) -> ParamGroups:
-    """None: one group per top-level child; a list of name prefixes / 're:' patterns: one group each, named by
-    the pattern; a mapping: group name -> pattern(s)."""
+    """None: the model's own groups (`param_groups()`) or one per top-level child; a list of name prefixes /
+    're:' patterns: one group each, named by the pattern; a mapping: group name -> pattern(s)."""
     if groups is None:
         return default_groups(model)
     if isinstance(groups, ParamGroups):
@@ -140,33 +139,28 @@ def _param_groups(model: nn.Module, groups: Groups) -> ParamGroups:
     return groups_from_patterns(model, {pattern: pattern for pattern in groups})
 
 
-class SessionHistory(StepTraces):
-    """Per-step series of a session, in the shape `workbench.plots.training_figure` draws (see StepTraces)."""
-
-
 class Session:
     """One instrumented training loop over your model; build it with `instrument`.
 
-    Attributes: `train_step` (the TrainStep), `probe` (GradNormProbe), `coverage` (OptimizerCoverage),
-    `tracer` (NonFiniteTracer or None), `activations` (ActivationStats or None), `writer` (RunLogWriter or
-    None), `history` (SessionHistory) and `results` (the StepResult of every step).
+    Attributes: `engine` (the RunEngine), `train_step`, `probe` (GradNormProbe), `coverage` (OptimizerCoverage),
+    `tracer` (NonFiniteTracer or None), `activations` (ActivationStats or None), `record` (the RunRecord of every
+    step) and `results` (the StepResult of every step).
     """
 
-    def __init__(self, train_step: TrainStep, probe: GradNormProbe, coverage: OptimizerCoverage,
-                 tracer: NonFiniteTracer | None, activations: ActivationStats | None,
-                 writer: RunLogWriter | None) -> None:
-        self.train_step = train_step
+    def __init__(self, engine: RunEngine, probe: GradNormProbe, coverage: OptimizerCoverage,
+                 tracer: NonFiniteTracer | None, activations: ActivationStats | None, record: RunRecord) -> None:
+        self.engine = engine
         self.probe = probe
         self.coverage = coverage
         self.tracer = tracer
         self.activations = activations
-        self.writer = writer
-        self.history = SessionHistory()
+        self.record = record
         self.results: list[StepResult] = []
         self.closed = False
-        if tracer is not None and writer is not None:
-            tracer.verdict_listeners.append(
-                lambda v: writer.log_event("tracer", {**v.to_dict(), "line": v.line()}))
+
+    @property
+    def train_step(self) -> TrainStep:
+        return self.engine.train_step
 
     @property
     def model(self) -> nn.Module:
@@ -190,96 +184,21 @@ class Session:
         moved to the model's device). Returns the step's losses (floats), skip reason, grad norm and scale."""
         if self.closed:
             raise RuntimeError("this instrumented session is closed")
-        step = self.train_step
-        # The user's loss_fn applies its own weighting: TrainStep's loss weights are not used.
-        result = step(UserBatch(batch).to(step.device), None)
+        result = self.engine.step(UserBatch(batch).to(self.train_step.device))
         self.results.append(result)
-        self._record(result)
         return result
 
-    def _record(self, result: StepResult) -> None:
-        h, i = self.history, result.step
-        for term, value in result.losses.items():
-            h.losses.setdefault(term, []).append(value)
-        stats = self.probe.latest if self.probe.latest is not None and self.probe.latest.step == i else None
-        if stats is not None:
-            for group, value in stats.group_norm.items():
-                h.group_norms.setdefault(group, []).append(value)
-            for group, count in stats.group_nonfinite.items():
-                h.group_nonfinite.setdefault(group, []).append(count)
-            h.global_norm.append(stats.global_norm)
-        h.scale.append(result.scale)
-        if result.skipped:
-            h.skipped.append(i)
-        if result.reason == "nonfinite_grad" or (stats is not None and any(stats.group_nonfinite.values())):
-            h.overflow.append(i)
-        if h.first_nonfinite_loss_step is None and not math.isfinite(result.losses["total"]):
-            h.first_nonfinite_loss_step = i
-        finding = self.coverage.latest
-        if finding is not None and finding.step == i and not finding.ok:
-            h.events.append({"step": i, "event": "coverage", "message": finding.one_line()})
-        if self.writer is not None:
-            self._log(result, stats is not None)
-
-    def _log(self, result: StepResult, has_stats: bool) -> None:
-        i = result.step
-        row: dict[str, Any] = {f"loss/{k}": v for k, v in result.losses.items()}
-        row.update({"skipped": result.skipped, "step_ms": result.ms,
-                    "nonfinite_grad": result.reason == "nonfinite_grad"})
-        if result.scale is not None:
-            row["scaler/scale_before"] = result.scale
-        if result.grad_norm is not None:
-            row["clip/total_norm"] = result.grad_norm
-        for k, group in enumerate(self.optimizer.param_groups):
-            row[f"lr/{group.get('name', f'group{k}')}"] = group["lr"]
-        if has_stats:
-            row.update(self.probe.records())
-        if self.activations is not None:
-            row.update(self.activations.records())
-        self.writer.log_step(i, row)
-        finding = self.coverage.latest
-        if finding is not None and finding.step == i and not finding.ok:
-            self.writer.log_event("coverage", {"step": i, "line": finding.one_line(),
-                                               "outside_optimizer": finding.outside_optimizer,
-                                               "frozen_in_optimizer": finding.frozen_in_optimizer})
-
     def summary(self) -> dict[str, Any]:
-        """Steps run, first non-finite loss step, skipped and overflow steps, tensors found outside the
-        optimizer, the tracer's verdict lines, the final value of each loss term and the run log's path."""
-        h = self.history
-        outside = next((f.outside_optimizer for f in self.coverage.findings if f.outside_optimizer), [])
-        return {
-            "steps": len(self.results),
-            "first_nonfinite_loss_step": h.first_nonfinite_loss_step,
-            "skipped_steps": list(h.skipped),
-            "overflow_steps": list(h.overflow),
-            "outside_optimizer": [name for name, _ in outside],
-            "tracer_verdicts": [v.line() for v in self.verdicts],
-            "final_losses": {term: values[-1] for term, values in h.losses.items() if values},
-            "log_path": str(self.writer.path) if self.writer is not None else None,
-        }
-
-    def figure(self, label: str = "run", title: str = "") -> Figure:
-        """Loss per term, gradient norm per group, GradScaler scale and non-finite entries per group, per step."""
-        return training_figure({label: self.history}, title=title)
+        """The run's summary (`workbench.records.summarize`): steps, first non-finite loss step, skipped and
+        overflow steps, tensors found outside the optimizer, the tracer's verdicts, the final losses, the log."""
+        return summarize(self.record)
 
     def close(self, *, status: str = "finished", error: str | None = None) -> None:
-        """Detach every instrument (activation hooks included), write the summary and close the run log.
-        Closing twice does nothing."""
+        """Detach every instrument (activation hooks included) and close the run log. Closing twice does nothing."""
         if self.closed:
             return
         self.closed = True
-        if self.tracer is not None:
-            self.tracer.detach(self.train_step)
-        if self.activations is not None:
-            self.activations.detach()
-        self.coverage.detach()
-        self.probe.detach()
-        if self.writer is not None:
-            if error is not None:
-                self.writer.set_attrs(error=error)
-            self.writer.set_attrs(summary=self.summary())
-            self.writer.close(status=status)
+        self.engine.close(status, **({"error": error} if error is not None else {}))
 
     def __enter__(self) -> Session:
         return self
@@ -312,8 +231,9 @@ def instrument(
 
     loss_fn must run the model it is given, not a global one: the tracer replays a step on a copy.
 
-    groups: None (one group per top-level child module), a list of parameter-name prefixes or 're:' regular
-        expressions (one group each), or a mapping group name -> pattern(s); see `groups_from_patterns`.
+    groups: None (the model's `param_groups()`, else one group per top-level child module), a list of
+        parameter-name prefixes or 're:' regular expressions (one group each), or a mapping group name ->
+        pattern(s); see `groups_from_patterns`.
     precision: "fp32", "bf16" or "fp16" autocast (fp16 with a GradScaler starting at `init_scale`).
     clip: max gradient norm (None: no clipping; the norm is still computed).
     semantics: the step's loop semantics, "corrected" (zero every gradient, clip over the optimizer's
@@ -333,24 +253,24 @@ def instrument(
     autocast_dtype(precision)  # an unknown precision fails here, not at the first step
     sem = semantics if isinstance(semantics, LoopSemantics) else get_semantics(semantics)
     probe = GradNormProbe(model, _param_groups(model, groups))
-    coverage = OptimizerCoverage(model, probe=probe)
+    instruments: list[Any] = [probe, OptimizerCoverage(model, probe=probe)]
     acts = None
     if activations:
         acts = ActivationStats(model, None if activations is True else list(activations))
+        instruments.append(acts)
     tracer = NonFiniteTracer(max_traces=1) if trace else None
+    if tracer is not None:
+        instruments.append(tracer)
     config = StepConfig(precision=precision, clip=clip, init_scale=init_scale, semantics=sem)
     train_step = TrainStep(model, optimizer, config, device, loss_fn=_LossAdapter(loss_fn))
-    writer = None
+    settings = {"model": type(model).__qualname__, "optimizer": type(optimizer).__qualname__,
+                "precision": precision, "clip": clip, "semantics": dataclasses.asdict(sem),
+                "groups": dict(probe.groups.items())}
+    record = RunRecord(settings)
     if log_path is not None:
-        settings = {"model": type(model).__qualname__, "optimizer": type(optimizer).__qualname__,
-                    "precision": precision, "clip": clip, "semantics": dataclasses.asdict(sem),
-                    "groups": dict(probe.groups.items())}
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        writer = RunLogWriter(log_path, overwrite=overwrite,
-                              attrs={"settings": settings, "torch": torch.__version__, "device": str(device)})
-        writer.declare_vector("param_grad_norm", probe.param_labels)
+    recorder = Recorder(record, sources=instruments, log_path=log_path, overwrite=overwrite,
+                        attrs={"torch": torch.__version__, "device": str(device)})
     # Observers and forward hooks go on last, once nothing above can fail and leave them behind.
-    for observer in (probe, coverage, acts, tracer):
-        if observer is not None:
-            observer.attach(train_step)
-    return Session(train_step, probe, coverage, tracer, acts, writer)
+    engine = RunEngine(train_step, instruments=instruments, recorder=recorder)
+    return Session(engine, probe, instruments[1], tracer, acts, record)

@@ -1,6 +1,6 @@
 """The seed's five success criteria, summary tables, stability-map data and conclusions, computed from runs.
 
-Everything here is a pure function of `RunRecord`s (what a run log holds; `workbench.sweep.load_record` reads
+Everything here is a pure function of `RunRecord`s (what a run log holds; `workbench.records.read_record` reads
 one) and of the sweep's grid cells. No sentence in `conclusions` is written in advance: each one is chosen and
 filled in by comparing recorded outcomes between runs that differ only in the axis the sentence is about.
 
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-# Policies that hold the decoder frozen for the first N steps and then unfreeze it (workbench.train.unfreeze).
-FREEZING_POLICIES: tuple[str, ...] = ("freeze_params", "freeze_and_mute", "add_param_group")
+from workbench.records import RunRecord, summarize
+from workbench.run.settings import axes
+from workbench.train.policies import POLICIES
+
 DECODER_PREFIX = "rnnt_decoder."
 
 # The seed's five success criteria, in its order, with the exact rule each verdict applies.
@@ -36,37 +38,10 @@ CRITERIA: dict[str, str] = {
     "all_steps_complete": "all steps complete: the run log is finished, every step is logged, and the final "
                           "validation ran (it is skipped when the parameters are non-finite)",
 }
-# Axes of a sweep cell, in the order tables list them; a stability-map panel fixes all but warmup and lr.
-AXES: tuple[str, ...] = ("semantics", "policy", "rebuild", "precision", "clip", "rnnt_normalization", "optimizer",
-                         "warmup", "lr")
-PANEL_AXES: tuple[str, ...] = tuple(a for a in AXES if a not in ("warmup", "lr"))
-
-
-@dataclass
-class RunRecord:
-    """What one run log holds, as plain Python lists aligned to steps 1..n (None where a series has no row)."""
-
-    run_id: str
-    settings: dict[str, Any]
-    status: str
-    losses: dict[str, list[float | None]]
-    group_norms: dict[str, list[float | None]]
-    group_nonfinite: dict[str, list[float | None]]
-    global_norm: list[float | None]
-    scale: list[float | None]
-    params_finite: list[bool | None]
-    skipped: list[int]
-    nonfinite_grad: list[int]
-    events: list[dict] = field(default_factory=list)
-    coverage: list[dict] = field(default_factory=list)
-    tracer: list[str] = field(default_factory=list)
-    val_per: float | None = None
-    val_rnnt_per: float | None = None
-    wall_s: float | None = None
-
-    @property
-    def steps_logged(self) -> int:
-        return len(self.losses.get("total", []))
+# Axes of a sweep cell, in the order tables list them (the run settings a sweep may vary, `settings.axes()`, with
+# the freeze length and the learning rate last); a stability-map panel fixes all but freeze_steps and lr.
+AXES: tuple[str, ...] = tuple(a for a in axes() if a not in ("freeze_steps", "lr")) + ("freeze_steps", "lr")
+PANEL_AXES: tuple[str, ...] = AXES[:-2]
 
 
 @dataclass(frozen=True)
@@ -100,35 +75,13 @@ def _finite(v: float | None) -> bool:
 
 
 def freezes(settings: Mapping[str, Any]) -> bool:
-    return (not settings.get("ctc_only")) and settings["policy"] in FREEZING_POLICIES and settings["warmup"] > 0
+    """The run's policy holds the decoder frozen for at least one step."""
+    return (not settings.get("ctc_only")) and POLICIES[settings["policy"]].freezes and settings["freeze_steps"] > 0
 
 
 def attach_step(settings: Mapping[str, Any]) -> int:
     """The decoder's first trainable step (1-based): N + 1 under a freezing policy with N > 0, else 1."""
-    return settings["warmup"] + 1 if freezes(settings) else 1
-
-
-def first_nonfinite_loss_step(record: RunRecord) -> int | None:
-    steps = [i + 1 for values in record.losses.values() for i, v in enumerate(values) if v is not None
-             and not math.isfinite(v)]
-    return min(steps, default=None)
-
-
-def first_nonfinite_param_step(record: RunRecord) -> int | None:
-    return next((i + 1 for i, ok in enumerate(record.params_finite) if ok is False), None)
-
-
-def nonfinite_from(record: RunRecord, start: int) -> int | None:
-    """The first step >= `start` with a non-finite loss term or parameter."""
-    steps = [i + 1 for values in record.losses.values() for i, v in enumerate(values)
-             if i + 1 >= start and v is not None and not math.isfinite(v)]
-    steps += [i + 1 for i, ok in enumerate(record.params_finite) if i + 1 >= start and ok is False]
-    return min(steps, default=None)
-
-
-def first_nonfinite_step(record: RunRecord) -> int | None:
-    """The first step with a non-finite loss term or parameter: the step the run diverged."""
-    return nonfinite_from(record, 1)
+    return settings["freeze_steps"] + 1 if freezes(settings) else 1
 
 
 def explosion(record: RunRecord, rule: Rule) -> dict[str, Any] | None:
@@ -163,49 +116,36 @@ def explosion(record: RunRecord, rule: Rule) -> dict[str, Any] | None:
 def decoder_outside_steps(record: RunRecord) -> list[int]:
     """Steps at or after the decoder's first trainable step where a decoder tensor trained outside the optimizer."""
     a = attach_step(record.settings)
-    return [row["step"] for row in record.coverage if row["step"] >= a
+    return [row["step"] for row in record.tables.get("coverage", []) if row["step"] >= a
             and any(name.startswith(DECODER_PREFIX) for name, *_ in row.get("outside_optimizer", []))]
 
 
 def outcome(record: RunRecord, rule: Rule) -> str:
     """"diverged" (a non-finite loss or parameter), "exploded" (finite, but the loss rule broke) or "stable"."""
-    if first_nonfinite_step(record) is not None:
+    if record.first_nonfinite_step() is not None:
         return "diverged"
     return "exploded" if explosion(record, rule) is not None else "stable"
 
 
-def _max_finite(values: Iterable[float | None]) -> float | None:
-    return max((v for v in values if _finite(v)), default=None)
-
-
 def run_summary(record: RunRecord, rule: Rule) -> dict[str, Any]:
-    """The summary-table numbers of one run, all read from its record."""
+    """The run's summary (`workbench.records.summarize`) with what the criteria measure added: the outcome, the
+    decoder's first trainable step, the loss there and K steps later, the explosion, counts for the tables."""
     total = record.losses.get("total", [])
     a = attach_step(record.settings)
     before = total[a - 1] if a <= len(total) else None
     after = total[a - 1 + rule.k_after] if a + rule.k_after <= len(total) else None
     ratio = after / before if _finite(before) and before and after is not None else None
-    boom = explosion(record, rule)
     return {
+        **summarize(record),
         "outcome": outcome(record, rule),
-        "first_nonfinite_step": first_nonfinite_step(record),
-        "first_nonfinite_loss_step": first_nonfinite_loss_step(record),
-        "first_nonfinite_param_step": first_nonfinite_param_step(record),
         "attach_step": a,
-        "steps_logged": record.steps_logged,
         "steps_skipped": len(record.skipped),
-        "nonfinite_grad_steps": len(record.nonfinite_grad),
-        "max_grad_norm": _max_finite(record.global_norm),
+        "nonfinite_grad_steps": len(record.flagged("nonfinite_grad")),
         "loss_at_attach": before,
         "loss_k_after": after,
         "loss_ratio_k_after": ratio,
-        "explosion": boom,
+        "explosion": explosion(record, rule),
         "decoder_outside_optimizer_steps": len(decoder_outside_steps(record)),
-        "final_loss": total[-1] if total else None,
-        "val_per": record.val_per,
-        "val_rnnt_per": record.val_rnnt_per,
-        "wall_s": record.wall_s,
-        "tracer": record.tracer[0] if record.tracer else None,
     }
 
 
@@ -216,7 +156,7 @@ def verdict(record: RunRecord, control: RunRecord | None, rule: Rule) -> dict[st
     is_control = bool(settings.get("ctc_only"))
     a = attach_step(settings)
     reasons: dict[str, str] = {}
-    bad = first_nonfinite_step(record)
+    bad = record.first_nonfinite_step()
     no_nonfinite = bad is None
     if not no_nonfinite:
         reasons["no_nonfinite"] = f"first non-finite loss or parameter at step {bad}"
@@ -230,19 +170,20 @@ def verdict(record: RunRecord, control: RunRecord | None, rule: Rule) -> dict[st
         outside = decoder_outside_steps(record)
         if outside:
             problems.append(f"decoder trained outside the optimizer at {len(outside)} step(s) from step {outside[0]}")
-        window = range(a, min(a + rule.k_after, record.steps_logged) + 1)
+        logged = len(record.steps)
+        window = range(a, min(a + rule.k_after, logged) + 1)
         early = [s for s in window if any(s <= len(v) and v[s - 1] is not None and not math.isfinite(v[s - 1])
                                           for v in record.losses.values())]
         if early:
             problems.append(f"non-finite loss at step {early[0]}, within {rule.k_after} steps of the unfreeze")
-        if a > record.steps_logged:
-            problems.append(f"the run ended (step {record.steps_logged}) before the decoder's first trainable step {a}")
+        if a > logged:
+            problems.append(f"the run ended (step {logged}) before the decoder's first trainable step {a}")
         clean = not problems
         if problems:
             reasons["clean_unfreeze"] = "; ".join(problems)
 
     boom = explosion(record, rule)
-    late = nonfinite_from(record, a)
+    late = record.first_nonfinite_step(a)
     stable = late is None and boom is None
     if late is not None:
         reasons["stable_after_unfreeze"] = f"non-finite loss or parameter at step {late} (decoder trainable from {a})"
@@ -252,24 +193,27 @@ def verdict(record: RunRecord, control: RunRecord | None, rule: Rule) -> dict[st
 
     per_ok: bool | None = None
     if not is_control:
-        if record.val_per is None:
+        val_per = record.attrs.get("val_per")
+        control_per = control.attrs.get("val_per") if control is not None else None
+        if val_per is None:
             per_ok = False
             reasons["per_vs_control"] = "no final validation PER (parameters non-finite or run incomplete)"
         elif control is None:
             per_ok = False
             reasons["per_vs_control"] = "no CTC-only control in this sweep"
-        elif control.val_per is None:
+        elif control_per is None:
             per_ok = True
         else:
-            per_ok = record.val_per <= control.val_per + rule.per_tolerance
+            per_ok = val_per <= control_per + rule.per_tolerance
             if not per_ok:
-                reasons["per_vs_control"] = f"PER {record.val_per:.3f} > control {control.val_per:.3f}"
+                reasons["per_vs_control"] = f"PER {val_per:.3f} > control {control_per:.3f}"
 
     expected = settings["steps"]
-    complete = record.status == "finished" and record.steps_logged == expected and record.val_per is not None
+    validated = record.attrs.get("val_per") is not None
+    complete = record.status == "finished" and len(record.steps) == expected and validated
     if not complete:
-        reasons["all_steps_complete"] = (f"status {record.status}, {record.steps_logged}/{expected} steps logged, "
-                                         f"validation {'ran' if record.val_per is not None else 'did not run'}")
+        reasons["all_steps_complete"] = (f"status {record.status}, {len(record.steps)}/{expected} steps logged, "
+                                         f"validation {'ran' if validated else 'did not run'}")
     checks = {"no_nonfinite": no_nonfinite, "clean_unfreeze": clean, "stable_after_unfreeze": stable,
               "per_vs_control": per_ok, "all_steps_complete": complete}
     return {**checks, "all": all(v is not False for v in checks.values()),
@@ -310,12 +254,12 @@ def varying_axes(cells: Sequence[Mapping[str, Any]]) -> list[str]:
 def axis_label(axis: str, value: Any) -> str:
     if axis == "lr":
         return f"lr {value:.0e}"
-    if axis == "warmup":
+    if axis == "freeze_steps":
         return f"N={value}"
     if axis == "clip":
         return "clip off" if not value else f"clip {value:g}"
-    if axis == "rebuild":
-        return "rebuild" if value else "no rebuild"
+    if axis == "rebuild_at_unfreeze":
+        return "rebuild at unfreeze" if value else "no rebuild at unfreeze"
     return str(value)
 
 
@@ -327,21 +271,21 @@ def slice_label(axes: Mapping[str, Any], names: Iterable[str]) -> str:
 
 @dataclass
 class MapPanel:
-    """One heatmap of the stability map: warmup N (rows) x lr (columns) for fixed values of the other axes.
+    """One heatmap of the stability map: freeze length N (rows) x lr (columns) for fixed values of the other axes.
 
     `cells[i][j]` holds the run's outcome, first non-finite step, final validation PER and criteria passed, or
     None when the grid has no such point.
     """
 
     title: str
-    warmups: list[int]
+    freeze_lengths: list[int]
     lrs: list[float]
     cells: list[list[dict[str, Any] | None]]
 
 
 def stability_map(cells: Sequence[Mapping[str, Any]], summaries: Mapping[str, Mapping[str, Any]],
                   verdicts: Mapping[str, Mapping[str, Any]]) -> list[MapPanel]:
-    """One panel per combination of the varied axes other than warmup and lr; runs missing from `summaries` or
+    """One panel per combination of the varied axes other than freeze_steps and lr; runs missing from `summaries` or
     `verdicts` (not finished yet) leave their cell None, so a live map keeps its shape while it fills in."""
     varied = [a for a in varying_axes(cells) if a in PANEL_AXES]
     panels: dict[tuple, list[Mapping[str, Any]]] = {}
@@ -349,17 +293,17 @@ def stability_map(cells: Sequence[Mapping[str, Any]], summaries: Mapping[str, Ma
         panels.setdefault(tuple(repr(cell["axes"][a]) for a in varied), []).append(cell)
     out = []
     for members in panels.values():
-        warmups = sorted({c["axes"]["warmup"] for c in members})
+        freeze_lengths = sorted({c["axes"]["freeze_steps"] for c in members})
         lrs = sorted({c["axes"]["lr"] for c in members})
-        grid: list[list[dict[str, Any] | None]] = [[None] * len(lrs) for _ in warmups]
+        grid: list[list[dict[str, Any] | None]] = [[None] * len(lrs) for _ in freeze_lengths]
         for c in members:
             s, v = summaries.get(c["run"]), verdicts.get(c["run"])
             if s is None or v is None:
                 continue
-            grid[warmups.index(c["axes"]["warmup"])][lrs.index(c["axes"]["lr"])] = {
+            grid[freeze_lengths.index(c["axes"]["freeze_steps"])][lrs.index(c["axes"]["lr"])] = {
                 "run": c["run"], "outcome": s["outcome"], "first_nonfinite_step": s["first_nonfinite_step"],
                 "val_per": s["val_per"], "passed": v["passed"], "applicable": v["applicable"]}
-        out.append(MapPanel(slice_label(members[0]["axes"], varied), warmups, lrs, grid))
+        out.append(MapPanel(slice_label(members[0]["axes"], varied), freeze_lengths, lrs, grid))
     return out
 
 
@@ -409,15 +353,15 @@ def axis_effect(cells: Sequence[Mapping[str, Any]], summaries: Mapping[str, Mapp
 
 def _effect_sentence(effect: Mapping[str, Any], subject: str, scope: str) -> str:
     axis = effect["axis"]
-    name = "warmup length N" if axis == "warmup" else axis
+    name = "freeze length N" if axis == "freeze_steps" else axis
     text = (f"{scope}: changing {name} alone changed whether a run went non-finite in {effect['changed']} of "
             f"{effect['groups']} comparable groups of {subject}")
     if effect["examples"]:
         text += " (e.g. " + "; ".join(effect["examples"]) + ")"
-    if axis in ("warmup", "lr") and effect["changed"]:
+    if axis in ("freeze_steps", "lr") and effect["changed"]:
         text += (f"; a larger {name} was never worse in {effect['monotone']} of those {effect['changed']} "
                  f"group(s)")
-    if axis == "warmup" and effect["all_diverged"]:
+    if axis == "freeze_steps" and effect["all_diverged"]:
         text += (f"; in {effect['all_diverged']} group(s) every N went non-finite, and the largest N did so "
                  f"later than the smallest in {effect['delayed']} of them")
     return text + "."
@@ -432,37 +376,37 @@ def conclusions(cells: Sequence[Mapping[str, Any]], summaries: Mapping[str, Mapp
     runs = sorted({c["run"] for c in cells})
     diverged = {r for r in runs if summaries[r]["first_nonfinite_step"] is not None}
 
-    warmups = sorted({c["axes"]["warmup"] for c in cells})
+    freeze_lengths = sorted({c["axes"]["freeze_steps"] for c in cells})
     by_n = []
-    for n in warmups:
-        ids = {c["run"] for c in cells if c["axes"]["warmup"] == n}
+    for n in freeze_lengths:
+        ids = {c["run"] for c in cells if c["axes"]["freeze_steps"] == n}
         by_n.append(f"N={n}: {len(ids & diverged)}/{len(ids)}")
-    lines.append(f"{len(diverged)} of {len(runs)} runs went non-finite (a NaN/Inf loss or parameter); by warmup "
+    lines.append(f"{len(diverged)} of {len(runs)} runs went non-finite (a NaN/Inf loss or parameter); by freeze "
                  f"length: " + ", ".join(by_n) + ".")
 
     # N's effect, split by whether the decoder was inside the optimizer from its first trainable step (measured by
     # the coverage instrument): the seed's loop rebuilds the optimizer only at an unfreeze.
     inside = [c for c in cells if summaries[c["run"]]["decoder_outside_optimizer_steps"] == 0]
     outside = [c for c in cells if summaries[c["run"]]["decoder_outside_optimizer_steps"] > 0]
-    if len(warmups) > 1:
+    if len(freeze_lengths) > 1:
         for subset, scope in ((inside, "Decoder inside the optimizer from its first trainable step"),
                               (outside, "Decoder training outside the optimizer")):
-            effect = axis_effect(subset, summaries, "warmup")
+            effect = axis_effect(subset, summaries, "freeze_steps")
             if effect["groups"]:
                 lines.append(_effect_sentence(effect, "runs that differ only in N", scope))
-        verdict_n = axis_effect(inside, summaries, "warmup")
+        verdict_n = axis_effect(inside, summaries, "freeze_steps")
         if verdict_n["groups"]:
             if verdict_n["changed"]:
-                how = ("consistently: a longer warmup was never worse" if verdict_n["monotone"] == verdict_n["changed"]
-                       else f"but not consistently: a longer warmup was never worse in only {verdict_n['monotone']} "
+                how = ("consistently: a longer freeze was never worse" if verdict_n["monotone"] == verdict_n["changed"]
+                       else f"but not consistently: a longer freeze was never worse in only {verdict_n['monotone']} "
                             f"of them")
-                lines.append(f"Once the decoder is in the optimizer, warmup length changed whether training stayed "
+                lines.append(f"Once the decoder is in the optimizer, the freeze length changed whether training stayed "
                              f"finite in {verdict_n['changed']} of {verdict_n['groups']} groups, {how}.")
             else:
-                lines.append(f"Once the decoder is in the optimizer, warmup length did not change whether training "
+                lines.append(f"Once the decoder is in the optimizer, the freeze length did not change whether training "
                              f"stayed finite in any of {verdict_n['groups']} groups in this grid.")
     for axis in varying_axes(cells):
-        if axis in ("warmup", "lr"):
+        if axis in ("freeze_steps", "lr"):
             continue
         effect = axis_effect(cells, summaries, axis)
         if effect["groups"]:
@@ -472,7 +416,7 @@ def conclusions(cells: Sequence[Mapping[str, Any]], summaries: Mapping[str, Mapp
     panels = stability_map(cells, summaries, verdicts)
     for panel in panels:
         parts = []
-        for i, n in enumerate(panel.warmups):
+        for i, n in enumerate(panel.freeze_lengths):
             ok = [lr for lr, cell in zip(panel.lrs, panel.cells[i]) if cell and cell["outcome"] == "stable"]
             parts.append(f"N={n}: {max(ok):.0e}" if ok else f"N={n}: none")
         lines.append(f"Largest lr that stayed finite with no loss explosion ({panel.title}): "
@@ -484,8 +428,8 @@ def conclusions(cells: Sequence[Mapping[str, Any]], summaries: Mapping[str, Mapp
         for name in CRITERIA)
     lines.append(f"All five success criteria held in {len(passed)} of {len(runs)} runs; per criterion: "
                  f"{per_criterion}.")
-    pers = {n: [summaries[r]["val_per"] for r in {c['run'] for c in cells if c['axes']['warmup'] == n}
-                if summaries[r]["val_per"] is not None] for n in warmups}
+    pers = {n: [summaries[r]["val_per"] for r in {c['run'] for c in cells if c['axes']['freeze_steps'] == n}
+                if summaries[r]["val_per"] is not None] for n in freeze_lengths}
     controls = sorted({c["control"] for c in cells if c.get("control")})
     control_pers = [summaries[c]["val_per"] for c in controls if c in summaries and summaries[c]["val_per"] is not None]
     per_parts = [f"N={n}: {statistics.median(v):.3f}" for n, v in pers.items() if v]

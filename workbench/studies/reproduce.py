@@ -11,8 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from workbench.experiment import RunResult, RunSettings
 from workbench.records import RunLog
+from workbench.run.settings import RunSettings
 
 ATTRIBUTION_GROUPS = ("encoder", "ctc_head", "rnnt_decoder.joint", "rnnt_decoder.predictor")
 
@@ -24,48 +24,28 @@ def seed_run(steps: int, *, lr: float = 1e-5, precision: str = "fp16", seed: int
                        seed=seed, init_scale=init_scale, batch_size=batch_size)
 
 
-def controls(base: RunSettings, warmup_lengths: Sequence[int]) -> list[RunSettings]:
+def controls(base: RunSettings, freeze_lengths: Sequence[int]) -> list[RunSettings]:
     """Runs that each change one thing about `base` (the names say what), in the notebook's order."""
     runs = [
-        replace(base, name="rebuild_optimizer", rebuild_optimizer=True),
+        replace(base, name="rebuild_at_stage_change", rebuild_at_stage_change=True),
         replace(base, name="clip_optimizer_params", clip_scope="optimizer"),
         replace(base, name="zero_grad_model", zero_grad_scope="model"),
         replace(base, name="bf16", precision="bf16"),
         replace(base, name="fp32", precision="fp32"),
         replace(base, name="init_scale_4096", init_scale=4096.0),
     ]
-    for n in warmup_lengths:
-        runs.append(replace(base, name=f"freeze_params_N{n}_rebuild", policy="freeze_params", warmup=n))
-        runs.append(replace(base, name=f"freeze_params_N{n}_no_rebuild", policy="freeze_params", warmup=n,
+    for n in freeze_lengths:
+        runs.append(replace(base, name=f"freeze_params_N{n}_rebuild", policy="freeze_params", freeze_steps=n))
+        runs.append(replace(base, name=f"freeze_params_N{n}_no_rebuild", policy="freeze_params", freeze_steps=n,
                             rebuild_at_unfreeze=False))
-    n_mute = sorted(warmup_lengths)[len(warmup_lengths) // 2]
-    runs.append(replace(base, name=f"freeze_and_mute_N{n_mute}", policy="freeze_and_mute", warmup=n_mute))
+    n_mute = sorted(freeze_lengths)[len(freeze_lengths) // 2]
+    runs.append(replace(base, name=f"freeze_and_mute_N{n_mute}", policy="freeze_and_mute", freeze_steps=n_mute))
     return runs
 
 
-def diverged(result: RunResult | dict) -> bool:
-    """A run diverged when some parameter became non-finite (the loss follows one step later)."""
-    row = result if isinstance(result, dict) else summary_row(result)
-    return row["first_nonfinite_param_step"] is not None or row["first_nonfinite_loss_step"] is not None
-
-
-def summary_row(result: RunResult) -> dict[str, Any]:
-    total = result.losses.get("total", [])
-    return {
-        "name": result.name,
-        "settings": result.settings,
-        "first_nonfinite_loss_step": result.first_nonfinite_loss_step,
-        "first_nonfinite_param_step": result.first_nonfinite_param_step,
-        "overflow_steps": result.overflow_steps,
-        "skipped_steps": len(result.skipped_steps),
-        "tracer_verdict": result.tracer_verdict,
-        "outside_optimizer": result.outside_optimizer,
-        "loss_step_1": total[0] if total else None,
-        "final_loss": total[-1] if total else None,
-        "final_losses": {k: v[-1] for k, v in result.losses.items() if v},
-        "val_per": result.val_per,
-        "wall_s": round(result.wall_s, 2),
-    }
+def diverged(row: dict[str, Any]) -> bool:
+    """A run diverged when a loss term or a parameter became non-finite (`summarize`'s row)."""
+    return row["first_nonfinite_step"] is not None
 
 
 def signature_reproduced(seed_row: dict[str, Any]) -> bool:
@@ -101,7 +81,8 @@ def conclusions(rows: Sequence[dict[str, Any]]) -> list[str]:
         out.append(f"{len(seed['outside_optimizer'])} trainable tensors received gradients outside the optimizer "
                    f"(the stale CTC-stage optimizer), e.g. {', '.join(seed['outside_optimizer'][:3])}.")
     if diverged(seed):
-        single = ["rebuild_optimizer", "clip_optimizer_params", "zero_grad_model", "bf16", "fp32", "init_scale_4096"]
+        single = ["rebuild_at_stage_change", "clip_optimizer_params", "zero_grad_model", "bf16", "fp32",
+                  "init_scale_4096"]
         removed = [n for n in single if n in by_name and not diverged(by_name[n])]
         kept = [n for n in single if n in by_name and diverged(by_name[n])]
         if removed:
@@ -120,8 +101,8 @@ def _wait_vs_rebuild(rows: Sequence[dict[str, Any]]) -> list[str]:
     freeze = [r for r in rows if r["settings"]["policy"] == "freeze_params"]
     if not freeze:
         return []
-    with_rebuild = {r["settings"]["warmup"]: diverged(r) for r in freeze if r["settings"]["rebuild_at_unfreeze"]}
-    without = {r["settings"]["warmup"]: diverged(r) for r in freeze if not r["settings"]["rebuild_at_unfreeze"]}
+    with_rebuild = {r["settings"]["freeze_steps"]: diverged(r) for r in freeze if r["settings"]["rebuild_at_unfreeze"]}
+    without = {r["settings"]["freeze_steps"]: diverged(r) for r in freeze if not r["settings"]["rebuild_at_unfreeze"]}
     lengths = sorted(set(with_rebuild) & set(without))
     out = [f"Gradual unfreezing (freeze_params) for N = {', '.join(map(str, lengths))} steps: with the optimizer "
            f"rebuilt at unfreeze {sum(with_rebuild[n] for n in lengths)} of {len(lengths)} diverged; without the "

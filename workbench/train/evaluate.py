@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from workbench.metrics import ctc_greedy_decode, error_rate
+from workbench.model.metrics import ctc_greedy_decode, error_rate
 
 
 @dataclass

@@ -1,15 +1,20 @@
-"""Optimizer construction with the seed's settings, and the counts the seed logs when it builds one."""
+"""Optimizer construction with the seed's settings, the one decision about the optimizer at a stage change or an
+unfreeze, and the counts the seed logs when it builds one."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterable
 
 import torch
+import torch.nn as nn
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+# What happens to the optimizer when the trainable set changes (see `change_optimizer`).
+CHANGES: tuple[str, ...] = ("rebuild", "keep", "add_group")
 
 
-def component_groups(model: torch.nn.Module) -> list[dict]:
+def component_groups(model: nn.Module) -> list[dict]:
     """Trainable parameters grouped by top-level component, each group tagged with its `name`.
 
     One group per component lets policies warm up or add the decoder's learning rate without touching the
@@ -50,9 +55,45 @@ def build_optimizer(
 
 def optimizer_size(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     """(parameter tensors, elements) held by the optimizer, as the seed logs them."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = optimizer_params(optimizer)
     return len(params), sum(p.numel() for p in params)
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def change_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, lr: float, how: str, *,
+                     added: Iterable[str] = ()) -> tuple[torch.optim.Optimizer, str]:
+    """The optimizer to use after the trainable set of `model` changed (a stage change or an unfreeze).
+
+    how: "rebuild" builds a new optimizer of the same kind and settings as `optimizer` (fresh state) over every
+    trainable parameter, one group per component (the seed rebuilds at its unfreeze); "keep" keeps `optimizer`
+    and its state, so parameters made trainable since it was built train outside it (the seed's stale optimizer
+    at its stage change); "add_group" keeps it and adds the components named in `added` as new groups.
+    Every group's learning rate becomes `lr`. Returns the optimizer and a log line in the seed's style.
+    """
+    if how not in CHANGES:
+        raise ValueError(f"optimizer change: expected one of {', '.join(CHANGES)}, got {how!r}")
+    if how == "rebuild":
+        kind = type(optimizer)
+        # defaults can hold derived entries the constructor does not take (AdamW's decoupled_weight_decay)
+        accepted = inspect.signature(kind).parameters
+        settings = {k: v for k, v in optimizer.defaults.items() if k in accepted and k != "lr"}
+        optimizer = kind(component_groups(model), lr=lr, **settings)
+        tensors, elements = optimizer_size(optimizer)
+        return optimizer, f"Created optimizer for {tensors} parameter tensors ({elements:,} elements)"
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if how == "add_group":
+        held = {id(p) for p in optimizer_params(optimizer)}
+        for name in added:
+            params = [p for p in model.get_submodule(name).parameters() if id(p) not in held]
+            optimizer.add_param_group({"name": name, "params": params, "lr": lr})
+    held = {id(p) for p in optimizer_params(optimizer)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    outside = sum(id(p) not in held for p in trainable)
+    tensors, elements = optimizer_size(optimizer)
+    verb = f"Added {', '.join(added)} to the optimizer" if how == "add_group" else "Kept the optimizer"
+    return optimizer, (f"{verb}: {tensors} parameter tensors ({elements:,} elements); {outside} of "
+                       f"{len(trainable)} trainable tensors are outside it")

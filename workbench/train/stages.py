@@ -1,15 +1,23 @@
-"""Training stages (CTC warmup -> joint -> mode): which components train, with which loss weights and learning rate.
+"""Training stages (CTC warmup -> joint -> mode): which components train, with which loss weights and learning
+rate, and the order in which each stage sees its batches.
 
-The freezing policy lives here and in `unfreeze.py`, not in the loop, in the spirit of Lightning's BaseFinetuning.
+What is trainable is decided here and by the unfreezing policies (`policies.py`), never inside the training step,
+in the spirit of Lightning's BaseFinetuning.
+
+Each stage draws its batches from its own loader and re-seeds torch's RNG (dropout) from (seed, stage index), so a
+run that starts its joint stage from a saved CTC-warm checkpoint sees exactly the batches and dropout masks the
+full run would have seen, and runs that compare settings from one checkpoint see the same data order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch.nn as nn
 
-from workbench.losses import LossWeights
+from workbench.data import B2TDataset, Batch, make_loader
+from workbench.model.losses import LossWeights
 
 COMPONENTS: tuple[str, ...] = ("preprocessor", "encoder", "ctc_head", "rnnt_decoder", "mode_head")
 STAGE_NAMES: tuple[str, ...] = ("ctc_warmup", "joint", "mode")
@@ -30,6 +38,11 @@ class Stage:
     trainable: tuple[str, ...]
     run_rnnt: bool = False
     run_mode: bool = False
+
+    @property
+    def index(self) -> int:
+        """Position in the curriculum (0 CTC warmup, 1 joint, 2 mode), whatever stages are left out."""
+        return STAGE_NAMES.index(self.name)
 
 
 def seed_stages(
@@ -68,3 +81,15 @@ def set_trainable(model: nn.Module, components: tuple[str, ...] | list[str]) -> 
         if param.requires_grad:
             trainable.append(name)
     return trainable
+
+
+def stage_seed(seed: int, stage_index: int) -> int:
+    """The seed of a stage's data order and of torch's RNG (dropout) at the stage's start."""
+    return seed * 1000 + stage_index
+
+
+def stage_batches(dataset: B2TDataset, batch_size: int, seed: int, stage: Stage) -> Iterator[Batch]:
+    """The stage's training batches, reshuffled every epoch, without end; full batches only."""
+    loader = make_loader(dataset, batch_size, shuffle=True, seed=stage_seed(seed, stage.index), drop_last=True)
+    while True:
+        yield from loader

@@ -1,4 +1,4 @@
-"""One training step used everywhere: forward, loss terms, backward, optional accumulation, clip, optimizer step.
+"""One training step used everywhere: forward and loss terms, backward, unscale, clip, update.
 
 Loop semantics are explicit switches so the seed's loop (MODE-SSM scripts/train.py, modessm.md 3.5) can be
 reproduced exactly and then corrected one switch at a time:
@@ -12,6 +12,10 @@ reproduced exactly and then corrected one switch at a time:
     clip over ALL model parameters         clip over the optimizer's parameters
     scaler.step; scaler.update             scaler.step / optimizer.step (skipped when non-finite)
 
+Each phase is a method (`forward`, `zero_grad`, `backward`, `unscale`, `clip`, `update`) and `run` is the only
+place that strings them together. The non-finite tracer replays a step by calling `run` on a replica with a
+`StepMonitor` that watches every phase, so the replay can never drift from the step it explains.
+
 Observers (the instrumentation) hook in at four points and never change what the step does:
 `on_step_start(ctx)`, `on_losses(ctx)` (first micro-batch's loss terms, graph alive, before backward),
 `on_after_backward(ctx)` (gradients unscaled, before clipping) and `on_step_end(ctx)`.
@@ -19,16 +23,18 @@ Observers (the instrumentation) hook in at four points and never change what the
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, Sequence
+from typing import Any, ContextManager, Protocol, Sequence
 
 import torch
 import torch.nn as nn
 
-from workbench.device import autocast
-from workbench.losses import LossWeights, compute_losses
+from workbench.model.losses import LossWeights, compute_losses
+from workbench.train.device import autocast
 from workbench.train.optim import optimizer_params
+
 
 class LossFn(Protocol):
     """Forward + loss terms for one batch; returns named terms and their weighted sum under the key "total"."""
@@ -39,20 +45,21 @@ class LossFn(Protocol):
 
 def hybrid_losses(model: nn.Module, batch: Any, weights: LossWeights, *, rnnt: bool, mode: bool,
                   normalization: str) -> dict[str, torch.Tensor]:
-    """The reference model's loss function: CTC, RNN-T and mode terms of `workbench.losses`."""
+    """The reference model's loss function: CTC, RNN-T and mode terms of `workbench.model.losses`."""
     outputs = model(batch.features, batch.feature_lengths, batch.targets, batch.target_lengths, rnnt=rnnt, mode=mode)
     return compute_losses(outputs, batch.feature_lengths, batch.targets, batch.target_lengths, batch.mode_labels,
                           weights, normalization)
 
 
 NONFINITE_POLICIES: tuple[str, ...] = ("skip_before_backward", "skip_step", "stop", "continue")
+SCOPES: tuple[str, ...] = ("model", "optimizer")
 
 
 @dataclass(frozen=True)
 class LoopSemantics:
     """Switches that decide how the step treats gradients of parameters the optimizer does not hold.
 
-    rebuild_optimizer: build a new optimizer at every stage change/unfreeze (False = the seed's stale optimizer).
+    rebuild_at_stage_change: build a new optimizer when a stage starts (False = the seed's stale optimizer).
     clip_scope: "model" clips over every model parameter (seed), "optimizer" over the optimizer's only.
     zero_grad_scope: "optimizer" zeroes only the optimizer's parameters (seed), "model" every parameter.
     unscale_before_clip: unscale fp16 gradients before clipping (both presets); False clips scaled gradients.
@@ -60,31 +67,31 @@ class LoopSemantics:
     """
 
     name: str
-    rebuild_optimizer: bool
+    rebuild_at_stage_change: bool
     clip_scope: str
     zero_grad_scope: str
     unscale_before_clip: bool = True
     nonfinite_policy: str = "skip_step"
 
     def __post_init__(self) -> None:
-        if self.clip_scope not in ("model", "optimizer"):
-            raise ValueError(f"clip_scope: expected 'model' or 'optimizer', got {self.clip_scope!r}")
-        if self.zero_grad_scope not in ("model", "optimizer"):
-            raise ValueError(f"zero_grad_scope: expected 'model' or 'optimizer', got {self.zero_grad_scope!r}")
+        for name in ("clip_scope", "zero_grad_scope"):
+            if getattr(self, name) not in SCOPES:
+                raise ValueError(f"{name}: expected 'model' or 'optimizer', got {getattr(self, name)!r}")
         if self.nonfinite_policy not in NONFINITE_POLICIES:
             raise ValueError(
                 f"nonfinite_policy: expected one of {', '.join(NONFINITE_POLICIES)}, got {self.nonfinite_policy!r}")
 
 
 SEMANTICS: dict[str, LoopSemantics] = {
-    "seed_faithful": LoopSemantics("seed_faithful", rebuild_optimizer=False, clip_scope="model",
+    "seed_faithful": LoopSemantics("seed_faithful", rebuild_at_stage_change=False, clip_scope="model",
                                    zero_grad_scope="optimizer", nonfinite_policy="skip_before_backward"),
-    "corrected": LoopSemantics("corrected", rebuild_optimizer=True, clip_scope="optimizer",
+    "corrected": LoopSemantics("corrected", rebuild_at_stage_change=True, clip_scope="optimizer",
                                zero_grad_scope="model", nonfinite_policy="skip_step"),
 }
 
 
 def get_semantics(name: str, **overrides: Any) -> LoopSemantics:
+    """The named semantics with single switches overridden (`rebuild_at_stage_change=True`, ...)."""
     if name not in SEMANTICS:
         raise ValueError(f"loop semantics: expected one of {', '.join(SEMANTICS)}, got {name!r}")
     sem = SEMANTICS[name]
@@ -131,6 +138,22 @@ class StepContext:
     result: StepResult | None = None
 
 
+class StepMonitor:
+    """Watches the phases of `TrainStep.run`: `phase(name)` wraps a phase's work, `after(name, **outcome)` sees
+    its outcome. Phases: "forward" (outcome `losses`), "backward", "unscale", "clip" (outcome `norm`), "update".
+    This base class does nothing; the non-finite tracer's replay checks every phase and stops at the first
+    non-finite outcome by raising from `after`."""
+
+    def phase(self, name: str) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def after(self, name: str, **outcome: Any) -> None:
+        return None
+
+
+NO_MONITOR = StepMonitor()
+
+
 def make_scaler(precision: str, device: torch.device, init_scale: float = 65536.0) -> torch.amp.GradScaler | None:
     """A GradScaler for fp16 (initial scale 65536 by default, as torch's and the seed's); None otherwise."""
     if precision != "fp16":
@@ -141,8 +164,8 @@ def make_scaler(precision: str, device: torch.device, init_scale: float = 65536.
 class TrainStep:
     """Runs optimizer steps on a model; owns the step counter, not the optimizer's lifetime.
 
-    The optimizer can be swapped (`self.optimizer = ...`) by the loop or an unfreezing policy; the GradScaler
-    persists across stages, like the seed's single scaler.
+    The optimizer can be swapped (`self.optimizer = ...`) by the run engine at a stage change or an unfreeze;
+    the GradScaler persists across stages, like the seed's single scaler.
     """
 
     def __init__(
@@ -171,32 +194,77 @@ class TrainStep:
             if hook is not None:
                 hook(ctx)
 
-    def forward_losses(self, batch: Any, weights: LossWeights, *, rnnt: bool, mode: bool) -> dict[str, torch.Tensor]:
+    # ------------------------------------------------------------------------------------------------ phases
+
+    def forward(self, batch: Any, weights: LossWeights, *, rnnt: bool, mode: bool) -> dict[str, torch.Tensor]:
         """Forward pass and loss terms for one batch (no backward), under the configured autocast."""
         with autocast(self.device, self.config.precision):
             return self.loss_fn(self.model, batch, weights, rnnt=rnnt, mode=mode,
                                 normalization=self.config.rnnt_normalization)
 
-    def _zero_grad(self) -> None:
+    def zero_grad(self) -> None:
+        """Clear gradients: every parameter's, or (the seed's loop) only the optimizer's."""
         if self.config.semantics.zero_grad_scope == "model":
             self.model.zero_grad(set_to_none=True)
         else:
             self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, total: torch.Tensor, micro_batches: int) -> None:
+        """Backward of `total / micro_batches`, multiplied by the GradScaler's scale under fp16."""
+        loss = total / micro_batches
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        if loss.requires_grad:
+            loss.backward()
+
+    def unscale(self) -> None:
+        """Divide the optimizer's gradients by the loss scale (parameters outside the optimizer keep theirs)."""
+        if self.scaler is not None and self.config.semantics.unscale_before_clip:
+            self.scaler.unscale_(self.optimizer)
 
     def clip_params(self) -> list[torch.nn.Parameter]:
         if self.config.semantics.clip_scope == "model":
             return [p for p in self.model.parameters() if p.grad is not None]
         return [p for p in optimizer_params(self.optimizer) if p.grad is not None]
 
+    def clip(self) -> torch.Tensor:
+        """The total gradient norm over `clip_params()`, clipping to `config.clip` when set (0-d tensor)."""
+        params = self.clip_params()
+        if self.config.clip is not None:
+            return torch.nn.utils.clip_grad_norm_(params, self.config.clip, foreach=True)
+        return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+
+    def update(self, norm: torch.Tensor, scale: float | None) -> tuple[bool, str | None]:
+        """Apply the optimizer step (through the GradScaler under fp16); returns (skipped, reason)."""
+        policy = self.config.semantics.nonfinite_policy
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if scale is not None and self.scaler.get_scale() < scale:
+                return True, "nonfinite_grad"
+            return False, None
+        if not torch.isfinite(norm) and policy == "skip_step":
+            return True, "nonfinite_grad"
+        if not torch.isfinite(norm) and policy == "stop":
+            raise NonFiniteError(f"step {self.step_index}: non-finite gradient norm {float(norm)}")
+        self.optimizer.step()
+        return False, None
+
+    # ---------------------------------------------------------------------------------------------- the step
+
     def __call__(self, batches: Any | Sequence[Any], weights: LossWeights, *, rnnt: bool = True,
                  mode: bool = False) -> StepResult:
+        return self.run(batches, weights, rnnt=rnnt, mode=mode)
+
+    def run(self, batches: Any | Sequence[Any], weights: LossWeights, *, rnnt: bool = True, mode: bool = False,
+            monitor: StepMonitor = NO_MONITOR) -> StepResult:
         """One optimizer step over one batch or a list of micro-batches (gradient accumulation).
 
         With k micro-batches each loss is divided by k, so the gradient is that of the mean loss; every
         statistic the observers record is per optimizer step.
         """
         batches = list(batches) if isinstance(batches, (list, tuple)) else [batches]
-        sem = self.config.semantics
+        policy = self.config.semantics.nonfinite_policy
         t0 = time.perf_counter()
         self.step_index += 1
         ctx = StepContext(self.step_index, self.model, self.optimizer, self.scaler, batches, weights, rnnt, mode)
@@ -205,50 +273,41 @@ class TrainStep:
 
         totals: dict[str, torch.Tensor] = {}
         skipped, reason = False, None
+        scale = self.scaler.get_scale() if self.scaler is not None else None
         for i, batch in enumerate(batches):
-            losses = self.forward_losses(batch, weights, rnnt=rnnt, mode=mode)
+            with monitor.phase("forward"):
+                losses = self.forward(batch, weights, rnnt=rnnt, mode=mode)
+            monitor.after("forward", losses=losses)
             ctx.losses = losses
             if i == 0:
                 self._notify("on_losses", ctx)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0) + v.detach() / len(batches)
             finite = bool(torch.isfinite(losses["total"]))
-            if not finite and sem.nonfinite_policy == "stop":
+            if not finite and policy == "stop":
                 raise NonFiniteError(f"step {self.step_index}: non-finite loss {losses['total'].item()}")
-            if not finite and sem.nonfinite_policy == "skip_before_backward":
+            if not finite and policy == "skip_before_backward":
                 skipped, reason = True, "nonfinite_loss"
                 break
             if i == 0:
-                self._zero_grad()
-            loss = losses["total"] / len(batches)
-            if self.scaler is not None:
-                loss = self.scaler.scale(loss)
-            if loss.requires_grad:
-                loss.backward()
+                self.zero_grad()
+            with monitor.phase("backward"):
+                self.backward(losses["total"], len(batches))
+            monitor.after("backward")
 
         grad_norm = None
-        scale = self.scaler.get_scale() if self.scaler is not None else None
         if not skipped:
-            if self.scaler is not None and sem.unscale_before_clip:
-                self.scaler.unscale_(self.optimizer)
+            with monitor.phase("unscale"):
+                self.unscale()
+            monitor.after("unscale")
             self._notify("on_after_backward", ctx)
-            params = self.clip_params()
-            if self.config.clip is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, self.config.clip, foreach=True)
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            with monitor.phase("clip"):
+                norm = self.clip()
+            monitor.after("clip", norm=norm)
             grad_norm = float(norm)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                if self.scaler.get_scale() < scale:
-                    skipped, reason = True, "nonfinite_grad"
-            elif not torch.isfinite(norm) and sem.nonfinite_policy == "skip_step":
-                skipped, reason = True, "nonfinite_grad"
-            elif not torch.isfinite(norm) and sem.nonfinite_policy == "stop":
-                raise NonFiniteError(f"step {self.step_index}: non-finite gradient norm {grad_norm}")
-            else:
-                self.optimizer.step()
+            with monitor.phase("update"):
+                skipped, reason = self.update(norm, scale)
+            monitor.after("update")
 
         values = torch.stack([v.float() for v in totals.values()]).tolist()
         result = StepResult(self.step_index, dict(zip(totals, values)), skipped, reason, grad_norm, scale,

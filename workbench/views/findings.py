@@ -1,6 +1,6 @@
 """Regenerate the README's findings block from executed notebooks' JSON summaries and figures.
 
-`make demo` runs the notebooks, then `python -m workbench.findings --from runs/demo` copies their figures to
+`make demo` runs the notebooks, then `python -m workbench.views.findings --from runs/demo` copies their figures to
 `docs/figures/` and rewrites the text between the README's findings markers. Every sentence comes from the
 summaries; nothing is typed in.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 START, END = "<!-- findings:start -->", "<!-- findings:end -->"
 FIGURES = {"01_reproduce_nan_explosion": ["01_outcomes.png", "01_seed_run.png", "01_ctc_warmup.png"],
-           "02_compare_warmup_lengths": ["02_stability_map.png"]}
+           "02_compare_freeze_lengths": ["02_stability_map.png"]}
 
 
 def render(source: Path, figures_dir: Path, readme_dir: Path) -> str:
@@ -29,10 +29,10 @@ def render(source: Path, figures_dir: Path, readme_dir: Path) -> str:
                   f"PER from {s['ctc_val_per_initial']:.3f} to {s['ctc_val_per_final']:.3f}):", ""]
         lines += [f"- {c}" for c in s["conclusions"]]
         lines.append("")
-    nb02 = source / "02_compare_warmup_lengths" / "02_summary.json"
+    nb02 = source / "02_compare_freeze_lengths" / "02_summary.json"
     if nb02.is_file():
         s = json.loads(nb02.read_text())
-        lines += ["From `notebooks/02_compare_warmup_lengths.ipynb`:", ""]
+        lines += ["From `notebooks/02_compare_freeze_lengths.ipynb`:", ""]
         lines += [f"- {c}" for c in s.get("conclusions", [])]
         lines.append("")
     figures_dir.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from workbench.experiment import RunState, json_safe
-from workbench.plots import LiveFigure, save_figure, training_figure
+from workbench.records import RunRecord, json_safe
+from workbench.views.plots import LiveFigure, save_figure, training_figure
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def setup(output_dir: str | Path, *, threads: int | None = None) -> Path:
@@ -43,11 +43,11 @@ class LiveRuns:
     def __init__(self, title: str = "", every: int = 1, groups: list[str] | None = None,
                  terms: list[str] | None = None) -> None:
         self.title, self.groups, self.terms, self.every = title, groups, terms, every
-        self.runs: dict[str, RunState] = {}
+        self.runs: dict[str, RunRecord] = {}
         self.live = LiveFigure()
 
     def callback(self, name: str):
-        def on_step(i: int, run: RunState) -> None:
+        def on_step(i: int, run: RunRecord) -> None:
             self.runs[name] = run
             if i % self.every == 0:
                 self.redraw()

@@ -1,7 +1,8 @@
 """Figures from run records: live in a notebook (updated in place through a display handle, the fastprogress
 pattern, which also leaves a static PNG in a headless papermill run) and saved as PNG files for the README.
 
-Plots read only recorded values (RunState objects or run logs); they never touch a model or a training step.
+Plots read only recorded values (`RunRecord`s, live or read back from run logs); they never touch a model or a
+training step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ matplotlib.use("Agg")
 
 from matplotlib.figure import Figure  # noqa: E402  (the backend must be chosen first)
 
+from workbench.records import RunRecord  # noqa: E402
+
 TERM_STYLES = {"total": "-", "ctc": ":", "rnnt": "--", "mode": "-."}
 
 
@@ -25,31 +28,27 @@ def _finite_or_none(values: Sequence[float | None]) -> list[float]:
     return [v if v is not None and math.isfinite(v) else math.nan for v in values]
 
 
-def _nonfinite_steps(values: Sequence[float | None]) -> list[int]:
-    return [i + 1 for i, v in enumerate(values) if v is None or not math.isfinite(v)]
-
-
-def training_figure(runs: Mapping[str, object], *, title: str = "", markers: Mapping[str, Sequence[int]] | None = None,
-                    groups: Sequence[str] | None = None, terms: Sequence[str] | None = None) -> Figure:
+def training_figure(runs: Mapping[str, RunRecord], *, title: str = "",
+                    markers: Mapping[str, Sequence[int]] | None = None, groups: Sequence[str] | None = None,
+                    terms: Sequence[str] | None = None) -> Figure:
     """Four panels over joint steps for one or more runs: loss per term, per-group gradient norm (first run's
     groups, or `groups`), GradScaler scale, and non-finite gradient entries per group.
 
-    `runs` maps a label to an object with RunState's fields (`losses`, `group_norms`, `group_nonfinite`, `scale`,
-    `events`). Vertical lines mark unfreeze events; crosses mark steps with a non-finite total loss.
-    `terms` limits the loss terms drawn (default: all).
+    `runs` maps a label to a RunRecord. Vertical lines mark unfreeze events; crosses mark steps with a
+    non-finite total loss. `terms` limits the loss terms drawn (default: all).
     """
     fig = Figure(figsize=(13, 7.5), layout="constrained")
     ax_loss, ax_norm, ax_scale, ax_nf = fig.subplots(2, 2).ravel()
     colors = matplotlib.colormaps["tab10"]
     for k, (label, run) in enumerate(runs.items()):
         color = colors(k % 10)
+        steps = run.steps
         for term, values in run.losses.items():
             if terms is not None and term not in terms:
                 continue
-            steps = range(1, len(values) + 1)
             ax_loss.plot(steps, _finite_or_none(values), TERM_STYLES.get(term, "-"), color=color,
                          label=f"{label} {term}" if len(runs) > 1 or term != "total" else label)
-        bad = _nonfinite_steps(run.losses.get("total", []))
+        bad = [s for s, v in zip(steps, run.losses.get("total", [])) if v is not None and not math.isfinite(v)]
         if bad:
             ax_loss.plot(bad, [0.0] * len(bad), "x", color=color, markersize=8)
         shown = groups or [g for g in run.group_norms if not g.startswith("encoder.layers")]
@@ -58,17 +57,18 @@ def training_figure(runs: Mapping[str, object], *, title: str = "", markers: Map
             group_color = colors(j % 10) if len(runs) == 1 else color
             style = "-" if len(runs) == 1 else ["-", "--", ":", "-."][j % 4]
             name = g if len(runs) == 1 else f"{label}: {g}"
-            values = run.group_norms.get(g, [])
-            ax_norm.plot(range(1, len(values) + 1), _finite_or_none(values), color=group_color, linestyle=style,
-                         label=name)
+            values = run.group_norms.get(g, [None] * len(steps))
+            ax_norm.plot(steps, _finite_or_none(values), color=group_color, linestyle=style, label=name)
             nf = run.group_nonfinite.get(g, [])
             if any(nf):
-                ax_nf.plot(range(1, len(nf) + 1), nf, "o-", color=group_color, markersize=3, label=name)
+                ax_nf.plot(steps, [v if v is not None else math.nan for v in nf], "o-", color=group_color,
+                           markersize=3, label=name)
         scale = run.scale
         if any(s is not None for s in scale):
-            ax_scale.plot(range(1, len(scale) + 1), [s if s is not None else math.nan for s in scale],
-                          color=color, label=label)
+            ax_scale.plot(steps, [s if s is not None else math.nan for s in scale], color=color, label=label)
         for ev in run.events:
+            if ev.get("event") != "unfreeze":
+                continue
             for ax in (ax_loss, ax_norm, ax_scale, ax_nf):
                 ax.axvline(ev["step"], color=color, alpha=0.4, linewidth=1)
         for step in (markers or {}).get(label, []):
@@ -104,7 +104,7 @@ def outcome_figure(rows: Sequence[Mapping]) -> Figure:
     fig = Figure(figsize=(9, 0.35 * len(rows) + 1.2), layout="constrained")
     ax = fig.subplots()
     names = [r["name"] for r in rows]
-    steps = [r["settings"]["steps"] for r in rows]
+    steps = [r["steps"] for r in rows]
     first_bad = [r["first_nonfinite_param_step"] or r["first_nonfinite_loss_step"] for r in rows]
     finite = [(b - 1 if b else n) for b, n in zip(first_bad, steps)]
     ax.barh(names, finite, color=["tab:red" if b else "tab:green" for b in first_bad])

@@ -1,0 +1,55 @@
+"""The contract every instrument follows: an observer of at most one TrainStep at a time, removable.
+
+An instrument reacts to some of TrainStep's events (`on_step_start`, `on_losses`, `on_after_backward`,
+`on_step_end`) and may offer what a run's recorder reads after each step: `row(step)`, the flat per-step values
+it measured for that step (empty when it measured nothing there), and `events(step)`, the (table, row) event
+records it produced at that step. Adding an instrument is one class here in `instrument/` with these methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, TypeVar
+
+_O = TypeVar("_O", bound="StepObserver")
+
+
+class StepObserver:
+    """Attach/detach contract of the probes.
+
+    Attaching appends the probe to `step.observers` unless it is already there, so re-running a notebook
+    cell does not double count; `with probe.attached(step):` detaches on exit, errors included.
+    """
+
+    _train_step: Any = None
+
+    def attach(self, step: Any) -> None:
+        """Observe `step` (anything with an `observers` list, such as `workbench.train.TrainStep`)."""
+        if self._train_step is not None and self._train_step is not step:
+            self.detach()
+        if not any(obs is self for obs in step.observers):
+            step.observers.append(self)
+        self._train_step = step
+
+    def detach(self) -> None:
+        """Stop observing; a no-op when not attached."""
+        if self._train_step is not None:
+            self._train_step.observers[:] = [obs for obs in self._train_step.observers if obs is not self]
+            self._train_step = None
+
+    @contextlib.contextmanager
+    def attached(self: _O, step: Any) -> Iterator[_O]:
+        """`with probe.attached(step):` observe `step` for the block, detaching on exit."""
+        self.attach(step)
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def row(self, step: int) -> dict[str, Any]:
+        """Flat values measured at `step` for a run log (none by default)."""
+        return {}
+
+    def events(self, step: int) -> list[tuple[str, dict[str, Any]]]:
+        """(table, row) event records produced at `step` (none by default)."""
+        return []

@@ -1,0 +1,102 @@
+"""The one per-step recorder: a TrainStep observer that, after every step, writes one row into the run's
+RunRecord and, when the run has a log, into its HDF5 run log.
+
+A row holds what the step itself returned and what each source instrument measured at that step
+(`source.row(step)`), plus the events the sources produced (`source.events(step)`). Keys written by the recorder
+itself:
+
+    loss/<term>           every loss term and loss/total (the step's mean over micro-batches)
+    skipped               the update was skipped (non-finite loss or gradient)
+    nonfinite_grad        the step saw a non-finite gradient (a GradScaler overflow or a non-finite norm)
+    step_ms               wall time of the step
+    scaler/scale_before   GradScaler scale the step's backward used (fp16 only)
+    clip/total_norm       the norm the clip measured (over the clip scope's parameters)
+    lr/<group>            learning rate of each optimizer group
+    params_finite         every parameter finite after the update (one batched reduction, one host read)
+
+Attach it after the instruments it reads, so their values for the step are final when it records.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from workbench.instrument.observer import StepObserver
+from workbench.records.record import RunRecord
+from workbench.records.runlog import RunLogWriter
+from workbench.train.step import StepContext, StepResult
+
+
+def params_finite(model: torch.nn.Module) -> bool:
+    norms = torch._foreach_norm([p.detach() for p in model.parameters()])
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+def step_row(result: StepResult, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    row: dict[str, Any] = {f"loss/{k}": v for k, v in result.losses.items()}
+    row.update({"skipped": result.skipped, "nonfinite_grad": result.reason == "nonfinite_grad",
+                "step_ms": result.ms})
+    if result.scale is not None:
+        row["scaler/scale_before"] = result.scale
+    if result.grad_norm is not None:
+        row["clip/total_norm"] = result.grad_norm
+    for k, group in enumerate(optimizer.param_groups):
+        row[f"lr/{group.get('name', f'group{k}')}"] = group["lr"]
+    return row
+
+
+class Recorder(StepObserver):
+    """Records every step of a run into `record` and, with `log_path`, a new run log.
+
+    sources: instruments offering `row(step)` / `events(step)` (and optionally `vector_labels`, the column names
+    of their vector series). attrs: root attributes of the run log (the run's settings under "settings").
+    """
+
+    def __init__(self, record: RunRecord, *, sources: Sequence[Any] = (),
+                 log_path: str | os.PathLike[str] | None = None, overwrite: bool = False,
+                 attrs: Mapping[str, Any] | None = None) -> None:
+        self.record = record
+        self.sources = list(sources)
+        self.writer: RunLogWriter | None = None
+        if log_path is not None:
+            self.writer = RunLogWriter(log_path, overwrite=overwrite, attrs={"settings": record.settings,
+                                                                             **(attrs or {})})
+            record.path = str(log_path)
+            for source in self.sources:
+                for key, labels in getattr(source, "vector_labels", {}).items():
+                    self.writer.declare_vector(key, labels)
+        record.attrs.update(attrs or {})
+
+    def on_step_end(self, ctx: StepContext) -> None:
+        step = ctx.step
+        row = step_row(ctx.result, ctx.optimizer)
+        row["params_finite"] = params_finite(ctx.model)
+        for source in self.sources:
+            row.update(source.row(step))
+        self.record.append(step, {k: v for k, v in row.items() if np.ndim(v) == 0})
+        if self.writer is not None:
+            self.writer.log_step(step, row)
+        for source in self.sources:
+            for table, event in source.events(step):
+                self.event(table, event)
+
+    def event(self, table: str, row: dict[str, Any]) -> None:
+        """Record an event row (a stage change, an unfreeze, a coverage finding, a tracer verdict, ...)."""
+        self.record.add_event(table, row)
+        if self.writer is not None:
+            self.writer.log_event(table, row)
+
+    def close(self, status: str = "finished", **attrs: Any) -> None:
+        """Store the run's results (`val_per=...`) and its final status; closing twice does nothing."""
+        if self.record.status != "running":
+            return
+        self.record.attrs.update(attrs)
+        self.record.status = status
+        if self.writer is not None:
+            if attrs:
+                self.writer.set_attrs(**attrs)
+            self.writer.close(status=status)

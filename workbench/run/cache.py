@@ -1,0 +1,51 @@
+"""The cached CTC-warm checkpoint every joint-stage run forks from, keyed by the settings that made it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from workbench.records import json_safe
+from workbench.run.settings import TrainSettings
+from workbench.run.staged import run_training
+
+
+def checkpoint_key(**settings: Any) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ctc_warm_checkpoint(data: str | Path, preset: str, *, seed: int = 0, steps: int = 300, lr: float = 1e-3,
+                        batch_size: int = 4, cache_dir: str | Path = "runs/cache",
+                        log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+    """Train (or load from a cache keyed by its settings) the CTC-warm checkpoint; returns (path, summary).
+
+    The training summary (losses per step, validation PER at ten points of the warmup) is cached beside it. Each
+    process trains in a temporary folder of its own and moves the finished pair into place (summary first, the
+    checkpoint last), so a reader never sees half a cache entry and two processes building the same entry at
+    once both end with a complete one.
+    """
+    key = checkpoint_key(data=str(Path(data).resolve()), preset=preset, seed=seed, steps=steps, lr=lr,
+                         batch_size=batch_size)
+    cache = Path(cache_dir)
+    path = cache / f"ctc_warm_{preset}_{key}.pt"
+    summary_path = path.with_suffix(".json")
+    if path.is_file() and summary_path.is_file():
+        log(f"Loaded CTC-warm checkpoint from cache: {path}")
+        return path, json.loads(summary_path.read_text())
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp_{key}_", dir=cache))
+    try:
+        cfg = TrainSettings(preset=preset, data=str(data), out=str(work), seed=seed, batch_size=batch_size,
+                            ctc_steps=steps, joint_steps=0, ctc_lr=lr, device="cpu", eval_every=max(1, steps // 10))
+        summary = run_training(cfg, log=log)
+        (work / "summary.json").write_text(json.dumps(json_safe(summary)))
+        os.replace(work / "summary.json", summary_path)
+        os.replace(work / "ctc_warmup.pt", path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return path, json.loads(summary_path.read_text())
