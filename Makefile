@@ -43,5 +43,11 @@ demo: install
 bench: install
 	$(PY) benchmarks/bench_instrumentation.py
 
+# Removes only what the project itself generates and regenerates on demand: make demo's output, the CTC-warm
+# checkpoint and real-length data caches, the browser test's screenshots, the test cache and the build folder.
+# Everything else under runs/ (your runs on real data, the notebooks' output folders) is kept.
+GENERATED := runs/demo runs/cache runs/data runs/browser .pytest_cache build
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf $(GENERATED)
+	@if [ -d runs ]; then echo "clean: kept runs/: $$(ls -A runs | tr '\n' ' ')"; fi

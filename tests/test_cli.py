@@ -1,12 +1,20 @@
-"""Command-line contract: --help on every subcommand, one clear line and a non-zero exit on bad input."""
+"""Command-line contract: --help on every subcommand, one clear line and a non-zero exit on bad input, one line for
+a failure during a run, --debug, and checkpoint errors. The fault-injection cases are in test_faults.py."""
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from workbench.cli import _parameter, build_parser
+from workbench.cli import CliError, _parameter, build_parser, check_device, main
+from workbench.model import get_config
+from workbench.records.runlog import RunLogError
+from workbench.train.checkpoint import CheckpointError, check_checkpoint, load_checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data_samples"
 SUBCOMMANDS = ["synth", "validate", "train", "pretrain", "run", "sweep", "trace", "report", "notebooks"]
@@ -62,3 +70,71 @@ def test_parameter_parsing():
     assert _parameter("warmup_lengths=[1, 3]") == ("warmup_lengths", [1, 3])
     assert _parameter("preset=tiny") == ("preset", "tiny")
     assert _parameter("lr=1e-4") == ("lr", 1e-4)
+
+
+def test_check_device():
+    assert check_device("--device", "auto") == "auto" and check_device("--device", "cpu") == "cpu"
+    with pytest.raises(CliError, match="--device: expected auto, cpu, cuda or cuda:N, got 'gpu'"):
+        check_device("--device", "gpu")
+    with pytest.raises(CliError, match="'cuda:99'"):
+        check_device("--device", "cuda:99")
+
+
+def _record():
+    """What the run command's progress line reads from a record after step 1."""
+    return SimpleNamespace(losses={"total": [1.0], "ctc": [1.0]}, values=lambda key: [False])
+
+
+def _run_args(checkpoint, out, *extra):
+    return ["run", "--checkpoint", str(checkpoint), "--data", str(SAMPLE), "--out", str(out), "--steps", "2",
+            "--precision", "fp32", *extra]
+
+
+@pytest.mark.parametrize("raised, code, line", [
+    (RuntimeError("boom\nsecond line"), 1, "error: run failed at step 1 of 2: RuntimeError: boom second line; "),
+    (KeyboardInterrupt(), 130, "error: run interrupted by Ctrl-C at step 1 of 2; "),
+    (signal.SIGTERM, 143, "error: run interrupted by SIGTERM at step 1 of 2; "),
+])
+def test_a_failure_during_a_run_is_one_line_and_overwrite_keeps_the_old_file(
+        ctc_checkpoint, tmp_path, monkeypatch, capsys, raised, code, line):
+    out = tmp_path / "r.h5"
+    out.write_text("the old log")
+    seen = []
+
+    def failing_run(checkpoint, data, settings, *, log_path, on_step, **kwargs):
+        seen.append(Path(log_path))
+        Path(log_path).write_text("a new log")
+        on_step(1, _record())
+        if raised is signal.SIGTERM:
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise raised
+
+    monkeypatch.setattr("workbench.run.joint.run_joint", failing_run)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(_run_args(ctc_checkpoint, out, "--overwrite")) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(line) and err.endswith(f"{out} left as it was\n")
+    assert out.read_text() == "the old log" and seen[0] != out and not seen[0].exists()
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "text.h5").write_text("not a run log")
+    with pytest.raises(RunLogError):
+        main(["--debug", "trace", str(tmp_path / "text.h5")])
+
+
+def test_checkpoint_errors_name_the_file_in_one_line(ctc_checkpoint, tmp_path):
+    (tmp_path / "text.pt").write_text("notes")
+    (tmp_path / "cut.pt").write_bytes(ctc_checkpoint.read_bytes()[:2000])
+    torch.save([1, 2], tmp_path / "list.pt")
+    for name, got in [("text.pt", "not a torch zip archive"), ("cut.pt", "truncated"),
+                      ("list.pt", "a torch file holding a list")]:
+        with pytest.raises(CheckpointError) as exc:
+            load_checkpoint(tmp_path / name)
+        assert str(exc.value).startswith(f"{tmp_path / name}: expected a workbench checkpoint")
+        assert got in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(CheckpointError, match="model_config: expected the 'small' preset, got the 'tiny' preset"):
+        check_checkpoint(ctc_checkpoint, get_config("small"))
+    with pytest.raises(CheckpointError, match="stage: expected one of joint, got 'ctc_warmup'"):
+        check_checkpoint(ctc_checkpoint, stages=("joint",))

@@ -1,23 +1,48 @@
 """Command line: `workbench SUBCOMMAND ...` or `python -m workbench SUBCOMMAND ...`.
 
 The flags of `train`, `pretrain`, `run` and `sweep` are derived from the settings schema
-(`workbench.run.settings`): one flag per setting, checked by the setting's own rules. Bad input ends with one
-clear line on stderr and exit status 2; nothing already written is removed.
+(`workbench.run.settings`): one flag per setting, checked by the setting's own rules. Every failure ends with one
+line on stderr: exit status 2 for bad input (checked before any work starts), 1 for a failure during a run, 130
+for Ctrl-C and 143 for SIGTERM (a run log then closes as "failed"); `--debug` shows the traceback instead.
+Nothing that exists is overwritten without `--overwrite`, and replacements go through a temporary file and a
+rename, so a failed write leaves the old file as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Sequence
+from types import FrameType
+from typing import Any, Iterator, NoReturn, Sequence
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so runs end as they do on Ctrl-C: their logs close as "failed"."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (`error: workbench run: ...`), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _flag(name: str) -> str:
@@ -88,14 +113,79 @@ def axis_values(args: argparse.Namespace) -> dict[str, list[Any]]:
     return out
 
 
-def _positive(flag: str, text: str) -> int:
+def _integer(flag: str, text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise CliError(f"{flag}: expected an integer >= 1, got {text!r}")
+        value = minimum - 1
+    if value < minimum:
+        raise CliError(f"{flag}: expected an integer >= {minimum}, got {text!r}")
     return value
+
+
+def _positive(flag: str, text: str) -> int:
+    return _integer(flag, text, 1)
+
+
+def check_device(flag: str, text: str) -> str:
+    """`auto`, `cpu`, `cuda` or `cuda:N` for a GPU that is there; CliError naming what is available otherwise."""
+    import torch
+
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if text in ("auto", "cpu"):
+        return text
+    if match is None:
+        raise CliError(f"{flag}: expected auto, cpu, cuda or cuda:N, got {text!r}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise CliError(f"{flag}: expected a device that is available (auto, cpu; no CUDA GPU is visible), got "
+                       f"{text!r}")
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        raise CliError(f"{flag}: expected auto, cpu, cuda or cuda:0 to cuda:{count - 1}, got {text!r}")
+    return text
+
+
+def _writable(flag: str, folder: Path) -> None:
+    """Create `folder` when needed and write a probe file in it, so an unwritable --out fails before any work."""
+    if folder.exists() and not folder.is_dir():
+        raise CliError(f"{flag}: expected a folder, got {folder}, which is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CliError(f"{flag}: expected a folder this user can write to, got {folder} "
+                       f"({exc.strerror or exc})") from None
+
+
+def _refuse_existing(flag: str, paths: Sequence[Path], overwrite: bool) -> None:
+    """Refuse to write over files that exist unless `--overwrite` was given."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise CliError(f"{flag}: {', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; choose "
+                       f"another {flag}, or pass --overwrite to replace "
+                       f"{'it' if len(existing) == 1 else 'them'}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write through a temporary file of this process and a rename: a failed write leaves the old file intact."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _say(line: str) -> None:
+    """A progress line; a stop requested by a signal whose exception got lost takes effect here."""
+    _raise_stop()
+    print(line, flush=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -103,8 +193,10 @@ def _positive(flag: str, text: str) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from workbench.data.synth import write_dataset
 
-    paths = write_dataset(args.out, sessions=_positive("--sessions", args.sessions),
-                          trials=_positive("--trials", args.trials), seed=int(args.seed), overwrite=args.overwrite)
+    sessions, trials = _positive("--sessions", args.sessions), _positive("--trials", args.trials)
+    seed = _integer("--seed", args.seed, 0)
+    _writable("--out", Path(args.out))
+    paths = write_dataset(args.out, sessions=sessions, trials=trials, seed=seed, overwrite=args.overwrite)
     for p in paths:
         print(p)
     return 0
@@ -119,39 +211,88 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from workbench.model import get_config
     from workbench.run.settings import TrainSettings
     from workbench.run.staged import run_training
+    from workbench.studies.sweep.runner import check_data
+    from workbench.train.checkpoint import check_checkpoint
+    from workbench.train.stages import STAGE_NAMES, seed_stages
 
     defaults = {"joint_steps": 0} if args.command == "pretrain" else {}
     cfg = settings_from(TrainSettings, args, defaults=defaults)
     if args.command == "pretrain" and cfg.ctc_steps == 0:
         raise CliError("--ctc-steps: expected at least 1 for pretrain (it writes the CTC-warm checkpoint), got 0")
-    summary = run_training(cfg, log=lambda line: print(line, flush=True))
+    check_device("--device", cfg.device)
+    done: tuple[str, ...] = ()
+    if cfg.resume_from:
+        state = check_checkpoint(cfg.resume_from, get_config(cfg.preset), stages=STAGE_NAMES)
+        done = STAGE_NAMES[: STAGE_NAMES.index(state["stage"]) + 1]
+    check_data(cfg.data, [cfg.batch_size], cfg.max_sessions)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    stages = [s.name for s in seed_stages(cfg.ctc_steps, cfg.joint_steps, cfg.mode_steps) if s.name not in done]
+    _refuse_existing("--out", [out / f"{name}.pt" for name in stages] + [out / "train_summary.json"],
+                     args.overwrite)
+    _writable("--out", out)
+    summary = run_training(cfg, log=_say)
+    _write_text(out / "train_summary.json", json.dumps(summary, indent=2, default=str))
     print(f"Validation PER: untrained {summary['val_per_initial']:.3f} -> final {summary['val_per_final']:.3f}")
     print(f"Summary written to {out / 'train_summary.json'}")
     return 0
+
+
+def _existing_log(out: Path, overwrite: bool) -> None:
+    """Refuse to run into a file that exists, saying what it holds, unless --overwrite."""
+    from workbench.records.runlog import describe_log
+
+    if not out.exists() or overwrite:
+        return
+    state, description = describe_log(out)
+    if state == "finished":
+        raise CliError(f"--out {out}: {description} already exists; choose another --out, or pass --overwrite to "
+                       f"replace it")
+    if state == "unreadable":
+        raise CliError(f"--out {out}: a file that is not a run log is already there ({description}); choose "
+                       f"another --out, or pass --overwrite to replace it")
+    raise CliError(f"--out {out}: {description} is there; rerun with --overwrite to start the run again and replace "
+                   f"it, or choose another --out")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from workbench.run.joint import run_joint
     from workbench.run.settings import RunSettings
     from workbench.run.staged import progress_line
+    from workbench.studies.sweep.runner import check_data
+    from workbench.train.checkpoint import check_checkpoint
 
     settings = settings_from(RunSettings, args)
+    device = check_device("--device", args.device)
+    check_checkpoint(args.checkpoint)
+    check_data(args.data, [settings.batch_size])
     out = Path(args.out)
-    if out.exists():
-        raise CliError(f"{out}: run log already exists; choose another --out (finished runs are never overwritten)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise CliError(f"--out: expected a run log file (.h5), got {out}, which is a folder")
+    _existing_log(out, args.overwrite)
+    _writable("--out", out.parent)
+    # A replacement is written beside the old file and renamed over it only once the run finished.
+    log_path = out.with_name(f".{out.name}.{os.getpid()}.tmp") if out.exists() else out
+
+    note = f"run log {out} closed as failed" if log_path == out else f"{out} left as it was"
 
     def on_step(i: int, record: Any) -> None:
+        _raise_stop()
+        args.at, args.note = f"step {i} of {settings.steps}", note
         losses = {term: values[-1] for term, values in record.losses.items()}
         print(progress_line(i, settings.steps, losses, None, bool(record.values("skipped")[-1])), flush=True)
 
-    record = run_joint(args.checkpoint, args.data, settings, log_path=out, device=args.device, on_step=on_step,
-                       log=lambda line: print(line, flush=True))
+    try:
+        record = run_joint(args.checkpoint, args.data, settings, log_path=log_path, device=device,
+                           on_step=on_step, log=_say)
+    except BaseException:
+        if log_path != out:
+            log_path.unlink(missing_ok=True)
+        raise
+    if log_path != out:
+        os.replace(log_path, out)
     print(f"first non-finite loss step: {record.first_nonfinite_loss_step()}; "
           f"first non-finite parameter step: {record.first_nonfinite_param_step()}; "
           f"skipped steps: {len(record.skipped)}; validation PER: {record.attrs.get('val_per')}")
@@ -164,10 +305,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """0 when every run is finished, 1 when some failed or a worker died, 2 on bad input."""
-    from workbench.data import B2TDataset
     from workbench.run.cache import ctc_warm_checkpoint
     from workbench.studies.criteria import format_table
     from workbench.studies.sweep import TABLE_COLUMNS, Sweep, SweepError, SweepGrid, report, table_rows
+    from workbench.studies.sweep.runner import check_data
 
     try:
         grid = SweepGrid(**axis_values(args), steps=_positive("--steps", args.steps),
@@ -177,44 +318,53 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise CliError(f"{_flag(name)}: {detail}") from None
     workers = None if args.workers is None else _positive("--workers", args.workers)
     ctc_steps = _positive("--ctc-steps", args.ctc_steps)
+    device = check_device("--device", args.device)
     if not Path(args.data).is_dir():
         raise CliError(f"--data: {args.data} is not a directory")
-    B2TDataset(args.data, "train")
+    check_data(args.data, [grid.batch_size])
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out: expected a sweep folder, got {out}, which is a file")
     if args.checkpoint is not None:
         if not Path(args.checkpoint).is_file():
             raise CliError(f"--checkpoint: {args.checkpoint} does not exist")
         checkpoint = Path(args.checkpoint)
     else:
+        _writable("--cache-dir", Path(args.cache_dir))
         checkpoint, _ = ctc_warm_checkpoint(args.data, args.preset, seed=grid.seed[0], steps=ctc_steps,
                                             batch_size=grid.batch_size, cache_dir=args.cache_dir,
-                                            log=lambda line: print(line, flush=True))
-    try:
-        sweep = Sweep(args.out, checkpoint, args.data, grid, device=args.device)
-        outcome = sweep.run(workers)
-    except SweepError as exc:
-        raise CliError(str(exc)) from None
+                                            log=_say)
+    sweep = Sweep(out, checkpoint, args.data, grid, device=device)  # checks the checkpoint and the index
+    _writable("--out", out)
+    args.note = "rerun the same command to resume: finished runs are kept"
+    outcome = sweep.run(workers)
     rep = report(sweep)
     print(format_table(table_rows(rep), TABLE_COLUMNS + ("all",)))
     for line in rep["conclusions"]:
         print(line)
+    for line in outcome.set_aside:
+        print(f"set aside: {line}")
     print(f"sweep {sweep.out}: {outcome.line(len(sweep.plan.runs))}; index: {sweep.index_path}")
     for rid, error in outcome.failed.items():
         print(f"failed: {rid}: {error}", file=sys.stderr)
-    return 1 if outcome.failed or outcome.interrupted else 0
+    return EXIT_FAILED if outcome.failed or outcome.interrupted else 0
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from workbench.records import read_record
 
+    limit = _positive("--limit", args.limit)
     record = read_record(args.runlog)
     verdicts = record.tables.get("tracer", [])
     coverage = record.tables.get("coverage", [])
     print(f"{args.runlog}: status {record.status}, {len(record.steps)} steps")
+    if record.status != "finished":
+        print(f"  error: {record.attrs.get('error')}; last step: {record.attrs.get('last_step')}"
+              if record.status == "failed" else "  interrupted: the run's process was killed or is still writing")
     print(f"tracer verdicts: {len(verdicts)}")
     for v in verdicts:
         print(f"  {v['line']}")
     print(f"optimizer-coverage findings: {len(coverage)} step(s)")
-    limit = _positive("--limit", args.limit)
     for c in coverage[:limit]:
         print(f"  {c['line']}")
     if len(coverage) > limit:
@@ -222,10 +372,28 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from workbench.views.report import write_report
+REPORT_FILES = ("training.png", "outcomes.png", "summary.json", "summary.md")
 
-    for path in write_report(args.runlogs, args.out):
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from workbench.records import RunLog
+
+    for path in args.runlogs:
+        RunLog(path).close()
+    out = Path(args.out)
+    _refuse_existing("--out", [out / name for name in REPORT_FILES], args.overwrite)
+    _writable("--out", out)
+    from workbench.views.report import write_report  # matplotlib: imported only once the input is known good
+
+    # Written into a folder of this process first, then renamed into place file by file.
+    work = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    try:
+        written = [out / Path(path).name for path in write_report(args.runlogs, work)]
+        for path in written:
+            os.replace(work / path.name, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for path in written:
         print(path)
     return 0
 
@@ -242,19 +410,23 @@ def _parameter(text: str) -> tuple[str, object]:
 
 
 def cmd_notebooks(args: argparse.Namespace) -> int:
-    import papermill as pm
-
     from workbench.views.notebook import REPO_ROOT
 
     available = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     chosen = [nb for nb in available if not args.only or nb.name[:2] in args.only.split(",")]
     if not chosen:
         raise CliError(f"--only {args.only}: no notebook matches; available: {', '.join(n.name for n in available)}")
+    seed = _integer("--seed", args.seed, 0)
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    _refuse_existing("--out", [out / nb.name for nb in chosen], args.overwrite)
+    _writable("--out", out)
+    import papermill as pm
+
     for nb in chosen:
-        params = {"preset": args.preset, "seed": int(args.seed), "output_dir": str(out / nb.stem),
-                  **dict(args.param)}
+        params = {"preset": args.preset, "seed": seed, "output_dir": str(out / nb.stem), **dict(args.param)}
+        if args.overwrite and "overwrite" in pm.inspect_notebook(str(nb)):
+            params.setdefault("overwrite", True)  # the notebook's own switch for its artefacts
+        args.at = nb.name
         print(f"{nb.name} -> {out / nb.name}", flush=True)
         pm.execute_notebook(str(nb), str(out / nb.name), parameters=params, kernel_name=args.kernel,
                             cwd=str(REPO_ROOT), progress_bar=True)
@@ -267,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     from workbench.model.config import PRESETS
     from workbench.run.settings import RunSettings, TrainSettings
 
-    parser = argparse.ArgumentParser(prog="workbench", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="workbench", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write a synthetic dataset in the Brain-to-Text '25 HDF5 layout")
@@ -286,13 +459,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help="staged training (CTC warmup -> joint -> mode) with checkpoints"
                            if name == "train" else "CTC-warmup stage only: the checkpoint joint-stage runs fork from")
         add_settings(p, TrainSettings, defaults={"joint_steps": 0} if name == "pretrain" else None)
+        p.add_argument("--overwrite", action="store_true", help="replace checkpoints and train_summary.json "
+                                                                "already in --out")
         p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="one instrumented joint-stage run from a CTC-warm checkpoint, logged to HDF5")
     p.add_argument("--checkpoint", required=True, help="CTC-warm checkpoint (e.g. OUT/ctc_warmup.pt from train)")
     p.add_argument("--data", default="data_samples")
-    p.add_argument("--out", required=True, help="run log to write (.h5); must not exist")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="run log to write (.h5); must not exist unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the file at --out once the new run finished")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
     add_settings(p, RunSettings)
     p.set_defaults(func=cmd_run)
 
@@ -314,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", default="4")
     p.add_argument("--no-controls", action="store_true", help="leave out the CTC-only control runs")
     p.add_argument("--workers", default=None, help="worker processes (default: one per core)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("trace", help="print the tracer verdicts and optimizer-coverage findings of a run log")
@@ -325,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="figures and a summary table from one or more run logs")
     p.add_argument("runlogs", nargs="+", help="run logs (.h5) written by `run`, `sweep` or the notebooks")
     p.add_argument("--out", required=True, help="folder for training.png, outcomes.png, summary.json/.md")
+    p.add_argument("--overwrite", action="store_true", help="replace report files already in --out")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("notebooks", help="execute the notebooks headlessly with papermill into a folder")
@@ -335,20 +512,81 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--param", type=_parameter, action="append", default=[],
                    help="extra parameter NAME=VALUE (JSON values allowed), repeatable")
     p.add_argument("--kernel", default="rnnt-workbench", help="Jupyter kernel (registered by `make install`)")
+    p.add_argument("--overwrite", action="store_true", help="replace executed notebooks already in --out (and "
+                                                            "pass overwrite=True to notebooks that take it)")
     p.set_defaults(func=cmd_notebooks)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _bad_input() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the input is wrong (exit 2) rather than that a run failed (exit 1)."""
     from workbench.data import DataError
+    from workbench.records.runlog import RunLogError
     from workbench.run.settings import SettingsError
+    from workbench.studies.sweep import SweepError
+    from workbench.train.checkpoint import CheckpointError
 
+    return (CliError, DataError, SettingsError, SweepError, CheckpointError, RunLogError, FileNotFoundError,
+            FileExistsError)
+
+
+# The signal that asked the command to stop. A handler's exception raised while Python runs a weakref callback
+# or a __del__ is printed and dropped, and the run would go on: the progress callbacks raise it again.
+_STOP_REQUESTED: list[int] = []
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    _STOP_REQUESTED.append(signum)
+    _raise_stop()
+
+
+def _raise_stop() -> None:
+    if _STOP_REQUESTED:
+        if _STOP_REQUESTED[-1] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated("SIGTERM")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with _sigterm_raises():
+        try:
+            return args.func(args)
+        except BaseException as exc:
+            if args.debug or isinstance(exc, SystemExit):
+                raise
+            code, line = _failure(args, exc)
+            print(f"error: {line}", file=sys.stderr)
+            return code
+
+
+def _failure(args: argparse.Namespace, exc: BaseException) -> tuple[int, str]:
+    """Exit status and the one line that reports `exc`."""
+    note = f"; {args.note}" if getattr(args, "note", None) else ""
+    at = f" at {args.at}" if getattr(args, "at", None) else ""
+    if isinstance(exc, (KeyboardInterrupt, Terminated)):
+        code, cause = (EXIT_INTERRUPTED, "Ctrl-C") if isinstance(exc, KeyboardInterrupt) else \
+            (EXIT_TERMINATED, "SIGTERM")
+        return code, f"{args.command} interrupted by {cause}{at}{note}"
+    if isinstance(exc, _bad_input()):
+        return EXIT_BAD_INPUT, _one_line(exc) + (note if at else "")
+    return EXIT_FAILED, f"{args.command} failed{at}: {type(exc).__name__}: {_one_line(exc)}{note}"
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While a command runs, SIGTERM raises `Terminated` and SIGINT KeyboardInterrupt in the main thread (run logs
+    close as "failed"), and again at the next step should the first one be dropped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _STOP_REQUESTED.clear()
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return args.func(args)
-    except (DataError, CliError, SettingsError, FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 
 from runlog_writer import step_values
 from workbench.records import RunLog, RunLogWriter
+from workbench.records.runlog import RunLogError, describe_log
 
 ROOT = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).resolve().parent / "runlog_writer.py"
@@ -133,6 +134,57 @@ def test_status_running_finished_failed(tmp_path):
     with RunLog(tmp_path / "failed.h5") as log:
         assert log.status == "failed"
         assert log.attrs["error"] == "FloatingPointError('boom\\nsecond line')"
+
+
+def test_failed_log_keeps_error_and_last_step(tmp_path):
+    with pytest.raises(KeyboardInterrupt), RunLogWriter(tmp_path / "stopped.h5") as w:
+        for step in range(1, 4):
+            w.log_step(step, {"loss": 1.0})
+        raise KeyboardInterrupt
+    with RunLog(tmp_path / "stopped.h5") as log:
+        assert log.status == "failed" and log.attrs["last_step"] == 3 and log.attrs["error"] == "KeyboardInterrupt()"
+    RunLogWriter(tmp_path / "empty_run.h5").close(status="failed")
+    with RunLog(tmp_path / "empty_run.h5") as log:
+        assert log.attrs["last_step"] is None
+    RunLogWriter(tmp_path / "done.h5").close()
+    with RunLog(tmp_path / "done.h5") as log:
+        assert "last_step" not in log.attrs
+
+
+def test_unreadable_files_are_one_line_run_log_errors(tmp_path):
+    with RunLogWriter(tmp_path / "run.h5") as w:
+        w.log_step(1, {"loss": 1.0})
+    data = (tmp_path / "run.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(data[:4000])
+    (tmp_path / "empty.h5").write_bytes(b"")
+    (tmp_path / "text.h5").write_text("step,loss\n")
+    with h5py.File(tmp_path / "v2.h5", "w") as f:
+        f.attrs.update({"format": "workbench-runlog", "format_version": 2})
+    for name, got in [("cut.h5", "a truncated HDF5 file"), ("empty.h5", "an empty file"),
+                      ("text.h5", "a file that is not HDF5"), ("v2.h5", "format 'workbench-runlog' version 2")]:
+        with pytest.raises(RunLogError) as exc:
+            RunLog(tmp_path / name)
+        message = str(exc.value)
+        assert message.startswith(f"{tmp_path / name}: expected a run log") and got in message
+        assert "\n" not in message
+
+
+def test_describe_log_names_each_state(tmp_path):
+    assert describe_log(tmp_path / "none.h5")[0] == "missing"
+    with RunLogWriter(tmp_path / "done.h5") as w:
+        w.log_step(4, {"loss": 1.0})
+    assert describe_log(tmp_path / "done.h5") == ("finished", "a finished run log (last step 4)")
+    writer = RunLogWriter(tmp_path / "killed.h5")
+    writer.log_step(2, {"loss": 1.0})
+    state, text = describe_log(tmp_path / "killed.h5")
+    assert state == "running" and "an interrupted run log" in text and "last step 2" in text
+    writer.set_attrs(error="OSError('disk full')")
+    writer.close(status="failed")
+    failed = "a failed run log (last step 2; error: OSError('disk full'))"
+    assert describe_log(tmp_path / "killed.h5") == ("failed", failed)
+    (tmp_path / "notes.h5").write_text("mine")
+    state, text = describe_log(tmp_path / "notes.h5")
+    assert state == "unreadable" and text.startswith("expected a run log")
 
 
 def test_reader_sees_flushed_steps_while_writer_open(tmp_path):

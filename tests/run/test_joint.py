@@ -11,6 +11,7 @@ from workbench.records import RunLog, read_record, summarize
 from workbench.run.cache import ctc_warm_checkpoint
 from workbench.run.joint import run_joint
 from workbench.run.settings import RunSettings
+from workbench.train.checkpoint import check_checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data_samples"
 
@@ -26,6 +27,19 @@ def test_checkpoint_cache_is_keyed_by_settings(checkpoint, ctc_warmup):
     other, _ = ctc_warm_checkpoint(SAMPLE, cache_dir=checkpoint.parent, log=lambda s: None,
                                    **{**ctc_warmup, "steps": 2})
     assert other != checkpoint and not list(checkpoint.parent.glob(".tmp_*"))
+
+
+@pytest.mark.slow
+def test_two_processes_build_one_cache_entry_at_once(tmp_path):
+    code = ("import sys; from workbench.run.cache import ctc_warm_checkpoint; "
+            "print(ctc_warm_checkpoint(sys.argv[1], 'tiny', steps=3, cache_dir=sys.argv[2], log=lambda s: None)[0])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(SAMPLE), str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    (path,) = {Path(out.strip()) for out, _ in outs}
+    check_checkpoint(path)
+    assert {p.name for p in tmp_path.iterdir()} == {path.name, path.with_suffix(".json").name}
 
 
 def test_two_forks_with_the_same_settings_are_bitwise_identical(checkpoint):

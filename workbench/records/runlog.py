@@ -3,8 +3,10 @@
 Layout of a run log (``format`` = "workbench-runlog", ``format_version`` = 1):
 
 - root attributes: run metadata. ``format``, ``format_version``, ``created`` (ISO time), ``status``
-  ("running", then "finished" or "failed"), ``finished`` (ISO time, set on close) and ``error`` (one-line
-  exception repr, set on failure) are always managed by the writer. User attributes that are str, bool, int,
+  ("running", then "finished" or "failed"), ``finished`` (ISO time, set on close), ``error`` (one-line
+  exception repr, set on failure) and ``last_step`` (the last step logged, set when a run closes as anything
+  but "finished") are always managed by the writer. A log still "running" whose writer is gone was killed
+  (SIGKILL, power loss): it keeps every flushed step. User attributes that are str, bool, int,
   float or numpy scalars are stored as native HDF5 attributes; anything else (dict, list, None, ...) is stored
   as a JSON string (see :func:`to_json`) and its name is listed in the ``json_attrs`` attribute (a JSON list),
   so the reader knows which strings to decode.
@@ -39,6 +41,7 @@ FORMAT_VERSION = 1
 Value = float | int | bool | np.ndarray | Sequence[float]
 
 _RESERVED_ATTRS = frozenset({"format", "format_version", "json_attrs"})
+STATUSES = ("running", "finished", "failed")
 _NATIVE_ATTR_TYPES = (str, bool, int, float, np.generic)
 # numpy dtype kind -> (series kind, storage dtype); a series may widen bool -> int -> float but never narrow.
 _KINDS = {"b": ("bool", np.uint8), "i": ("int", np.int64), "u": ("int", np.int64), "f": ("float", np.float64)}
@@ -98,6 +101,10 @@ class _Series:
     kind: str
 
 
+class RunLogError(ValueError):
+    """A file that is not a readable run log; the message is one line naming the file and what was expected."""
+
+
 class RunLogWriter:
     """Appends series and event rows to a new run log; use as a context manager or call :meth:`close`.
 
@@ -118,6 +125,7 @@ class RunLogWriter:
         self.path = Path(path)
         self._flush_every = flush_every
         self._unflushed_steps = 0
+        self._last_step: int | None = None
         self._series: dict[str, _Series] = {}
         self._tables: dict[str, h5py.Dataset] = {}
         self._labels: dict[str, list[str]] = {}
@@ -183,6 +191,7 @@ class RunLogWriter:
             series.values.resize((n + 1, *series.values.shape[1:]))
             series.steps[n] = step
             series.values[n] = row.astype(series.values.dtype)
+        self._last_step = step
         self._unflushed_steps += 1
         if self._unflushed_steps >= self._flush_every:
             h5.flush()
@@ -206,8 +215,11 @@ class RunLogWriter:
         h5.flush()
 
     def close(self, status: str = "finished") -> None:
-        """Write ``status`` and the ``finished`` time, then close the file; closing twice does nothing."""
+        """Write ``status`` and the ``finished`` time (and, unless finished, the last step logged), then close the
+        file; closing twice does nothing."""
         if self._file:
+            if status != "finished":
+                self._write_attrs({"last_step": self._last_step})
             self._file.attrs["status"] = status
             self._file.attrs["finished"] = _now()
             self._file.close()
@@ -284,20 +296,30 @@ class RunLog:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"run log {self.path} does not exist")
+        expected = f"a run log (HDF5, format {FORMAT!r} version {FORMAT_VERSION})"
         try:
             # locking=False: the writer holds the file (and its lock) open for the whole run.
             self._file = h5py.File(self.path, "r", locking=False)
         except OSError as err:
-            raise ValueError(f"cannot open {self.path} as an HDF5 run log: {err}") from None
-        raw = dict(self._file.attrs)
-        if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
+            raise RunLogError(f"{self.path}: expected {expected}, got {_unopenable(self.path, err)}") from None
+        try:
+            raw = dict(self._file.attrs)
+            if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
+                got = (f"format {_to_python(raw.get('format'))!r} version {_to_python(raw.get('format_version'))!r}"
+                       if "format" in raw else "no run-log attributes")
+                raise RunLogError(f"{self.path}: expected {expected}, got an HDF5 file with {got}")
+            json_names = set(json.loads(raw.pop("json_attrs", "[]")))
+            self.attrs: dict[str, Any] = {
+                name: from_json(value) if name in json_names else _to_python(value) for name, value in raw.items()
+            }
+            if self.attrs.get("status") not in STATUSES:
+                raise RunLogError(f"{self.path}: status: expected one of {', '.join(STATUSES)}, "
+                                  f"got {self.attrs.get('status')!r}")
+        except (OSError, ValueError) as err:
             self._file.close()
-            raise ValueError(f"{self.path} is not a run log of format {FORMAT!r} version {FORMAT_VERSION} "
-                             f"(format={raw.get('format')!r}, format_version={raw.get('format_version')!r})")
-        json_names = set(json.loads(raw.pop("json_attrs", "[]")))
-        self.attrs: dict[str, Any] = {
-            name: from_json(value) if name in json_names else _to_python(value) for name, value in raw.items()
-        }
+            if isinstance(err, RunLogError):
+                raise
+            raise RunLogError(f"{self.path}: expected {expected}, got damaged attributes ({err})") from None
 
     def __enter__(self) -> RunLog:
         return self
@@ -374,6 +396,39 @@ class RunLog:
         if not isinstance(group, h5py.Group) or "kind" not in group.attrs:
             raise KeyError(f"no series {key!r} in {self.path}; available: {self.series_names()}")
         return group
+
+
+def _unopenable(path: Path, err: OSError) -> str:
+    """What a file HDF5 cannot open looks like, in a few words."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "an empty file"
+    if head != b"\x89HDF\r\n\x1a\n":
+        return f"a file that is not HDF5 (it starts with {head[:4]!r})"
+    if "truncated" in str(err):
+        return "a truncated HDF5 file (a copy cut short?)"
+    return f"an HDF5 file that does not open ({str(err).splitlines()[0]})"
+
+
+def describe_log(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """(state, one phrase for messages) of the file at `path`; state is "missing", "finished", "running" (killed
+    or still writing), "failed" or "unreadable" (not a run log of this format version)."""
+    path = Path(path)
+    if not path.exists():
+        return "missing", f"no file at {path}"
+    try:
+        with RunLog(path) as log:
+            status, last = log.status, log.last_step()
+            error = log.attrs.get("error")
+    except (OSError, ValueError, KeyError) as err:  # KeyError: a series group without its datasets
+        return "unreadable", str(err).removeprefix(f"{path}: ")
+    where = "no step logged" if last is None else f"last step {last}"
+    if status == "finished":
+        return status, f"a finished run log ({where})"
+    if status == "running":
+        return status, f"an interrupted run log (status 'running': its process was killed or is still writing; {where})"
+    return status, f"a failed run log ({where}; error: {error})"
 
 
 def _to_python(value: Any) -> Any:

@@ -16,7 +16,7 @@ from workbench.data import B2TDataset, make_loader
 from workbench.model import HybridModel, get_config
 from workbench.run.engine import RunEngine
 from workbench.run.settings import TrainSettings
-from workbench.train.checkpoint import load_checkpoint, save_checkpoint
+from workbench.train.checkpoint import check_checkpoint, load_weights, save_checkpoint
 from workbench.train.device import pick_device, seed_everything
 from workbench.train.evaluate import evaluate
 from workbench.train.optim import build_optimizer
@@ -62,8 +62,8 @@ def run_training(cfg: TrainSettings, log: Callable[[str], None] = print) -> dict
                          ctc_lr=cfg.ctc_lr, joint_lr=cfg.joint_lr, mode_lr=cfg.mode_lr)
     done: set[str] = set()
     if cfg.resume_from:
-        state = load_checkpoint(cfg.resume_from, map_location=device)
-        model.load_state_dict(state["model"])
+        state = check_checkpoint(cfg.resume_from, model.cfg, stages=STAGE_NAMES)
+        load_weights(model, state["model"], cfg.resume_from)
         done = set(STAGE_NAMES[: STAGE_NAMES.index(state["stage"]) + 1])
         log(f"Resumed from {cfg.resume_from} (completed stage {state['stage']})")
     semantics = get_semantics(cfg.semantics)

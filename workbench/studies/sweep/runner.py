@@ -6,10 +6,13 @@ Layout of a sweep folder:
                         and data it belongs to and, per run id, settings, status, log path, summary (with the
                         default criteria.Rule) and error
     runs/<run_id>.h5    one run log per run, written by the worker that runs it
-    .lock               held (flock) while a sweep runs here, so two sweeps never share a folder
+    runs/set_aside/     logs the sweep could not use (failed, interrupted, unreadable, another format version),
+                        moved here with a `<name>.reason.txt` beside each instead of being deleted
+    .lock               held (flock) while a sweep runs here, so two sweeps never share a folder; opened without
+                        truncating, so a file of that name keeps its content
 
-Running the same sweep again redoes only runs whose log is missing or not "finished" (an incomplete log is
-deleted first); a finished log is never recomputed or touched.
+Running the same sweep again redoes only runs whose log is missing or not "finished" (any other log is set aside
+first); a finished log is never recomputed or touched.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
 import fcntl
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -33,11 +37,14 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 import torch
 from tqdm import tqdm
 
-from workbench.records import RunLog, RunRecord, json_safe, read_record
+from workbench.data import B2TDataset, make_loader
+from workbench.records import RunRecord, json_safe, read_record
+from workbench.records.runlog import describe_log
 from workbench.run.joint import run_joint
 from workbench.run.settings import RunSettings
 from workbench.studies.criteria import Rule, run_summary
-from workbench.studies.sweep.grid import SweepError, SweepGrid, make_plan
+from workbench.studies.sweep.grid import Plan, SweepError, SweepGrid, make_plan
+from workbench.train.checkpoint import check_checkpoint
 
 INDEX_FORMAT = "workbench-sweep"
 INDEX_VERSION = 1
@@ -45,13 +52,17 @@ INDEX_VERSION = 1
 
 def log_status(path: Path) -> str:
     """"finished", "incomplete" (running when killed, failed, or unreadable) or "missing"."""
-    if not path.exists():
-        return "missing"
-    try:
-        with RunLog(path) as log:
-            return "finished" if log.status == "finished" else "incomplete"
-    except (OSError, ValueError, KeyError):
-        return "incomplete"
+    state, _ = describe_log(path)
+    return state if state in ("finished", "missing") else "incomplete"
+
+
+def check_data(data: str | Path, batch_sizes: Sequence[int], max_sessions: int | None = None) -> None:
+    """Open the train and validation splits (DataError when either is missing or malformed) and check that every
+    batch size yields full batches, before any run starts (a run would otherwise fail only once it is under way)."""
+    train = B2TDataset(data, "train", max_sessions=max_sessions)
+    B2TDataset(data, "val", max_sessions=max_sessions)
+    for batch_size in sorted(set(batch_sizes)):
+        make_loader(train, batch_size, shuffle=False, seed=0, drop_last=True)
 
 
 # ---------------------------------------------------------------------------------------------------- workers
@@ -106,6 +117,7 @@ class SweepOutcome:
     reused: list[str] = field(default_factory=list)
     done: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    set_aside: list[str] = field(default_factory=list)
     interrupted: bool = False
 
     def line(self, total: int) -> str:
@@ -123,37 +135,66 @@ def file_sha256(path: Path) -> str:
 
 
 class Sweep:
-    """The runs of `grids` from one CTC-warm checkpoint, kept in folder `out`."""
+    """The runs of `grids` (or of a ready `Plan`) from one CTC-warm checkpoint, kept in folder `out`."""
 
     def __init__(self, out: str | Path, checkpoint: str | Path, data: str | Path,
-                 grids: SweepGrid | Sequence[SweepGrid], *, device: str = "cpu") -> None:
+                 grids: SweepGrid | Sequence[SweepGrid] | Plan, *, device: str = "cpu") -> None:
         self.out = Path(out)
         self.checkpoint = Path(checkpoint).resolve()
         self.data = Path(data).resolve()
         self.device = device
-        self.grids = [grids] if isinstance(grids, SweepGrid) else list(grids)
-        self.plan = make_plan(self.grids)
+        if isinstance(grids, Plan):  # runs planned elsewhere (notebook 01's configurations x seeds)
+            self.grids, self.plan = [], grids
+        else:
+            self.grids = [grids] if isinstance(grids, SweepGrid) else list(grids)
+            self.plan = make_plan(self.grids)
         self.index_path = self.out / "index.json"
         if not self.checkpoint.is_file():
             raise FileNotFoundError(f"checkpoint {self.checkpoint} does not exist")
+        check_checkpoint(self.checkpoint)
+        check_data(self.data, [settings.batch_size for settings in self.plan.runs.values()])
         self.index = self._load_index()
+        self.set_aside: list[str] = []
 
     def log_path(self, rid: str) -> Path:
         return self.out / "runs" / f"{rid}.h5"
 
     def _load_index(self) -> dict[str, Any]:
         sha = file_sha256(self.checkpoint)
-        if self.index_path.is_file():
-            index = json.loads(self.index_path.read_text())
-            if index.get("format") != INDEX_FORMAT or index.get("version") != INDEX_VERSION:
-                raise SweepError(f"{self.index_path} is not a sweep index of format {INDEX_FORMAT!r} "
-                                 f"version {INDEX_VERSION}")
+        if self.index_path.exists():
+            index = self._read_index()
             if index["checkpoint_sha256"] != sha or index["data"] != str(self.data):
                 raise SweepError(f"{self.out} holds a sweep of checkpoint {index['checkpoint']} on data "
                                  f"{index['data']}; choose another output folder")
             return index
         return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "checkpoint": str(self.checkpoint),
                 "checkpoint_sha256": sha, "data": str(self.data), "runs": {}}
+
+    def _read_index(self) -> dict[str, Any]:
+        """index.json checked for its shape; a SweepError naming it and saying how to recover otherwise."""
+        expected = f"a sweep index (JSON object of format {INDEX_FORMAT!r} version {INDEX_VERSION})"
+        recover = (f"move it away (e.g. to {self.index_path.name}.bad) and rerun the sweep: finished run logs in "
+                   f"{self.out / 'runs'} are kept and indexed again")
+        try:
+            index = json.loads(self.index_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            got = "an empty file" if self.index_path.is_file() and not self.index_path.stat().st_size else \
+                f"a file that does not parse ({type(exc).__name__}: {exc})"
+            raise SweepError(f"{self.index_path}: expected {expected}, got {got}; {recover}") from None
+        if not isinstance(index, dict):
+            raise SweepError(f"{self.index_path}: expected {expected}, got a JSON {type(index).__name__}; {recover}")
+        if index.get("format") != INDEX_FORMAT or index.get("version") != INDEX_VERSION:
+            raise SweepError(f"{self.index_path}: expected {expected}, got format {index.get('format')!r} version "
+                             f"{index.get('version')!r}; {recover}")
+        shape = {"checkpoint": str, "checkpoint_sha256": str, "data": str, "runs": dict}
+        wrong = [k for k, kind in shape.items() if not isinstance(index.get(k), kind)]
+        runs = index["runs"] if isinstance(index.get("runs"), dict) else {}
+        wrong += [f"runs.{rid}" for rid, entry in runs.items()
+                  if not isinstance(entry, dict) or not {"settings", "log", "status", "summary", "error"} <= set(entry)]
+        if wrong:
+            raise SweepError(f"{self.index_path}: expected {expected}, got missing or malformed fields "
+                             f"{', '.join(wrong[:3])}; {recover}")
+        return index
 
     def _write_index(self) -> None:
         """Write index.json atomically: a reader (or a crash) sees the old file or the new one, never half."""
@@ -168,7 +209,7 @@ class Sweep:
     @contextmanager
     def _lock(self) -> Iterator[None]:
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / ".lock", "w") as handle:
+        with open(self.out / ".lock", "a") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -181,24 +222,40 @@ class Sweep:
             "status": "pending", "summary": None, "error": None})
 
     def scan(self) -> tuple[list[str], list[str]]:
-        """(finished, to run) among the planned runs. Incomplete logs are deleted here, finished ones kept as they
-        are; the index is brought in line with the logs on disk and written."""
+        """(finished, to run) among the planned runs. A log it cannot use is set aside (`set_aside`), finished ones
+        are kept as they are; the index is brought in line with the logs on disk and written."""
         finished, pending = [], []
+        self.set_aside = []
         for rid in self.plan.runs:
             entry = self._entry(rid)
             path = self.log_path(rid)
-            state = log_status(path)
+            state, description = describe_log(path)
             if state == "finished":
                 if entry["status"] != "finished" or entry["summary"] is None:
                     self._record_finished(rid)
                 finished.append(rid)
                 continue
-            if state == "incomplete":
-                path.unlink()
+            if state != "missing":
+                self._set_aside(path, description)
             entry.update(status="pending", summary=None)
             pending.append(rid)
         self._write_index()
         return finished, pending
+
+    def _set_aside(self, path: Path, reason: str) -> Path:
+        """Move a log the sweep cannot use into runs/set_aside/ under a name not taken yet, with its reason beside
+        it: nothing in the folder is ever deleted."""
+        folder = path.parent / "set_aside"
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for k in itertools.count():
+            target = folder / f"{path.stem}.{stamp}{f'.{k}' if k else ''}{path.suffix}"
+            if not target.exists():
+                break
+        os.replace(path, target)
+        target.with_name(target.name + ".reason.txt").write_text(f"set aside from {path}: {reason}\n")
+        self.set_aside.append(f"{path.relative_to(self.out)} -> {target.relative_to(self.out)}: {reason}")
+        return target
 
     def _record_finished(self, rid: str) -> RunRecord:
         record = read_record(self.log_path(rid))
@@ -215,7 +272,7 @@ class Sweep:
             raise SweepError(f"workers: expected a positive number of processes, got {workers}")
         with self._lock():
             finished, pending = self.scan()
-            outcome = SweepOutcome(reused=finished)
+            outcome = SweepOutcome(reused=finished, set_aside=list(self.set_aside))
             (self.out / "runs").mkdir(parents=True, exist_ok=True)
             n_workers = min(workers or len(os.sched_getaffinity(0)), len(pending))
             order = {rid: k for k, rid in enumerate(self.plan.runs, 1)}
@@ -246,7 +303,7 @@ class Sweep:
             on_run_done(rid, record)
 
     def _fail(self, rid: str, error: BaseException, outcome: SweepOutcome) -> None:
-        message = repr(error).replace("\n", " ")
+        message = f"{type(error).__name__}: {error}".replace("\n", " ")
         self.index["runs"][rid].update(status="failed", error=message)
         self._write_index()
         outcome.failed[rid] = message
