@@ -9,7 +9,7 @@ OUT    ?= runs/demo
 # two threads contending (measured: tiny preset 10 steps, 1.9 s vs ~40 s under load). Override on bigger hosts.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install browser-deps test demo bench clean
+.PHONY: install browser-deps test demo study bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,11 +33,17 @@ test: install browser-deps
 
 # The main job: staged training of the small model with seed-style progress lines and validation PER, then
 # notebook 01 executed headlessly (executed copy, figures, run logs and 01_summary.json under $(OUT)), then the
-# README's findings block regenerated from what the notebook computed.
+# README's findings block regenerated from what the notebooks computed. Reruns replace $(OUT)'s earlier results.
 demo: install
 	$(PY) -m workbench train --preset small --data data_samples --out $(OUT)/train \
-		--ctc-steps 300 --joint-steps 20 --seed 0
-	$(PY) -m workbench notebooks --only 01 --preset small --seed 0 --out $(OUT)
+		--ctc-steps 300 --joint-steps 20 --seed 0 --overwrite
+	$(PY) -m workbench notebooks --only 01 --preset small --seed 0 --out $(OUT) --overwrite
+	$(PY) -m workbench.views.findings --from $(OUT)
+
+# The second study: notebook 02 (when does the freeze length N matter?) at the small preset with 3 seeds, into
+# $(OUT) beside make demo's notebook 01, then the README's findings block with both.
+study: install
+	$(PY) -m workbench notebooks --only 02 --preset small --seed 0 --out $(OUT) --overwrite
 	$(PY) -m workbench.views.findings --from $(OUT)
 
 bench: install

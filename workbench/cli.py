@@ -196,7 +196,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     sessions, trials = _positive("--sessions", args.sessions), _positive("--trials", args.trials)
     seed = _integer("--seed", args.seed, 0)
     _writable("--out", Path(args.out))
-    paths = write_dataset(args.out, sessions=sessions, trials=trials, seed=seed, overwrite=args.overwrite)
+    paths = write_dataset(args.out, sessions=sessions, trials=trials, seed=seed, lengths=args.lengths,
+                          overwrite=args.overwrite)
     for p in paths:
         print(p)
     return 0
@@ -351,17 +352,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from workbench.records import read_record
+    from workbench.records import read_record, summarize
 
     limit = _positive("--limit", args.limit)
     record = read_record(args.runlog)
+    summary = summarize(record)
     verdicts = record.tables.get("tracer", [])
     coverage = record.tables.get("coverage", [])
     print(f"{args.runlog}: status {record.status}, {len(record.steps)} steps")
     if record.status != "finished":
         print(f"  error: {record.attrs.get('error')}; last step: {record.attrs.get('last_step')}"
               if record.status == "failed" else "  interrupted: the run's process was killed or is still writing")
-    print(f"tracer verdicts: {len(verdicts)}")
+    print(f"outcome: {summary['outcome']}")
+    for reason in summary["outcome_reasons"] + summary["outcome_warnings"]:
+        print(f"  {reason}")
+    print(f"causal chain: {len(summary['causal_chain'])} link(s)")
+    for link in summary["causal_chain"]:
+        print(f"  {link['line']}")
+    print(f"tracer verdicts (the first non-finite tensor of each replayed step): {len(verdicts)}")
     for v in verdicts:
         print(f"  {v['line']}")
     print(f"optimizer-coverage findings: {len(coverage)} step(s)")
@@ -436,6 +444,7 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
+    from workbench.data.synth import LENGTHS
     from workbench.model.config import PRESETS
     from workbench.run.settings import RunSettings, TrainSettings
 
@@ -448,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", default="2")
     p.add_argument("--trials", default="20", help="train trials per session")
     p.add_argument("--seed", default="0")
+    p.add_argument("--lengths", choices=LENGTHS, default="sample",
+                   help="trial lengths: sample (the committed sample's, 71-138 frames) or b2t (drawn from the real "
+                        "release's published statistics: about 875 frames and 22 phonemes per trial)")
     p.add_argument("--overwrite", action="store_true", help="replace data files already in --out")
     p.set_defaults(func=cmd_synth)
 

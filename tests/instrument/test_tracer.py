@@ -249,7 +249,8 @@ def test_tracer_records_exactly_one_verdict_and_saves_its_bundle(tmp_path):
         events += tracer.events(step.step_index)
 
     assert len(tracer.verdicts) == 1 and tracer.unreproduced == []
-    assert events == [("tracer", {**tracer.verdicts[0].to_dict(), "line": tracer.verdicts[0].line()})]
+    assert events == [("tracer", {**tracer.traces[0].to_dict(), "line": tracer.verdicts[0].line()})]
+    assert tracer.traces[0].skipped and not tracer.traces[0].escaped  # caught: the chain is complete
     v = tracer.verdicts[0]
     assert (v.step, v.phase, v.module, v.role) == (2, "forward", "boom", "producer")
     assert "\n" not in v.line() and v.to_dict()["module"] == "boom"

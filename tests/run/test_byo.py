@@ -224,7 +224,7 @@ def test_tracer_names_the_op_where_the_users_model_overflows(tmp_path):
     assert summary["overflow_steps"] == [2] and summary["skipped_steps"] == [2]
     with RunLog(tmp_path / "mlp.h5") as log:
         [row] = log.table("tracer")
-        assert row["line"] == verdict.line() and row["module"] == "head"
+        assert row["line"] == verdict.line() and row["findings"][0]["module"] == "head" and row["skipped"]
         _, total = log.series("loss/total")
         assert np.isfinite(total).tolist() == [True, False, True]
 

@@ -96,6 +96,7 @@ def test_cli_run_and_trace(checkpoint, tmp_path):
     proc = subprocess.run(cmd + ["trace", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "optimizer-coverage findings: 2 step(s)" in proc.stdout
+    assert "\noutcome: " in proc.stdout and "causal chain: " in proc.stdout
     again = subprocess.run(cmd + ["run", "--checkpoint", str(checkpoint), "--out", str(out)],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already exists" in again.stderr

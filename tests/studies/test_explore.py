@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench.records import RunLog
+from workbench.records import RunLog, classify
 from workbench.studies.explore import Explorer, settings_from
 from workbench.views.explorer import OverlayView
 
@@ -44,7 +44,7 @@ def test_runs_overlay_and_clear(checkpoint, tmp_path):
     assert len(shown.figures) == 2 * (FAST["steps"] + 1)
     labels = {line.get_label() for line in shown.figures[-1].axes[0].get_lines()}
     assert any(label.startswith("#1 ") for label in labels) and any(label.startswith("#2 ") for label in labels)
-    assert any(line.startswith(f"{second.name}: finite throughout") for line in lines)
+    assert any(line.startswith(f"{second.name}: {classify(second).kind}; final loss") for line in lines)
     for result in (first, second):
         with RunLog(result.path) as log:
             assert log.series("loss/total")[1].tolist() == result.losses["total"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from workbench.cli import main
+from workbench.data import DataError
 from workbench.records import RunLog, read_record
 from workbench.run.joint import run_joint
 from workbench.studies.criteria import Rule, run_summary, verdict
@@ -57,7 +58,13 @@ def test_grid_points_that_are_the_same_run_share_one_deterministic_id():
     assert n3[("freeze_params", True, 1e-3)] != n3[("freeze_params", False, 1e-3)]
     assert n3[("loss_ramp", True, 1e-3)] == n3[("loss_ramp", False, 1e-3)]
     assert len(plan.controls) == 2 and all(plan.runs[c].ctc_only for c in plan.controls)
-    assert all(s.steps == 3 + 3 for s in plan.runs.values())  # max(N) + steps for every run
+    # every run trains the decoder for `steps` after its unfreeze; a control trains as long as the longest run
+    expected = {(True, "freeze_params", 3): 6, (True, "loss_ramp", 3): 3, (True, "none", 0): 3}
+    for s in plan.runs.values():
+        if s.ctc_only:
+            assert s.steps == 6
+        else:
+            assert s.steps == expected[(True, s.policy, s.freeze_steps)], s
     assert list(make_plan(grid).runs) == list(plan.runs)
     assert all(run_id(s) == rid and s.name == rid for rid, s in plan.runs.items())
 
@@ -76,10 +83,16 @@ def test_incomplete_log_is_redone_and_finished_log_kept(checkpoint, tmp_path):
         run_joint(checkpoint, SAMPLE, sweep.plan.runs[second], log_path=sweep.log_path(second), on_step=crash)
     assert log_status(sweep.log_path(second)) == "incomplete"
     kept = sweep.log_path(first).read_bytes()
+    partial = sweep.log_path(second).read_bytes()
 
     outcome = sweep.run(workers=1, progress=False)
     assert outcome.reused == [first] and outcome.done == [second] and not outcome.failed
     assert sweep.log_path(first).read_bytes() == kept
+    # the partial log was moved aside with its reason, never deleted
+    (aside,) = (sweep.out / "runs" / "set_aside").glob(f"{second}.*.h5")
+    assert aside.read_bytes() == partial and len(outcome.set_aside) == 1
+    assert "a failed run log (last step 2; error: KeyboardInterrupt()" in \
+        aside.with_name(aside.name + ".reason.txt").read_text()
     index = json.loads(sweep.index_path.read_text())
     assert {e["status"] for e in index["runs"].values()} == {"finished"}
     with RunLog(sweep.log_path(second)) as log:
@@ -97,6 +110,40 @@ def test_sweep_folder_belongs_to_one_checkpoint(checkpoint, tmp_path):
     other.write_bytes(checkpoint.read_bytes() + b"\0")
     with pytest.raises(SweepError, match="holds a sweep of checkpoint"):
         Sweep(tmp_path / "sw", other, SAMPLE, grid)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"format": "workbench-sweep", "ver', "got a file that does not parse"),
+    ("", "got an empty file"),
+    ('{"format": "workbench-sweep", "version": 1, "runs": []}', "malformed fields checkpoint, checkpoint_sha256, data"),
+    ("[]", "got a JSON list"),
+])
+def test_a_damaged_index_names_itself_and_the_way_out(checkpoint, tmp_path, text, message):
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "index.json").write_text(text)
+    with pytest.raises(SweepError, match=message) as exc:
+        Sweep(tmp_path / "sw", checkpoint, SAMPLE, SweepGrid(freeze_steps=[0], **TINY, controls=False))
+    assert str(exc.value).startswith(f"{tmp_path / 'sw' / 'index.json'}: expected a sweep index")
+    assert "move it away" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_lock_file_keeps_its_content_and_failures_are_one_line(checkpoint, tmp_path, monkeypatch):
+    sweep = Sweep(tmp_path / "sw", checkpoint, SAMPLE, SweepGrid(freeze_steps=[0], **TINY, controls=False))
+    sweep.out.mkdir()
+    (sweep.out / ".lock").write_text("my notes\n")
+
+    def broken(*args, **kwargs):
+        raise KeyError(101)
+    monkeypatch.setattr("workbench.studies.sweep.runner._execute", broken)
+    outcome = sweep.run(workers=1, progress=False)
+    assert (sweep.out / ".lock").read_text() == "my notes\n"
+    assert set(outcome.failed.values()) == {"KeyError: 101"}
+
+
+def test_batch_larger_than_the_split_is_refused_before_any_run(checkpoint, tmp_path):
+    with pytest.raises(DataError, match="batch_size: expected at most the 40 trials"):
+        Sweep(tmp_path / "sw", checkpoint, SAMPLE, SweepGrid(freeze_steps=[0], **TINY, batch_size=41, controls=False))
+    assert not (tmp_path / "sw").exists()
 
 
 def _sweep_cmd(checkpoint, out):

@@ -119,6 +119,16 @@ class OptimizerCoverage(StepObserver):
         if finding is not None:
             finding.fill_norms(dict(zip(stats.param_names, stats.param_norm.tolist())))
 
+    def row(self, step: int) -> dict[str, int]:
+        """With a probe: `outside_optimizer/<group>`, the group's tensors that got a gradient outside the optimizer
+        at `step` (0 for every group when the optimizer holds them all)."""
+        finding = self.latest
+        if self.probe is None or finding is None or finding.step != step:
+            return {}
+        outside = {name for name, _ in finding.outside_optimizer}
+        return {f"outside_optimizer/{group}": sum(name in outside for name in members)
+                for group, members in self.probe.groups.items()}
+
     def events(self, step: int) -> list[tuple[str, dict[str, Any]]]:
         """The finding of `step` as a "coverage" event when it found a problem."""
         finding = self.latest

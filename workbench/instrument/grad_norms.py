@@ -24,7 +24,7 @@ The only device-to-host copy is `workbench.instrument.host.to_host`, once per `e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -42,8 +42,10 @@ class StepStats:
     """One optimizer step's gradient statistics, on the host.
 
     `param_norm`, `param_max`, `param_nonfinite` are (k,) arrays aligned with `param_names`, the k parameters
-    that had a gradient at this step. `update_ratio` is None unless the probe was built with update_ratio=True;
-    `scale` is the GradScaler scale this step's backward used (None without an enabled scaler).
+    that had a gradient at this step. `update_ratio` (per group ||w_after - w_before|| / ||w_before||) and
+    `not_updated` (per group, the tensors that got a non-zero gradient but no update) are None unless the probe
+    was built with update_ratio=True; `scale` is the GradScaler scale this step's backward used (None without an
+    enabled scaler).
     """
 
     step: int
@@ -57,6 +59,8 @@ class StepStats:
     param_nonfinite: np.ndarray
     update_ratio: dict[str, float] | None
     scale: float | None
+    not_updated: dict[str, int] | None = None
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,20 +92,31 @@ class _Pending:
     has_scale: bool
     parts: list[torch.Tensor]
     has_ratio: bool = False
+    extra_names: list[str] = field(default_factory=list)
+    extra: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def size(self) -> int:
         g, k = len(self.layout.groups), len(self.layout.index)
-        return 1 + int(self.has_scale) + 3 * g + 3 * k + (g if self.has_ratio else 0)
+        return 1 + int(self.has_scale) + 3 * g + 3 * k + (2 * g if self.has_ratio else 0) + len(self.extra_names)
+
+    def packed(self) -> list[torch.Tensor]:
+        """The parts in `_decode`'s order: the statistics, the update ratio, then the carried values."""
+        if not self.extra:
+            return self.parts
+        device = self.parts[0].device
+        return self.parts + [torch.stack([v.detach().to(device, torch.float32).reshape(()) for v in self.extra])]
 
 
 @dataclass
 class _Snapshot:
-    """Parameters before the optimizer step: copies (for the update) and their float32 norms (k,)."""
+    """Parameters before the optimizer step: copies (for the update), their float32 norms (k,), and which of
+    them got a non-zero gradient (k,) bool."""
 
     layout: _Layout
     before: list[torch.Tensor]
     before_norm: torch.Tensor
+    received: torch.Tensor
 
 
 def _group_sum_sq(member: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -123,10 +138,11 @@ def _scale_tensor(scaler: torch.amp.GradScaler | None, device: torch.device) -> 
 
 def _decode(pending: _Pending, values: np.ndarray, param_names: list[str]) -> StepStats:
     """Inverse of the packing: [global, scale?, group norm, max, nonfinite (G each), param norm, max,
-    nonfinite (k each), update ratio? (G)]."""
+    nonfinite (k each), update ratio and not-updated count? (G each), carried values]."""
     groups, g, k = pending.layout.groups, len(pending.layout.groups), len(pending.layout.index)
-    sizes = [1, int(pending.has_scale), g, g, g, k, k, k]
-    glob, scale, g_norm, g_max, g_nf, p_norm, p_max, p_nf, ratio = np.split(values, np.cumsum(sizes))
+    r = g if pending.has_ratio else 0
+    sizes = [1, int(pending.has_scale), g, g, g, k, k, k, r, r]
+    glob, scale, g_norm, g_max, g_nf, p_norm, p_max, p_nf, ratio, stale, extra = np.split(values, np.cumsum(sizes))
     return StepStats(
         step=pending.step,
         global_norm=float(glob[0]),
@@ -139,6 +155,8 @@ def _decode(pending: _Pending, values: np.ndarray, param_names: list[str]) -> St
         param_nonfinite=np.rint(p_nf).astype(np.int64),
         update_ratio=dict(zip(groups, ratio.tolist())) if pending.has_ratio else None,
         scale=float(scale[0]) if pending.has_scale else None,
+        not_updated=dict(zip(groups, np.rint(stale).astype(np.int64).tolist())) if pending.has_ratio else None,
+        extra=dict(zip(pending.extra_names, extra.tolist())),
     )
 
 
@@ -152,7 +170,8 @@ class GradNormProbe(StepObserver):
 
     groups: a ParamGroups, a mapping of group name -> pattern(s) for `groups_from_patterns`, or None for
     `default_groups(model)`. update_ratio: also record per group ||w_after - w_before|| / ||w_before|| across
-    the optimizer step (keeps a copy of the parameters with a gradient between the two events).
+    the optimizer step and the number of tensors that got a non-zero gradient but no update (a parameter outside
+    the optimizer, or a skipped step); it keeps a copy of the parameters with a gradient between the two events.
     """
 
     def __init__(self, model: nn.Module, groups: ParamGroups | Mapping[str, str | Sequence[str]] | None = None,
@@ -216,13 +235,16 @@ class GradNormProbe(StepObserver):
         layout = self._layout(index, grads)
         with torch.no_grad():
             scale = _scale_tensor(scaler, layout.member.device)
-            packed = self._grad_stats(grads, layout, scale)
+            packed, norms = self._grad_stats(grads, layout, scale)
             self._current = _Pending(step, layout, scale is not None, [packed])
             if snapshot:
-                self._take_snapshot(layout)
+                # a non-finite gradient was received too (NaN > 0 is False)
+                self._take_snapshot(layout, (norms > 0) | ~torch.isfinite(norms))
 
     @staticmethod
-    def _grad_stats(grads: list[torch.Tensor], layout: _Layout, scale: torch.Tensor | None) -> torch.Tensor:
+    def _grad_stats(grads: list[torch.Tensor], layout: _Layout,
+                    scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed statistics and the (k,) per-parameter gradient norms."""
         f32 = torch.float32
         norms = layout.stack(torch._foreach_norm(grads, 2, dtype=f32))
         maxs = layout.stack(torch._foreach_norm(grads, math.inf, dtype=f32))
@@ -235,9 +257,9 @@ class GradNormProbe(StepObserver):
         group_max = torch.where(member, maxs, 0.0).amax(dim=1)
         group_nonfinite = torch.where(member, nonfinite, 0.0).sum(dim=1)
         head = [torch.linalg.vector_norm(norms).reshape(1)] + ([] if scale is None else [scale])
-        return torch.cat([*head, group_norm, group_max, group_nonfinite, norms, maxs, nonfinite])
+        return torch.cat([*head, group_norm, group_max, group_nonfinite, norms, maxs, nonfinite]), norms
 
-    def _take_snapshot(self, layout: _Layout) -> None:
+    def _take_snapshot(self, layout: _Layout, received: torch.Tensor) -> None:
         params = [self._params[i] for i in layout.index]
         if self._snapshot is None or self._snapshot.layout is not layout:
             before = [torch.empty_like(p) for p in params]
@@ -245,7 +267,7 @@ class GradNormProbe(StepObserver):
             before = self._snapshot.before
         torch._foreach_copy_(before, params)
         before_norm = layout.stack(torch._foreach_norm(params, 2, dtype=torch.float32))
-        self._snapshot = _Snapshot(layout, before, before_norm)
+        self._snapshot = _Snapshot(layout, before, before_norm, received)
 
     def _ratio(self, snapshot: _Snapshot) -> torch.Tensor:
         params = [self._params[i] for i in snapshot.layout.index]
@@ -253,7 +275,9 @@ class GradNormProbe(StepObserver):
             torch._foreach_sub_(snapshot.before, params)  # now w_before - w_after, in place: no second copy
             delta = snapshot.layout.stack(torch._foreach_norm(snapshot.before, 2, dtype=torch.float32))
             member = snapshot.layout.member
-            return _group_sum_sq(member, delta) / _group_sum_sq(member, snapshot.before_norm)
+            ratio = _group_sum_sq(member, delta) / _group_sum_sq(member, snapshot.before_norm)
+            stale = (member & snapshot.received & (delta == 0)).sum(dim=1).float()
+            return torch.cat([ratio, stale])
 
     def on_after_backward(self, ctx: Any) -> None:
         """TrainStep event (gradients final and unscaled, before clipping): compute this step's statistics."""
@@ -270,6 +294,17 @@ class GradNormProbe(StepObserver):
         self._pending.append(current)
         if len(self._pending) >= self.every:
             self.flush()
+
+    def carry(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Bring 0-d device tensors (a loss, a found-inf flag) to the host in the current step's copy; they come
+        back in `StepStats.extra` and `records()`. Call after the step's backward and before its copy (for a
+        TrainStep observer: before `on_step_end`). Without statistics for the step (no gradient), nothing is
+        carried."""
+        if self._current is None:
+            return
+        for name, value in values.items():
+            self._current.extra_names.append(name)
+            self._current.extra.append(value)
 
     def collect(self, optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
                 *, step: int | None = None) -> StepStats | None:
@@ -299,7 +334,7 @@ class GradNormProbe(StepObserver):
         if not self._pending:
             return []
         pending, self._pending = self._pending, []
-        values = host.to_host(torch.cat([part for p in pending for part in p.parts]))
+        values = host.to_host(torch.cat([part for p in pending for part in p.packed()]))
         offsets = np.cumsum([0] + [p.size for p in pending])
         out = [_decode(p, values[start:stop], [self.param_labels[i] for i in p.layout.index])
                for p, start, stop in zip(pending, offsets[:-1], offsets[1:])]
@@ -327,7 +362,7 @@ class GradNormProbe(StepObserver):
     def records(self, stats: StepStats | None = None) -> dict[str, Any]:
         """Flat run-log row for `stats` (default: latest): grad_norm/<group>, grad_max/<group>,
         grad_nonfinite/<group>, grad_norm/global, param_grad_norm (vector over `param_labels`, NaN where a
-        parameter had no gradient), update_ratio/<group> and scaler/scale when recorded."""
+        parameter had no gradient), update_ratio/<group>, not_updated/<group> and scaler/scale when recorded."""
         stats = self.latest if stats is None else stats
         if stats is None:
             return {}
@@ -341,6 +376,8 @@ class GradNormProbe(StepObserver):
         row["param_grad_norm"] = full
         if stats.update_ratio is not None:
             row.update({f"update_ratio/{group}": value for group, value in stats.update_ratio.items()})
+            row.update({f"not_updated/{group}": value for group, value in stats.not_updated.items()})
         if stats.scale is not None:
             row["scaler/scale"] = stats.scale
+        row.update(stats.extra)
         return row

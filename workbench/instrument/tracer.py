@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_flatten
 
 from workbench.instrument.observer import StepObserver
 from workbench.instrument.replay import ReplayBundle, bundle_rng, capture, replica, save_bundle
-from workbench.train.step import StepContext, StepMonitor, TrainStep
+from workbench.train.step import NonFiniteError, StepContext, StepMonitor, TrainStep
 
 PHASES: tuple[str, ...] = ("forward", "backward", "clip", "update")
 LOSS_FN = "<loss_fn>"
@@ -130,6 +130,46 @@ class Verdict(Finding):
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class StepTrace:
+    """Everything one replay of a non-finite step saw, phase by phase, and what the step's guards did.
+
+    findings: the first non-finite tensor of each phase that had one, in phase order (non-finite state at the
+    step's start is a "forward" propagator). grads_nonfinite: after the backward and unscale, every gradient
+    holding a non-finite value, as {"param", "count", "held"} (held: inside the optimizer). found_inf: the
+    GradScaler's inf check over the optimizer's gradients found one and skipped the update (None without a
+    GradScaler). clip_norm / clip_coef: what the clip measured and the factor it applied (None without a clip).
+    grads_after_clip: the gradients holding a non-finite value after the clip, as grads_nonfinite. skipped: the
+    update was skipped. scale_after: the GradScaler's scale after the step. params_nonfinite: after the update,
+    every parameter holding a non-finite value, as {"param", "count"}. loss_finite: the step's loss was finite.
+    """
+
+    step: int
+    findings: list[Verdict]
+    grads_nonfinite: list[dict[str, Any]]
+    found_inf: bool | None
+    clip_norm: float | None
+    clip_coef: float | None
+    grads_after_clip: list[dict[str, Any]]
+    skipped: bool
+    scale_after: float | None
+    params_nonfinite: list[dict[str, Any]]
+    loss_finite: bool
+
+    @property
+    def escaped(self) -> bool:
+        """A non-finite value survives the step where no guard cleared it: in the parameters, or in gradients
+        that the next step does not zero."""
+        return bool(self.params_nonfinite) or any(not g["held"] for g in self.grads_after_clip)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "findings": [f.to_dict() for f in self.findings]}
+
+
+def _nonfinite_count(t: torch.Tensor) -> int:
+    return int((~torch.isfinite(t)).sum())
 
 
 def _inspectable(t: Any) -> bool:
@@ -338,32 +378,61 @@ _VERDICT_PHASE = {"forward": "forward", "backward": "backward", "unscale": "back
 
 
 class _Replay(StepMonitor):
-    """One replay of a bundle on a replica: `TrainStep.run` itself, watched phase by phase, stopping at the first
-    non-finite outcome."""
+    """One replay of a bundle on a replica: `TrainStep.run` itself, watched phase by phase. With `whole=False` it
+    stops at the first non-finite outcome; with `whole=True` it runs the whole step and keeps each phase's first
+    non-finite tensor and what the guards did (a StepTrace)."""
 
-    def __init__(self, rep: TrainStep, bundle: ReplayBundle, expected: Mapping[str, ExpectedRule]) -> None:
+    def __init__(self, rep: TrainStep, bundle: ReplayBundle, expected: Mapping[str, ExpectedRule], *,
+                 whole: bool = False) -> None:
         self.rep = rep
         self.bundle = bundle
+        self.whole = whole
         self.model: nn.Module = rep.model
         self.params = dict(self.model.named_parameters())
+        self.held = {id(p) for group in rep.optimizer.param_groups for p in group["params"]}
         self.module_stack: list[str] = []
         self.mode = _NonFiniteMode(self.module_stack, {id(p): n for n, p in self.params.items()}, expected)
         self.first_grad: str | None = None
+        self.findings: list[Verdict] = []
+        self.grads_nonfinite: list[dict[str, Any]] = []
+        self.grads_after_clip: list[dict[str, Any]] = []
+        self.params_nonfinite: list[dict[str, Any]] = []
+        self.loss_finite = True
 
     def run(self) -> Verdict | None:
+        """The first non-finite tensor of the step (None when the replay stays finite)."""
+        self._replay()
+        return self.findings[0] if self.findings else None
+
+    def trace(self) -> StepTrace:
+        """The whole step (needs `whole=True`)."""
+        result = self._replay()
+        scaler = self.rep.scaler
+        return StepTrace(
+            step=self.bundle.step, findings=self.findings, grads_nonfinite=self.grads_nonfinite,
+            found_inf=None if scaler is None else result is not None and result.reason == "nonfinite_grad",
+            clip_norm=None if result is None else result.grad_norm,
+            clip_coef=None if result is None else result.clip_coef, grads_after_clip=self.grads_after_clip,
+            skipped=True if result is None else result.skipped,
+            scale_after=None if scaler is None else scaler.get_scale(), params_nonfinite=self.params_nonfinite,
+            loss_finite=self.loss_finite)
+
+    def _replay(self) -> Any:
         stale = self._stale_state()
         if stale is not None:
-            return self._verdict("forward", stale)
+            self.findings.append(self._verdict("forward", stale))
+            if not self.whole:
+                return None
         handles = self._install_hooks()
         batches = [b.to(self.rep.device) for b in self.bundle.batches]
         try:
-            self.rep.run(batches, self.bundle.weights, rnnt=self.bundle.rnnt, mode=self.bundle.mode, monitor=self)
-        except _Found as found:
-            return found.verdict
+            return self.rep.run(batches, self.bundle.weights, rnnt=self.bundle.rnnt, mode=self.bundle.mode,
+                                monitor=self)
+        except (_Found, NonFiniteError):
+            return None
         finally:
             for h in handles:
                 h.remove()
-        return None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -376,16 +445,36 @@ class _Replay(StepMonitor):
     def after(self, name: str, **outcome: Any) -> None:
         if name == "forward":
             total = outcome["losses"]["total"].detach()
+            self.loss_finite = self.loss_finite and _finite(total)
             bad = None if _finite(total) else _seen_state(total, LOSS_FN, "loss total")
         elif name == "update":
             bad = self._bad_update()
+            if self.whole:
+                self.params_nonfinite = [{"param": n, "count": _nonfinite_count(p.detach())}
+                                         for n, p in self.params.items() if not _finite(p.detach())]
         else:
             bad = self._bad_grad()
             norm = outcome.get("norm")
             if bad is None and norm is not None and not _finite(norm):
                 bad = _seen_state(norm, "", "grad norm")
-        if bad is not None:
-            raise _Found(self._verdict(_VERDICT_PHASE[name], bad))
+            if self.whole and name in ("unscale", "clip"):
+                grads = self._nonfinite_grads()
+                if name == "unscale":
+                    self.grads_nonfinite = grads
+                else:
+                    self.grads_after_clip = grads
+        if bad is None:
+            return
+        phase = _VERDICT_PHASE[name]
+        if not self.whole:
+            self.findings.append(self._verdict(phase, bad))
+            raise _Found(self.findings[-1])
+        if not any(f.phase == phase for f in self.findings):
+            self.findings.append(self._verdict(phase, bad))
+
+    def _nonfinite_grads(self) -> list[dict[str, Any]]:
+        return [{"param": n, "count": _nonfinite_count(p.grad), "held": id(p) in self.held}
+                for n, p in self.params.items() if p.grad is not None and not _finite(p.grad)]
 
     def _install_hooks(self) -> list[Any]:
         handles = []
@@ -491,27 +580,41 @@ def localize(step: TrainStep, bundle: ReplayBundle, *,
         return _Replay(rep, bundle, expected).run()
 
 
-class NonFiniteTracer(StepObserver):
-    """Observer that localizes the first non-finite steps of a run (at most `max_traces` replays).
+def trace_step(step: TrainStep, bundle: ReplayBundle, *,
+               expected: Mapping[str, ExpectedRule] = EXPECTED_NONFINITE) -> StepTrace:
+    """Replay `bundle`'s whole step on a replica of `step`: each phase's first non-finite tensor and what the
+    step's guards (the GradScaler, the clip, the non-finite policy) did with it. Leaves the live run untouched."""
+    rep = replica(step, bundle)
+    with bundle_rng(bundle):
+        return _Replay(rep, bundle, expected, whole=True).trace()
 
-    Per step while replays remain: `capture` at the step start (cost in `workbench.instrument.replay`), and at
-    the step end one check: the loss total and grad norm (already on the host), then one `torch._foreach_norm`
-    over every gradient and parameter, `isfinite().all()` and one host read. A non-finite step is replayed with
-    `localize`; the verdict goes to `verdicts` (and to a run's recorder through `events`), and the bundle to
-    `save_dir/step_<n>.pt` when `save_dir` is set. A step whose replay stays finite (e.g. CUDA
-    non-determinism) is listed in `unreproduced`; it uses up a replay as well.
+
+class NonFiniteTracer(StepObserver):
+    """Observer that traces the non-finite steps of a run, as many as the causal chain needs (at most
+    `max_traces` replays).
+
+    Per step while tracing: `capture` at the step start (cost in `workbench.instrument.replay`), and at the step
+    end one check: the loss total and grad norm (already on the host), then one `torch._foreach_norm` over every
+    gradient and parameter, `isfinite().all()` and one host read. A non-finite step is replayed whole with
+    `trace_step`; its StepTrace goes to `traces` (and to a run's recorder through `events`), its first
+    non-finite tensor to `verdicts`, and the bundle to `save_dir/step_<n>.pt` when `save_dir` is set. Tracing
+    stops once the chain is complete: a non-finite value reached the parameters, or a step's guards caught the
+    overflow and left nothing non-finite behind. A step whose replay stays finite (e.g. CUDA non-determinism) is
+    listed in `unreproduced`; it uses up a replay as well.
 
     Needs the TrainStep itself (config, loss_fn, device) to replay: use `attach(step)`, not only
     `TrainStep(observers=[...])`. With the `stop` policy the step raises before `on_step_end`: call
     `localize(step, tracer.bundle)` where the NonFiniteError is caught.
     """
 
-    def __init__(self, *, max_traces: int = 1, save_dir: str | None = None) -> None:
+    def __init__(self, *, max_traces: int = 3, save_dir: str | None = None) -> None:
         self.max_traces = max_traces
         self.save_dir = save_dir
+        self.traces: list[StepTrace] = []
         self.verdicts: list[Verdict] = []
         self.unreproduced: list[int] = []
         self.bundle: ReplayBundle | None = None
+        self._complete = False
 
     def detach(self, step: Any | None = None) -> None:
         """Stop observing the attached step (and remove the tracer from `step.observers` when given)."""
@@ -521,7 +624,7 @@ class NonFiniteTracer(StepObserver):
 
     @property
     def exhausted(self) -> bool:
-        return len(self.verdicts) + len(self.unreproduced) >= self.max_traces
+        return self._complete or len(self.traces) + len(self.unreproduced) >= self.max_traces
 
     def on_step_start(self, ctx: StepContext) -> None:
         if self._train_step is None:
@@ -538,15 +641,18 @@ class NonFiniteTracer(StepObserver):
         if self.save_dir is not None:
             Path(self.save_dir).mkdir(parents=True, exist_ok=True)
             save_bundle(Path(self.save_dir) / f"step_{ctx.step}.pt", self.bundle)
-        verdict = localize(self._train_step, self.bundle)
-        if verdict is None:
+        trace = trace_step(self._train_step, self.bundle)
+        if not trace.findings:
             self.unreproduced.append(ctx.step)
             return
-        self.verdicts.append(verdict)
+        self.traces.append(trace)
+        self.verdicts.append(trace.findings[0])
+        self._complete = bool(trace.params_nonfinite) or not trace.escaped
 
     def events(self, step: int) -> list[tuple[str, dict[str, Any]]]:
-        """The verdict of `step`, when that step was replayed, as a "tracer" event."""
-        return [("tracer", {**v.to_dict(), "line": v.line()}) for v in self.verdicts if v.step == step]
+        """The trace of `step`, when that step was replayed, as a "tracer" event (`line`: its first non-finite
+        tensor in one line)."""
+        return [("tracer", {**t.to_dict(), "line": t.findings[0].line()}) for t in self.traces if t.step == step]
 
     @staticmethod
     def _went_nonfinite(ctx: StepContext) -> bool:

@@ -39,10 +39,23 @@ class HybridModel(nn.Module):
         self.encoder = Encoder(cfg.d_model, cfg.n_layers, cfg.d_state, cfg.d_conv, cfg.expand, cfg.resolved_dt_rank,
                                cfg.dropout)
         self.ctc_head = CTCHead(cfg.d_model, cfg.n_classes, cfg.dropout)
-        self.rnnt_decoder = RNNTDecoder(cfg.d_model, cfg.n_classes, cfg.predictor_dim, cfg.predictor_layers,
-                                        cfg.joint_dim, cfg.blank, cfg.dropout)
+        self.rnnt_decoder = self._new_decoder()
         self.mode_head = ModeHead(cfg.d_model, cfg.mode_hidden, cfg.mode_classes, cfg.dropout)
         self.apply(self._init_weights)
+
+    def _new_decoder(self) -> RNNTDecoder:
+        cfg = self.cfg
+        return RNNTDecoder(cfg.d_model, cfg.n_classes, cfg.predictor_dim, cfg.predictor_layers, cfg.joint_dim,
+                           cfg.blank, cfg.dropout)
+
+    def reset_decoder(self, seed: int) -> None:
+        """Give the RNN-T decoder a fresh initialisation drawn from `seed`, exactly as construction initialises it
+        (its own init, then the model-level pass); the rest of the model and torch's RNG state are untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = self._new_decoder()
+            fresh.apply(self._init_weights)
+        self.rnnt_decoder.load_state_dict(fresh.state_dict())
 
     def param_groups(self) -> dict[str, str]:
         """The parameter groups the instruments report by: each component, each encoder layer, and the

@@ -11,14 +11,18 @@ itself:
     step_ms               wall time of the step
     scaler/scale_before   GradScaler scale the step's backward used (fp16 only)
     clip/total_norm       the norm the clip measured (over the clip scope's parameters)
+    clip/coefficient      the factor the clip applied to every gradient (1 when the norm is below the limit)
     lr/<group>            learning rate of each optimizer group
-    params_finite         every parameter finite after the update (one batched reduction, one host read)
+    weight/<term>         the loss weight of each term at this step (the reference model's runs)
+    params_finite         every parameter finite after the update; params_nonfinite/tensors and
+                          params_nonfinite/elements count what is not (one batched reduction, one host read)
 
 Attach it after the instruments it reads, so their values for the step are final when it records.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
@@ -28,15 +32,22 @@ import torch
 from workbench.instrument.observer import StepObserver
 from workbench.records.record import RunRecord
 from workbench.records.runlog import RunLogWriter
-from workbench.train.step import StepContext, StepResult
+from workbench.train.step import StepContext
 
 
-def params_finite(model: torch.nn.Module) -> bool:
-    norms = torch._foreach_norm([p.detach() for p in model.parameters()])
-    return bool(torch.isfinite(torch.stack(norms)).all())
+def nonfinite_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(tensors, elements) of `model`'s parameters holding a non-finite value; one host read when all are finite."""
+    params = [p.detach() for p in model.parameters()]
+    bad = ~torch.isfinite(torch.stack(torch._foreach_norm(params, dtype=torch.float32)))
+    tensors = int(bad.sum())
+    if tensors == 0:
+        return 0, 0
+    return tensors, sum(int((~torch.isfinite(p)).sum()) for p, b in zip(params, bad.tolist()) if b)
 
 
-def step_row(result: StepResult, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def step_row(ctx: StepContext) -> dict[str, Any]:
+    """What the step itself says about itself (see the module docstring)."""
+    result = ctx.result
     row: dict[str, Any] = {f"loss/{k}": v for k, v in result.losses.items()}
     row.update({"skipped": result.skipped, "nonfinite_grad": result.reason == "nonfinite_grad",
                 "step_ms": result.ms})
@@ -44,8 +55,15 @@ def step_row(result: StepResult, optimizer: torch.optim.Optimizer) -> dict[str, 
         row["scaler/scale_before"] = result.scale
     if result.grad_norm is not None:
         row["clip/total_norm"] = result.grad_norm
-    for k, group in enumerate(optimizer.param_groups):
+    if result.clip_coef is not None:
+        row["clip/coefficient"] = result.clip_coef
+    for k, group in enumerate(ctx.optimizer.param_groups):
         row[f"lr/{group.get('name', f'group{k}')}"] = group["lr"]
+    if dataclasses.is_dataclass(ctx.weights):
+        row.update({f"weight/{k}": float(v) for k, v in dataclasses.asdict(ctx.weights).items()})
+    tensors, elements = nonfinite_params(ctx.model)
+    row.update({"params_finite": tensors == 0, "params_nonfinite/tensors": tensors,
+                "params_nonfinite/elements": elements})
     return row
 
 
@@ -72,9 +90,12 @@ class Recorder(StepObserver):
         record.attrs.update(attrs or {})
 
     def on_step_end(self, ctx: StepContext) -> None:
-        step = ctx.step
-        row = step_row(ctx.result, ctx.optimizer)
-        row["params_finite"] = params_finite(ctx.model)
+        self.record_step(ctx.step, step_row(ctx))
+
+    def record_step(self, step: int, row: Mapping[str, Any]) -> None:
+        """Record one step: `row` (what the step says about itself, `step_row`'s keys) and what every source
+        measured and reported at that step. A training loop without a TrainStep (Lightning) calls it directly."""
+        row = dict(row)
         for source in self.sources:
             row.update(source.row(step))
         self.record.append(step, {k: v for k, v in row.items() if np.ndim(v) == 0})
@@ -89,6 +110,12 @@ class Recorder(StepObserver):
         self.record.add_event(table, row)
         if self.writer is not None:
             self.writer.log_event(table, row)
+
+    def note(self, **attrs: Any) -> None:
+        """Store run-level facts (the GradScaler's settings, ...) in the record and the run log."""
+        self.record.attrs.update(attrs)
+        if self.writer is not None:
+            self.writer.set_attrs(**attrs)
 
     def close(self, status: str = "finished", **attrs: Any) -> None:
         """Store the run's results (`val_per=...`) and its final status; closing twice does nothing."""

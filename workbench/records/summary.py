@@ -5,20 +5,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from workbench.records.chain import causal_chain, decisive_link
+from workbench.records.outcome import OutcomeRules, classify
 from workbench.records.record import RunRecord
 
 
-def summarize(record: RunRecord) -> dict[str, Any]:
+def summarize(record: RunRecord, rules: OutcomeRules = OutcomeRules()) -> dict[str, Any]:
     """JSON-ready summary of one run (non-finite floats stay floats; `json_safe` them for strict JSON).
 
-    Steps are the run's own 1-based step numbers. `outside_optimizer` names the trainable tensors that got a
-    gradient outside the optimizer at the first step the coverage check found any; `tracer_verdict` is the first
-    tracer verdict line (`tracer_verdicts` all of them).
+    Steps are the run's own 1-based step numbers. `outcome` ("diverged", "stalled" or "healthy"),
+    `outcome_reasons` and `outcome_warnings` come from `records.outcome.classify`; `causal_chain` is the list of
+    links of `records.chain.causal_chain`, and `tracer_verdict` the line of its decisive link. `outside_optimizer`
+    names the trainable tensors that got a gradient outside the optimizer at the first step the coverage check
+    found any; `tracer_verdicts` lists the first non-finite tensor of every step the tracer replayed.
     """
     total = record.losses.get("total", [])
     coverage = record.tables.get("coverage", [])
     outside = next((row["outside_optimizer"] for row in coverage if row.get("outside_optimizer")), [])
     tracer = [row["line"] for row in record.tables.get("tracer", [])]
+    chain = causal_chain(record)
+    decisive = decisive_link(chain)
+    outcome = classify(record, rules)
     return {
         "name": record.name,
         "status": record.status,
@@ -35,7 +42,11 @@ def summarize(record: RunRecord) -> dict[str, Any]:
         "overflow_steps": record.overflow,
         "max_grad_norm": record.max_grad_norm,
         "outside_optimizer": [name for name, *_ in outside],
-        "tracer_verdict": tracer[0] if tracer else None,
+        "outcome": outcome.kind,
+        "outcome_reasons": outcome.reasons,
+        "outcome_warnings": outcome.warnings,
+        "causal_chain": chain,
+        "tracer_verdict": decisive["line"] if decisive else None,
         "tracer_verdicts": tracer,
         "events": record.events,
         "val_per": record.attrs.get("val_per"),

@@ -43,24 +43,33 @@ class RunEngine:
         self.stage: Stage | None = None
         self.policy = UnfreezePolicy()
         self.stage_step = 0
+        self.module_lr: float | None = None
         for observer in [*self.instruments, recorder]:
             if observer is not None:
                 observer.attach(train_step)
+        scaler = train_step.scaler
+        if recorder is not None and scaler is not None:
+            recorder.note(scaler={"init_scale": scaler.get_scale(), "growth_interval": scaler.get_growth_interval(),
+                                  "growth_factor": scaler.get_growth_factor(),
+                                  "backoff_factor": scaler.get_backoff_factor()})
 
     @property
     def model(self) -> Any:
         return self.train_step.model
 
-    def enter_stage(self, stage: Stage, *, seed: int, rebuild: bool, policy: UnfreezePolicy | None = None) -> None:
-        """Start `stage`: its components become trainable, `policy` (default: none) starts, the optimizer is
-        rebuilt or kept (`rebuild`), and torch's RNG is seeded for the stage (see `train.stages`)."""
-        set_trainable(self.model, stage.trainable)
+    def enter_stage(self, stage: Stage, *, seed: int, rebuild: bool, policy: UnfreezePolicy | None = None,
+                    module_lr: float | None = None) -> None:
+        """Start `stage`: its components become trainable (matched as the loop semantics say), `policy` (default:
+        none) starts, the optimizer is rebuilt or kept (`rebuild`), and torch's RNG is seeded for the stage (see
+        `train.stages`). `module_lr` is the learning rate of the policy's modules (the fresh decoder) when it
+        differs from the stage's."""
+        set_trainable(self.model, stage.trainable, substring=self.train_step.config.semantics.substring_match)
         self.policy = policy or UnfreezePolicy()
         self.policy.start(self.model)
         optimizer, line = change_optimizer(self.train_step.optimizer, self.model, stage.lr,
                                            "rebuild" if rebuild else "keep")
         self.train_step.optimizer = optimizer
-        self.stage, self.stage_step = stage, 0
+        self.stage, self.stage_step, self.module_lr = stage, 0, module_lr
         seed_everything(stage_seed(seed, stage.index))
         self.log(f"Stage transition -> {stage.name} (lr {stage.lr:g}, weights {stage.weights})")
         self._changed("stage", f"{stage.name} stage start", line, stage=stage.name)
@@ -78,7 +87,7 @@ class RunEngine:
             self._changed("unfreeze", "after unfreeze", line)
         for group in self.train_step.optimizer.param_groups:
             if group.get("name") in self.policy.modules:
-                group["lr"] = stage.lr * plan.lr_scale
+                group["lr"] = (self.module_lr or stage.lr) * plan.lr_scale
         result = self.train_step(batch, plan.weights, rnnt=stage.run_rnnt and plan.rnnt, mode=stage.run_mode)
         self.stage_step = i
         return result

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -20,13 +20,13 @@ from workbench.data import B2TDataset, make_loader
 from workbench.instrument import GradNormProbe, LossAttribution, NonFiniteTracer, OptimizerCoverage, default_groups
 from workbench.records import Recorder, RunRecord
 from workbench.run.engine import RunEngine
-from workbench.run.settings import RunSettings
+from workbench.run.settings import RunSettings, SettingsError
 from workbench.train.checkpoint import model_from_checkpoint
 from workbench.train.device import pick_device
 from workbench.train.evaluate import evaluate
 from workbench.train.optim import build_optimizer, component_groups
 from workbench.train.policies import make_policy
-from workbench.train.stages import Stage, seed_stages, stage_batches
+from workbench.train.stages import Stage, decoder_seed, seed_stages, set_trainable, stage_batches
 from workbench.train.step import StepConfig, StepResult, TrainStep
 
 OnStep = Callable[[int, RunRecord], None]
@@ -44,13 +44,27 @@ def joint_stage(settings: RunSettings) -> Stage:
 
 def ctc_stage_optimizer(model: torch.nn.Module, state: dict, settings: RunSettings) -> torch.optim.Optimizer:
     """The CTC stage's optimizer as the checkpoint saved it (AdamW state restored), the one the joint stage starts
-    from."""
+    from. With the seed's substring match the tensors it adds (rnnt_decoder.joint.encoder_proj) join it as one more
+    group without state, as in the seed, where they never had a gradient."""
     ctc = seed_stages(1, 0)[0]
-    groups = [g for g in component_groups(model) if g["name"] in ctc.trainable]
-    optimizer = build_optimizer(groups, settings.lr, settings.optimizer)
+    set_trainable(model, ctc.trainable)
+    optimizer = build_optimizer(component_groups(model), settings.lr, settings.optimizer)
     if state.get("optimizer") is not None and settings.optimizer == "adamw":
         optimizer.load_state_dict(state["optimizer"])
+    if settings.loop_semantics().substring_match:
+        exact = {id(p) for p in model.parameters() if p.requires_grad}
+        set_trainable(model, ctc.trainable, substring=True)
+        extra = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in exact]
+        if extra:
+            optimizer.add_param_group({"name": "substring match", "params": [p for _, p in extra],
+                                       "lr": settings.lr})
     return optimizer
+
+
+def _validate(model: torch.nn.Module, loader: Any, device: torch.device, step: int, *, rnnt: bool,
+              reason: str) -> dict[str, Any]:
+    ev = evaluate(model, loader, device, rnnt=rnnt)
+    return {"step": step, "reason": reason, "per": ev.per, "rnnt_per": ev.rnnt_per}
 
 
 def run_joint(
@@ -73,17 +87,27 @@ def run_joint(
     dev = pick_device(device)
     # both splits are opened (and validated) before any step runs
     train_set, val_set = B2TDataset(data, "train"), B2TDataset(data, "val")
+    val_loader = make_loader(val_set, settings.batch_size, shuffle=False, seed=settings.seed)
     model, state = model_from_checkpoint(checkpoint, dev)
+    if state.get("stage") == "ctc_warmup":
+        # The CTC stage never trains the decoder: each seed draws its own fresh one.
+        model.reset_decoder(decoder_seed(settings.seed))
     semantics = settings.loop_semantics()
     step = TrainStep(model, ctc_stage_optimizer(model, state, settings),
                      StepConfig(precision=settings.precision, clip=settings.clip, init_scale=settings.init_scale,
                                 rnnt_normalization=settings.rnnt_normalization, semantics=semantics), dev)
+    if settings.carry_scaler:
+        if state.get("scaler") is None or step.scaler is None:
+            raise SettingsError(f"carry_scaler: expected an fp16 run from a checkpoint whose CTC warmup ran in fp16 "
+                                f"(with a GradScaler), got precision {settings.precision} and a checkpoint "
+                                f"{'without' if state.get('scaler') is None else 'with'} one ({checkpoint})")
+        step.scaler.load_state_dict(state["scaler"])
     groups = default_groups(model)
-    probe = GradNormProbe(model, groups)
+    probe = GradNormProbe(model, groups, update_ratio=True)
     instruments = [probe, OptimizerCoverage(model, probe=probe),
                    LossAttribution(groups, after_change=settings.attribution_steps)]
     if settings.trace:
-        instruments.append(NonFiniteTracer(max_traces=1))
+        instruments.append(NonFiniteTracer())
     record = RunRecord(settings.to_dict())
     recorder = Recorder(record, sources=instruments, log_path=log_path,
                         attrs={"checkpoint": str(checkpoint), "torch": torch.__version__, "device": str(dev)})
@@ -92,18 +116,27 @@ def run_joint(
         stage = joint_stage(settings)
         policy = None if settings.ctc_only else make_policy(settings.policy, settings.freeze_steps,
                                                             rebuild_at_unfreeze=settings.rebuild_at_unfreeze)
-        engine.enter_stage(stage, seed=settings.seed, rebuild=semantics.rebuild_at_stage_change, policy=policy)
+        engine.enter_stage(stage, seed=settings.seed, rebuild=semantics.rebuild_at_stage_change, policy=policy,
+                           module_lr=settings.decoder_lr)
         batches = stage_batches(train_set, settings.batch_size, settings.seed, stage)
+        rnnt = not settings.ctc_only
+        if settings.eval_at_start:
+            recorder.event("validation", _validate(model, val_loader, dev, 0, rnnt=rnnt, reason="before step 1"))
+        attached = engine.policy.attach_step
+        eval_step = attached + settings.eval_after_attach - 1 if settings.eval_after_attach else None
 
         def after_step(i: int, result: StepResult) -> None:
+            if i == eval_step and record.first_nonfinite_param_step() is None:
+                recorder.event("validation", _validate(
+                    model, val_loader, dev, i, rnnt=rnnt,
+                    reason=f"{settings.eval_after_attach} steps after the decoder's first trainable step {attached}"))
             if on_step is not None:
                 on_step(i, record)
 
         engine.run(batches, settings.steps, after_step)
         results = {"val_per": None, "val_rnnt_per": None}
         if record.first_nonfinite_param_step() is None:
-            val = make_loader(val_set, settings.batch_size, shuffle=False, seed=settings.seed)
-            ev = evaluate(model, val, dev, rnnt=not settings.ctc_only)
+            ev = evaluate(model, val_loader, dev, rnnt=rnnt)
             results = {"val_per": ev.per, "val_rnnt_per": ev.rnnt_per}
     except BaseException as exc:
         engine.close("failed", error=repr(exc).replace("\n", " "), wall_s=time.perf_counter() - t0)

@@ -100,8 +100,8 @@ def integer(minimum: int, expected: str) -> Check:
     return Check(int, expected, test=lambda v: v >= minimum)
 
 
-def positive_number(expected: str) -> Check:
-    return Check(float, expected, test=lambda v: math.isfinite(v) and v > 0)
+def positive_number(expected: str, *, optional: bool = False) -> Check:
+    return Check(float, expected, test=lambda v: math.isfinite(v) and v > 0, optional=optional)
 
 
 def _clip(value: float) -> bool:
@@ -180,7 +180,17 @@ class RunSettings:
     ctc_only: bool = Setting("control run: the RNN-T decoder is never attached", BOOL).field(False)
     attribution_steps: int = Setting("steps attributed by loss term after the stage start and an unfreeze",
                                      integer(0, "an integer >= 0 (steps)")).field(2)
-    trace: bool = Setting("replay the first non-finite step and name the first non-finite tensor", BOOL).field(True)
+    trace: bool = Setting("replay the non-finite steps and report the causal chain of the first non-finite value",
+                          BOOL).field(True)
+    decoder_lr: float | None = Setting("learning rate of the fresh RNN-T decoder when it differs from lr",
+                                       positive_number("a positive learning rate", optional=True), axis=True,
+                                       short="dlr").field(None)
+    eval_at_start: bool = Setting("measure the validation PER (CTC and the untrained decoder's RNN-T) before "
+                                  "step 1", BOOL).field(False)
+    eval_after_attach: int = Setting("measure the validation PER this many steps after the decoder's first "
+                                     "trainable step (0: not)", integer(0, "an integer >= 0 (steps)")).field(0)
+    carry_scaler: bool = Setting("start the joint stage with the CTC warmup's GradScaler, as the seed's single "
+                                 "scaler does (needs an fp16 CTC-warm checkpoint)", BOOL).field(False)
     # single-switch overrides of the named loop semantics (none keeps the semantics' own value)
     rebuild_at_stage_change: bool | None = Setting(
         "override: rebuild the optimizer when the joint stage starts (the seed keeps the CTC stage's)",
@@ -189,6 +199,9 @@ class RunSettings:
                                      choice(lambda: SCOPES, optional=True)).field(None)
     zero_grad_scope: str | None = Setting("override: zero the gradients of the whole model or the optimizer's",
                                           choice(lambda: SCOPES, optional=True)).field(None)
+    substring_match: bool | None = Setting(
+        "override: match a stage's components by substring as the seed does (rnnt_decoder.joint.encoder_proj then "
+        "sits in the CTC stage's optimizer)", Check(bool, "yes or no", optional=True)).field(None)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -197,8 +210,8 @@ class RunSettings:
                                 f"unfreeze), got {self.freeze_steps}")
 
     def loop_semantics(self) -> LoopSemantics:
-        overrides = {k: getattr(self, k) for k in ("rebuild_at_stage_change", "clip_scope", "zero_grad_scope")
-                     if getattr(self, k) is not None}
+        overrides = {k: getattr(self, k) for k in ("rebuild_at_stage_change", "clip_scope", "zero_grad_scope",
+                                                   "substring_match") if getattr(self, k) is not None}
         return get_semantics(self.semantics, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -269,17 +282,19 @@ def _validate(instance: Any) -> None:
         object.__setattr__(instance, name, check(name, getattr(instance, name), setting))
 
 
-def validate_parameters(params: Mapping[str, Any], *, lists: Iterable[str] = ()) -> None:
+def validate_parameters(params: Mapping[str, Any], *, lists: Iterable[str] = (),
+                        optional: Iterable[str] = ()) -> None:
     """Check notebook parameters that are settings (of either class) with the same rules as everywhere else.
 
     Names in `lists` hold a list of values (a sweep axis, the freeze lengths to compare); each element is checked.
-    Parameters that are not settings are left to the notebook. Raises SettingsError naming the parameter.
+    Names in `optional` may be None (the notebook then takes its preset's value). Parameters that are not settings
+    are left to the notebook. Raises SettingsError naming the parameter.
     """
     known = {**settings_of(TrainSettings), **settings_of(RunSettings)}
-    many = set(lists)
+    many, maybe = set(lists), set(optional)
     for name, value in params.items():
         setting = known.get(name)
-        if setting is None:
+        if setting is None or (value is None and name in maybe):
             continue
         if name in many:
             if not isinstance(value, (list, tuple)) or not value:

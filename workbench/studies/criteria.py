@@ -10,6 +10,7 @@ cells may name the same run when an axis has no effect there (every policy with 
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from workbench.records import RunRecord, summarize
 from workbench.run.settings import axes
-from workbench.train.policies import POLICIES
+from workbench.train.policies import make_policy
 
 DECODER_PREFIX = "rnnt_decoder."
 
@@ -30,35 +31,35 @@ CRITERIA: dict[str, str] = {
                       "optimizer (coverage instrument); and the losses of that step and the next K are finite",
     "stable_after_unfreeze": "the loss stays stable after unfreezing: from the decoder's first trainable step to the "
                              "end, every loss term and parameter is finite and no term exceeds `explode_factor` "
-                             "times its reference (its median over the steps before that step, or its value at that "
-                             "step when it had none before)",
+                             "times its value at that step (computed before the decoder's first update; the same "
+                             "reference for every N)",
     "per_vs_control": "final validation PER (greedy CTC) no worse than the CTC-only control with the same lr, "
-                      "precision, clipping, optimizer, loop semantics and steps (PER <= control PER + tolerance; "
-                      "a control whose parameters went non-finite has no PER and counts as worse)",
+                      "precision, clipping, optimizer, loop semantics and seed (PER <= control PER + tolerance, the "
+                      "tolerance being the spread (max - min) of the controls' PER over the sweep's seeds; a "
+                      "control whose parameters went non-finite has no PER and counts as worse)",
     "all_steps_complete": "all steps complete: the run log is finished, every step is logged, and the final "
                           "validation ran (it is skipped when the parameters are non-finite)",
 }
 # Axes of a sweep cell, in the order tables list them (the run settings a sweep may vary, `settings.axes()`, with
-# the freeze length and the learning rate last); a stability-map panel fixes all but freeze_steps and lr.
+# the freeze length and the learning rate last); a stability-map panel fixes all but freeze_steps, lr and the
+# seed, whose runs share one map cell.
 AXES: tuple[str, ...] = tuple(a for a in axes() if a not in ("freeze_steps", "lr")) + ("freeze_steps", "lr")
-PANEL_AXES: tuple[str, ...] = AXES[:-2]
+PANEL_AXES: tuple[str, ...] = tuple(a for a in AXES[:-2] if a != "seed")
 
 
 @dataclass(frozen=True)
 class Rule:
-    """Parameters of the criteria: K steps after the unfreeze, the explosion factor, the PER tolerance."""
+    """Parameters of the criteria: K steps after the unfreeze and the explosion factor. The PER tolerance is not a
+    parameter: it is measured from the controls' spread over seeds (`per_tolerances`)."""
 
     k_after: int = 5
     explode_factor: float = 10.0
-    per_tolerance: float = 0.0
 
     def __post_init__(self) -> None:
         if self.k_after < 1:
             raise ValueError(f"k_after: expected a positive number of steps, got {self.k_after}")
         if not self.explode_factor > 1:
             raise ValueError(f"explode_factor: expected a factor above 1, got {self.explode_factor}")
-        if self.per_tolerance < 0:
-            raise ValueError(f"per_tolerance: expected a non-negative tolerance, got {self.per_tolerance}")
 
     def describe(self) -> dict[str, str]:
         """The criteria with this rule's numbers filled in."""
@@ -66,7 +67,6 @@ class Rule:
         text["clean_unfreeze"] = text["clean_unfreeze"].replace("next K", f"next K = {self.k_after}")
         text["stable_after_unfreeze"] = text["stable_after_unfreeze"].replace(
             "`explode_factor` times", f"{self.explode_factor:g} times")
-        text["per_vs_control"] = text["per_vs_control"].replace("tolerance;", f"{self.per_tolerance:g};")
         return text
 
 
@@ -76,36 +76,29 @@ def _finite(v: float | None) -> bool:
 
 def freezes(settings: Mapping[str, Any]) -> bool:
     """The run's policy holds the decoder frozen for at least one step."""
-    return (not settings.get("ctc_only")) and POLICIES[settings["policy"]].freezes and settings["freeze_steps"] > 0
+    return not settings.get("ctc_only") and make_policy(settings["policy"], settings["freeze_steps"]).active
 
 
 def attach_step(settings: Mapping[str, Any]) -> int:
     """The decoder's first trainable step (1-based): N + 1 under a freezing policy with N > 0, else 1."""
-    return settings["freeze_steps"] + 1 if freezes(settings) else 1
+    return 1 if settings.get("ctc_only") else make_policy(settings["policy"], settings["freeze_steps"]).attach_step
 
 
 def explosion(record: RunRecord, rule: Rule) -> dict[str, Any] | None:
     """The first (step, term) whose finite loss exceeds `explode_factor` times its reference, or None.
 
-    The reference of a term is its median over the steps before the decoder's first trainable step; a term first
-    computed at that step (N = 0, or muted while frozen) is referred to its value at that step, which is computed
-    before the decoder's first update.
+    The reference of a term is its value at the decoder's first trainable step, which is computed before the
+    decoder's first update: one definition for every N.
     """
     a = attach_step(record.settings)
     found = []
     for term, values in record.losses.items():
         if term == "total":
             continue
-        before = [v for v in values[:a - 1] if _finite(v)]
         after = [(i + 1, v) for i, v in enumerate(values) if i + 1 >= a and v is not None]
-        if before:
-            reference = statistics.median(before)
-        elif after and _finite(after[0][1]):
-            reference = after[0][1]
-        else:
+        if not after or not _finite(after[0][1]) or after[0][1] <= 0:
             continue
-        if reference <= 0:
-            continue
+        reference = after[0][1]
         for step, v in after:
             if math.isfinite(v) and v > rule.explode_factor * reference:
                 found.append({"step": step, "term": term, "value": v, "reference": reference})
@@ -120,13 +113,6 @@ def decoder_outside_steps(record: RunRecord) -> list[int]:
             and any(name.startswith(DECODER_PREFIX) for name, *_ in row.get("outside_optimizer", []))]
 
 
-def outcome(record: RunRecord, rule: Rule) -> str:
-    """"diverged" (a non-finite loss or parameter), "exploded" (finite, but the loss rule broke) or "stable"."""
-    if record.first_nonfinite_step() is not None:
-        return "diverged"
-    return "exploded" if explosion(record, rule) is not None else "stable"
-
-
 def run_summary(record: RunRecord, rule: Rule) -> dict[str, Any]:
     """The run's summary (`workbench.records.summarize`) with what the criteria measure added: the outcome, the
     decoder's first trainable step, the loss there and K steps later, the explosion, counts for the tables."""
@@ -137,7 +123,6 @@ def run_summary(record: RunRecord, rule: Rule) -> dict[str, Any]:
     ratio = after / before if _finite(before) and before and after is not None else None
     return {
         **summarize(record),
-        "outcome": outcome(record, rule),
         "attach_step": a,
         "steps_skipped": len(record.skipped),
         "nonfinite_grad_steps": len(record.flagged("nonfinite_grad")),
@@ -149,9 +134,26 @@ def run_summary(record: RunRecord, rule: Rule) -> dict[str, Any]:
     }
 
 
-def verdict(record: RunRecord, control: RunRecord | None, rule: Rule) -> dict[str, Any]:
+def per_tolerances(controls: Mapping[str, RunRecord]) -> dict[str, float]:
+    """Per control run: the spread (max - min) of the final validation PER over the controls that differ from it
+    only in the seed; 0 where it has no such sibling (one seed), so a PER comparison is then exact."""
+    families: dict[str, list[str]] = {}
+    for rid, rec in controls.items():
+        key = json.dumps({k: v for k, v in rec.settings.items() if k not in ("name", "seed")}, sort_keys=True)
+        families.setdefault(key, []).append(rid)
+    out = {}
+    for members in families.values():
+        pers = [controls[r].attrs.get("val_per") for r in members]
+        present = [p for p in pers if p is not None]
+        spread = max(present) - min(present) if len(present) > 1 else 0.0
+        out.update({r: spread for r in members})
+    return out
+
+
+def verdict(record: RunRecord, control: RunRecord | None, rule: Rule, per_tolerance: float = 0.0) -> dict[str, Any]:
     """The five criteria for one run: True / False, or None where a criterion does not apply (a control run has
-    no decoder to unfreeze and no control of its own). `reasons` says in one line why each False is False."""
+    no decoder to unfreeze and no control of its own). `reasons` says in one line why each False is False.
+    `per_tolerance` is the PER margin granted against the control (`per_tolerances`)."""
     settings = record.settings
     is_control = bool(settings.get("ctc_only"))
     a = attach_step(settings)
@@ -204,9 +206,10 @@ def verdict(record: RunRecord, control: RunRecord | None, rule: Rule) -> dict[st
         elif control_per is None:
             per_ok = True
         else:
-            per_ok = val_per <= control_per + rule.per_tolerance
+            per_ok = val_per <= control_per + per_tolerance
             if not per_ok:
-                reasons["per_vs_control"] = f"PER {val_per:.3f} > control {control_per:.3f}"
+                reasons["per_vs_control"] = (f"PER {val_per:.3f} > control {control_per:.3f} + the seeds' spread "
+                                             f"{per_tolerance:.3f}")
 
     expected = settings["steps"]
     validated = record.attrs.get("val_per") is not None
@@ -248,7 +251,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
 
 def varying_axes(cells: Sequence[Mapping[str, Any]]) -> list[str]:
     """Axes that take more than one value among `cells`, in AXES order."""
-    return [a for a in AXES if len({repr(c["axes"][a]) for c in cells}) > 1]
+    return [a for a in AXES if len({repr(c["axes"].get(a)) for c in cells}) > 1]
 
 
 def axis_label(axis: str, value: Any) -> str:
@@ -273,8 +276,9 @@ def slice_label(axes: Mapping[str, Any], names: Iterable[str]) -> str:
 class MapPanel:
     """One heatmap of the stability map: freeze length N (rows) x lr (columns) for fixed values of the other axes.
 
-    `cells[i][j]` holds the run's outcome, first non-finite step, final validation PER and criteria passed, or
-    None when the grid has no such point.
+    `cells[i][j]` summarises the finished runs of that point over the seeds: "runs", "outcomes" (outcome ->
+    count), "first_nonfinite_steps" (of the diverged ones), "val_per" (median final PER, None when no run has
+    one), "passed" / "applicable" (criteria summed over the runs); None while none of them has finished.
     """
 
     title: str
@@ -295,16 +299,31 @@ def stability_map(cells: Sequence[Mapping[str, Any]], summaries: Mapping[str, Ma
     for members in panels.values():
         freeze_lengths = sorted({c["axes"]["freeze_steps"] for c in members})
         lrs = sorted({c["axes"]["lr"] for c in members})
-        grid: list[list[dict[str, Any] | None]] = [[None] * len(lrs) for _ in freeze_lengths]
+        runs: dict[tuple[int, int], list[str]] = {}
         for c in members:
-            s, v = summaries.get(c["run"]), verdicts.get(c["run"])
-            if s is None or v is None:
-                continue
-            grid[freeze_lengths.index(c["axes"]["freeze_steps"])][lrs.index(c["axes"]["lr"])] = {
-                "run": c["run"], "outcome": s["outcome"], "first_nonfinite_step": s["first_nonfinite_step"],
-                "val_per": s["val_per"], "passed": v["passed"], "applicable": v["applicable"]}
+            point = (freeze_lengths.index(c["axes"]["freeze_steps"]), lrs.index(c["axes"]["lr"]))
+            if c["run"] in summaries and c["run"] in verdicts and c["run"] not in runs.setdefault(point, []):
+                runs[point].append(c["run"])
+        grid: list[list[dict[str, Any] | None]] = [[None] * len(lrs) for _ in freeze_lengths]
+        for (i, j), ids in runs.items():
+            if ids:
+                grid[i][j] = _map_cell(ids, summaries, verdicts)
         out.append(MapPanel(slice_label(members[0]["axes"], varied), freeze_lengths, lrs, grid))
     return out
+
+
+def _map_cell(ids: list[str], summaries: Mapping[str, Mapping[str, Any]],
+              verdicts: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    pers = [summaries[r]["val_per"] for r in ids if summaries[r]["val_per"] is not None]
+    outcomes: dict[str, int] = {}
+    for r in ids:
+        outcomes[summaries[r]["outcome"]] = outcomes.get(summaries[r]["outcome"], 0) + 1
+    return {"runs": ids, "outcomes": outcomes,
+            "first_nonfinite_steps": [summaries[r]["first_nonfinite_step"] for r in ids
+                                      if summaries[r]["first_nonfinite_step"] is not None],
+            "val_per": statistics.median(pers) if pers else None,
+            "passed": sum(verdicts[r]["passed"] for r in ids),
+            "applicable": sum(verdicts[r]["applicable"] for r in ids)}
 
 
 # --------------------------------------------------------------------------------------------- conclusions
@@ -406,21 +425,21 @@ def conclusions(cells: Sequence[Mapping[str, Any]], summaries: Mapping[str, Mapp
                 lines.append(f"Once the decoder is in the optimizer, the freeze length did not change whether training "
                              f"stayed finite in any of {verdict_n['groups']} groups in this grid.")
     for axis in varying_axes(cells):
-        if axis in ("freeze_steps", "lr"):
+        if axis in ("freeze_steps", "lr", "seed"):
             continue
         effect = axis_effect(cells, summaries, axis)
         if effect["groups"]:
             lines.append(_effect_sentence(effect, f"runs that differ only in {axis}", "Across the grid"))
 
-    # The largest lr at which each N stayed finite and within the loss rule, per stability-map panel.
+    # The largest lr at which every seed of each N was healthy, per stability-map panel.
     panels = stability_map(cells, summaries, verdicts)
     for panel in panels:
         parts = []
         for i, n in enumerate(panel.freeze_lengths):
-            ok = [lr for lr, cell in zip(panel.lrs, panel.cells[i]) if cell and cell["outcome"] == "stable"]
+            ok = [lr for lr, cell in zip(panel.lrs, panel.cells[i])
+                  if cell and cell["outcomes"].get("healthy", 0) == len(cell["runs"])]
             parts.append(f"N={n}: {max(ok):.0e}" if ok else f"N={n}: none")
-        lines.append(f"Largest lr that stayed finite with no loss explosion ({panel.title}): "
-                     + ", ".join(parts) + ".")
+        lines.append(f"Largest lr at which every run was healthy ({panel.title}): " + ", ".join(parts) + ".")
 
     passed = [r for r in runs if verdicts[r]["all"]]
     per_criterion = ", ".join(

@@ -22,6 +22,8 @@ from workbench.run.settings import RunSettings
 
 # The run settings the explorer offers as controls (its widgets are derived from their settings).
 CONTROLS: tuple[str, ...] = ("freeze_steps", "lr", "policy", "precision", "semantics", "steps")
+# Joint steps of the notebook's run when its parameters do not say, per model preset.
+EXPLORER_STEPS: dict[str, int] = {"tiny": 10, "small": 40, "seed": 4}
 # Redraws per run when `every` is not given: drawing costs about a quarter of a second.
 REDRAWS_PER_RUN = 20
 
@@ -54,18 +56,15 @@ def settings_from(values: Mapping[str, Any]) -> RunSettings:
 
 
 def outcome_lines(record: RunRecord) -> list[str]:
-    """What a finished run printed: its outcome and, when the tracer replayed a step, its verdict."""
+    """What a finished run printed: its outcome with the reasons, and the decisive link of its causal chain."""
     s = summarize(record)
-    if s["first_nonfinite_step"] is None:
-        per = "-" if s["val_per"] is None else f"{s['val_per']:.3f}"
-        final = s["final_loss"] if s["final_loss"] is not None else math.nan
-        lines = [f"{s['name']}: finite throughout; final loss {final:.4g}; val PER {per}"]
-    else:
-        lines = [f"{s['name']}: first non-finite loss at step {s['first_nonfinite_loss_step']}; parameters "
-                 f"non-finite after step {s['first_nonfinite_param_step']}; {len(s['overflow_steps'])} overflow "
-                 f"steps, {len(s['skipped_steps'])} skipped"]
+    per = "-" if s["val_per"] is None else f"{s['val_per']:.3f}"
+    final = s["final_loss"] if s["final_loss"] is not None else math.nan
+    lines = [f"{s['name']}: {s['outcome']}; final loss {final:.4g}; val PER {per}; {len(s['overflow_steps'])} "
+             f"overflow steps, {len(s['skipped_steps'])} skipped"]
+    lines += [f"  {reason}" for reason in s["outcome_reasons"] + s["outcome_warnings"]]
     if s["tracer_verdict"]:
-        lines.append(f"  tracer: {s['tracer_verdict']}")
+        lines.append(f"  decisive link: {s['tracer_verdict']}")
     if s["outside_optimizer"]:
         lines.append(f"  {len(s['outside_optimizer'])} trainable tensors outside the optimizer, e.g. "
                      f"{s['outside_optimizer'][0]}")

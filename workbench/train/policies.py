@@ -81,6 +81,11 @@ class UnfreezePolicy:
         extra = "" if self.rebuild_at_unfreeze or not self.active else ", rebuild_at_unfreeze=False"
         return f"{type(self).__name__}(freeze_steps={self.freeze_steps}{extra})"
 
+    @property
+    def attach_step(self) -> int:
+        """The module's first trainable step (1-based): N + 1 for a policy that freezes N > 0 steps, else 1."""
+        return self.freeze_steps + 1 if self.active else 1
+
     def frozen(self, i: int) -> bool:
         return self.active and i <= self.freeze_steps
 

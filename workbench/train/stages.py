@@ -69,15 +69,21 @@ def seed_stages(
     return [s for s in stages if s.steps > 0]
 
 
-def set_trainable(model: nn.Module, components: tuple[str, ...] | list[str]) -> list[str]:
-    """Make exactly the parameters of `components` trainable; return the trainable parameter names."""
+def set_trainable(model: nn.Module, components: tuple[str, ...] | list[str], *,
+                  substring: bool = False) -> list[str]:
+    """Make exactly the parameters of `components` trainable; return the trainable parameter names.
+
+    With `substring`, a parameter is trainable when a component's name occurs anywhere in its name, as the seed's
+    component manager decides (modessm.md 3.2): "encoder" then also matches rnnt_decoder.joint.encoder_proj.
+    """
     names = [n for n, _ in model.named_children()]
     unknown = [c for c in components if c not in names]
     if unknown:
         raise ValueError(f"unknown component(s) {unknown}; the model has {names}")
     trainable = []
     for name, param in model.named_parameters():
-        param.requires_grad_(name.split(".", 1)[0] in components)
+        matches = any(c in name for c in components) if substring else name.split(".", 1)[0] in components
+        param.requires_grad_(matches)
         if param.requires_grad:
             trainable.append(name)
     return trainable
@@ -86,6 +92,11 @@ def set_trainable(model: nn.Module, components: tuple[str, ...] | list[str]) -> 
 def stage_seed(seed: int, stage_index: int) -> int:
     """The seed of a stage's data order and of torch's RNG (dropout) at the stage's start."""
     return seed * 1000 + stage_index
+
+
+def decoder_seed(seed: int) -> int:
+    """The seed of the fresh RNN-T decoder's initialisation in a run with seed `seed`."""
+    return seed * 1000 + 999
 
 
 def stage_batches(dataset: B2TDataset, batch_size: int, seed: int, stage: Stage) -> Iterator[Batch]:

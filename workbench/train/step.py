@@ -24,6 +24,7 @@ Observers (the instrumentation) hook in at four points and never change what the
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, ContextManager, Protocol, Sequence
@@ -60,6 +61,8 @@ class LoopSemantics:
     """Switches that decide how the step treats gradients of parameters the optimizer does not hold.
 
     rebuild_at_stage_change: build a new optimizer when a stage starts (False = the seed's stale optimizer).
+    substring_match: a stage's components are matched by substring, as the seed's component manager does, so
+        "encoder" also makes rnnt_decoder.joint.encoder_proj trainable (and a member of the CTC stage's optimizer).
     clip_scope: "model" clips over every model parameter (seed), "optimizer" over the optimizer's only.
     zero_grad_scope: "optimizer" zeroes only the optimizer's parameters (seed), "model" every parameter.
     unscale_before_clip: unscale fp16 gradients before clipping (both presets); False clips scaled gradients.
@@ -72,6 +75,7 @@ class LoopSemantics:
     zero_grad_scope: str
     unscale_before_clip: bool = True
     nonfinite_policy: str = "skip_step"
+    substring_match: bool = False
 
     def __post_init__(self) -> None:
         for name in ("clip_scope", "zero_grad_scope"):
@@ -84,7 +88,8 @@ class LoopSemantics:
 
 SEMANTICS: dict[str, LoopSemantics] = {
     "seed_faithful": LoopSemantics("seed_faithful", rebuild_at_stage_change=False, clip_scope="model",
-                                   zero_grad_scope="optimizer", nonfinite_policy="skip_before_backward"),
+                                   zero_grad_scope="optimizer", nonfinite_policy="skip_before_backward",
+                                   substring_match=True),
     "corrected": LoopSemantics("corrected", rebuild_at_stage_change=True, clip_scope="optimizer",
                                zero_grad_scope="model", nonfinite_policy="skip_step"),
 }
@@ -113,6 +118,10 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class StepResult:
+    """One step's outcome. `grad_norm`: the norm the clip measured; `clip_coef`: the factor the clip applied to
+    every gradient, min(1, clip / (norm + 1e-6)) as torch computes it (0 for an infinite norm, NaN for a NaN one;
+    None without clipping or backward); `scale`: the GradScaler scale this step's backward used."""
+
     step: int
     losses: dict[str, float]
     skipped: bool
@@ -120,6 +129,7 @@ class StepResult:
     grad_norm: float | None
     scale: float | None
     ms: float
+    clip_coef: float | None = None
 
 
 @dataclass
@@ -234,15 +244,17 @@ class TrainStep:
             return torch.nn.utils.clip_grad_norm_(params, self.config.clip, foreach=True)
         return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
 
-    def update(self, norm: torch.Tensor, scale: float | None) -> tuple[bool, str | None]:
+    def update(self, norm: torch.Tensor) -> tuple[bool, str | None]:
         """Apply the optimizer step (through the GradScaler under fp16); returns (skipped, reason)."""
         policy = self.config.semantics.nonfinite_policy
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
+            # The GradScaler's own verdict: it skips when its inf check over the optimizer's gradients found one.
+            # (A lower scale after update() is not a test: an infinite scale stays infinite when backed off.)
+            found = self.scaler._found_inf_per_device(self.optimizer)
+            skipped = bool(sum(v.item() for v in found.values()))
             self.scaler.update()
-            if scale is not None and self.scaler.get_scale() < scale:
-                return True, "nonfinite_grad"
-            return False, None
+            return (True, "nonfinite_grad") if skipped else (False, None)
         if not torch.isfinite(norm) and policy == "skip_step":
             return True, "nonfinite_grad"
         if not torch.isfinite(norm) and policy == "stop":
@@ -295,7 +307,7 @@ class TrainStep:
                 self.backward(losses["total"], len(batches))
             monitor.after("backward")
 
-        grad_norm = None
+        grad_norm = clip_coef = None
         if not skipped:
             with monitor.phase("unscale"):
                 self.unscale()
@@ -305,13 +317,15 @@ class TrainStep:
                 norm = self.clip()
             monitor.after("clip", norm=norm)
             grad_norm = float(norm)
+            if self.config.clip is not None:
+                clip_coef = math.nan if math.isnan(grad_norm) else min(1.0, self.config.clip / (grad_norm + 1e-6))
             with monitor.phase("update"):
-                skipped, reason = self.update(norm, scale)
+                skipped, reason = self.update(norm)
             monitor.after("update")
 
         values = torch.stack([v.float() for v in totals.values()]).tolist()
         result = StepResult(self.step_index, dict(zip(totals, values)), skipped, reason, grad_norm, scale,
-                            (time.perf_counter() - t0) * 1000.0)
+                            (time.perf_counter() - t0) * 1000.0, clip_coef)
         ctx.result = result
         self._notify("on_step_end", ctx)
         return result

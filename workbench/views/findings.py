@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 START, END = "<!-- findings:start -->", "<!-- findings:end -->"
-FIGURES = {"01_reproduce_nan_explosion": ["01_outcomes.png", "01_seed_run.png", "01_ctc_warmup.png"],
+FIGURES = {"01_reproduce_nan_explosion": ["01_outcomes.png", "01_seed_chain.png", "01_ctc_warmup.png"],
            "02_compare_freeze_lengths": ["02_stability_map.png"]}
 
 
@@ -24,15 +24,15 @@ def render(source: Path, figures_dir: Path, readme_dir: Path) -> str:
     nb01 = source / "01_reproduce_nan_explosion" / "01_summary.json"
     if nb01.is_file():
         s = json.loads(nb01.read_text())
-        lines += [f"From `notebooks/01_reproduce_nan_explosion.ipynb` (preset `{s['preset']}`, seed {s['seed']}, "
-                  f"{s['precision']}, lr {s['lr']}, {s['joint_steps']} joint steps; CTC warmup took the validation "
-                  f"PER from {s['ctc_val_per_initial']:.3f} to {s['ctc_val_per_final']:.3f}):", ""]
+        lines += [f"From `notebooks/01_reproduce_nan_explosion.ipynb` ({s['scope']}; CTC warmup took the validation "
+                  f"PER from {s['ctc_val_per_initial']:.3f} to {s['ctc_val_per_final']:.3f}; {s['wall_s']:.0f} s):",
+                  ""]
         lines += [f"- {c}" for c in s["conclusions"]]
         lines.append("")
     nb02 = source / "02_compare_freeze_lengths" / "02_summary.json"
     if nb02.is_file():
         s = json.loads(nb02.read_text())
-        lines += ["From `notebooks/02_compare_freeze_lengths.ipynb`:", ""]
+        lines += [f"From `notebooks/02_compare_freeze_lengths.ipynb` ({s['wall_s']:.0f} s):", ""]
         lines += [f"- {c}" for c in s.get("conclusions", [])]
         lines.append("")
     figures_dir.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,17 @@ from workbench.views.plots import LiveFigure, save_figure, training_figure
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def setup(output_dir: str | Path, *, threads: int | None = None) -> Path:
+def setup(output_dir: str | Path, *, summary: str | None = None, overwrite: bool = False,
+          threads: int | None = None) -> Path:
     """Create `output_dir` and pin torch's CPU threads (default: OMP_NUM_THREADS, else 1: on a 2-core CPU one
-    thread per process is several times faster for these small models than two contending threads)."""
+    thread per process is several times faster for these small models than two contending threads).
+
+    A notebook that finished in `output_dir` before left its `summary` there: without `overwrite` the notebook
+    stops here, before any work, rather than replace that summary and its figures."""
     out = Path(output_dir)
+    if summary is not None and (out / summary).exists() and not overwrite:
+        raise FileExistsError(f"output_dir {out}: a finished run of this notebook is there ({summary}); choose "
+                              f"another output_dir, or set overwrite=True to replace its summary and figures")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
     return out

@@ -16,11 +16,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from matplotlib.figure import Figure  # noqa: E402  (the backend must be chosen first)
+import matplotlib.patches  # noqa: E402  (the backend must be chosen first)
+from matplotlib.figure import Figure  # noqa: E402
 
 from workbench.records import RunRecord  # noqa: E402
 
 TERM_STYLES = {"total": "-", "ctc": ":", "rnnt": "--", "mode": "-."}
+OUTCOME_COLORS = {"healthy": "#4daf4a", "stalled": "#ff9f1c", "diverged": "#d7301f"}
+_COEF_FLOOR = 1e-8  # where a zero clip coefficient is drawn on the log axis
+LINK_STYLES = {"producer": ("o", "#6a3d9a"), "escape": ("X", "#d7301f"), "caught": ("s", "#4daf4a"),
+               "contamination": ("D", "#000000"), "loss": ("v", "#1f78b4")}
 
 
 def _finite_or_none(values: Sequence[float | None]) -> list[float]:
@@ -78,11 +83,16 @@ def training_figure(runs: Mapping[str, RunRecord], *, title: str = "",
     ax_scale.set(title="GradScaler scale (fp16 only)", xlabel="joint step", yscale="log")
     ax_nf.set(title="non-finite gradient entries per group", xlabel="joint step")
     for ax in (ax_loss, ax_norm, ax_scale, ax_nf):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="best")
+        _legend_outside(ax)
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _legend_outside(ax: matplotlib.axes.Axes) -> None:
+    """The legend to the right of the axes, never over the data."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
 
 
 def ctc_warmup_figure(summary: Mapping) -> Figure:
@@ -100,21 +110,81 @@ def ctc_warmup_figure(summary: Mapping) -> Figure:
 
 
 def outcome_figure(rows: Sequence[Mapping]) -> Figure:
-    """One bar per run: steps completed with finite parameters, red where the run diverged."""
-    fig = Figure(figsize=(9, 0.35 * len(rows) + 1.2), layout="constrained")
+    """One bar per row (a run, or a configuration over seeds) in the colour of its outcome: green healthy, orange
+    stalled (finite, but something that should train did not), red diverged. Each row is a `summarize` dict, or a
+    dict with "name", "outcomes" (outcome -> count) and "note"; the bar's text is the first reason or the note."""
+    fig = Figure(figsize=(11, 0.38 * len(rows) + 1.4), layout="constrained")
     ax = fig.subplots()
-    names = [r["name"] for r in rows]
-    steps = [r["steps"] for r in rows]
-    first_bad = [r["first_nonfinite_param_step"] or r["first_nonfinite_loss_step"] for r in rows]
-    finite = [(b - 1 if b else n) for b, n in zip(first_bad, steps)]
-    ax.barh(names, finite, color=["tab:red" if b else "tab:green" for b in first_bad])
-    for y, (r, b, n) in enumerate(zip(rows, first_bad, steps)):
-        text = (f"parameters non-finite after step {r['first_nonfinite_param_step']}, loss at step "
-                f"{r['first_nonfinite_loss_step']}" if b else "finite throughout")
-        ax.text((b - 1 if b else n) + 0.2, y, text, va="center", fontsize=8)
+    for y, row in enumerate(rows):
+        counts = row.get("outcomes") or {row["outcome"]: 1}
+        total, left = sum(counts.values()), 0.0
+        for kind in OUTCOME_COLORS:
+            share = counts.get(kind, 0) / total
+            if share:
+                ax.barh(y, share, left=left, color=OUTCOME_COLORS[kind])
+                left += share
+        note = row.get("note") or (row.get("outcome_reasons") or [""])[0]
+        label = " ".join(f"{counts[k]}/{total} {k}" for k in OUTCOME_COLORS if counts.get(k))
+        ax.text(1.02, y, f"{label}: {note}"[:150], va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), [row["name"] for row in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.set(xlabel="joint steps completed with finite parameters and loss", xlim=(0, max(steps) * 1.8))
+    ax.set(xlim=(0, 1), xticks=[], xlabel="share of runs by outcome")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.legend(handles=[matplotlib.patches.Patch(color=c, label=k) for k, c in OUTCOME_COLORS.items()],
+               loc="outside lower left", ncols=3, fontsize=8)
     return fig
+
+
+def chain_figure(record: RunRecord, chain: Sequence[Mapping], *, title: str = "") -> Figure:
+    """The causal chain of one run on a timeline: per step, the clip coefficient, the GradScaler scale and the
+    non-finite gradient entries per group, with the chain's links marked (and listed) where they happened."""
+    fig = Figure(figsize=(13, 7.2), layout="constrained")
+    ax_coef, ax_scale, ax_nf, ax_text = fig.subplots(4, 1, sharex=False, height_ratios=[1, 1, 1, 0.9])
+    steps = record.steps
+    coef = list(zip(steps, record.values("clip/coefficient")))
+    ax_coef.plot(steps, [c if c is not None and c > 0 else math.nan for _, c in coef], ".-", color="#333333",
+                 label="clip coefficient")
+    for label, marker, y, pick in (("coefficient 0", "v", _COEF_FLOOR, lambda c: c == 0),
+                                   ("coefficient NaN", "x", 1.6, lambda c: math.isnan(c))):
+        hits = [s for s, c in coef if c is not None and pick(c)]
+        if hits:
+            ax_coef.plot(hits, [y] * len(hits), marker, color=OUTCOME_COLORS["diverged"], label=label)
+    ax_coef.set(yscale="log", ylabel="clip coefficient", ylim=(_COEF_FLOOR / 3, 8.0))
+    scale = [v if v is not None else math.nan for v in record.scale]
+    if any(math.isfinite(v) for v in scale):
+        ax_scale.plot(steps, scale, ".-", color="#1f78b4", label="GradScaler scale")
+    ax_scale.set(yscale="log", ylabel="scale")
+    for g, values in record.group_nonfinite.items():
+        if any(v for v in values if v is not None):
+            ax_nf.plot(steps, [v if v is not None else math.nan for v in values], "o-", markersize=3, label=g)
+    ax_nf.set(ylabel="non-finite\ngradient entries", xlabel="joint step")
+    for ax in (ax_coef, ax_scale, ax_nf):
+        for link in chain:
+            marker, color = LINK_STYLES[link["kind"]]
+            ax.axvline(link["step"], color=color, alpha=0.35, linewidth=1)
+        ax.set_xlim(0.5, max(steps[-1] if steps else 1, max((k["step"] for k in chain), default=1)) + 0.5)
+    for k, link in enumerate(chain):
+        marker, color = LINK_STYLES[link["kind"]]
+        # links of one step side by side rather than on top of each other
+        same = [i for i, other in enumerate(chain) if other["step"] == link["step"]]
+        x = link["step"] + 0.15 * (same.index(k) - (len(same) - 1) / 2)
+        ax_coef.plot([x], [4.0], marker, color=color, markersize=8, label=link["kind"])
+    for ax in (ax_coef, ax_scale, ax_nf):
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        if unique:
+            ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                      borderaxespad=0.0, frameon=False)
+    ax_text.axis("off")
+    text = "\n".join(_wrap(link["line"], 170) for link in chain) or "nothing was non-finite"
+    ax_text.text(0.0, 1.0, text, va="top", ha="left", fontsize=7, family="monospace", transform=ax_text.transAxes)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _wrap(line: str, width: int) -> str:
+    return "\n    ".join(line[i:i + width] for i in range(0, len(line), width))
 
 
 def figure_png(fig: Figure) -> bytes:

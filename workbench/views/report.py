@@ -12,8 +12,8 @@ from typing import Any, Sequence
 from workbench.records import RunRecord, json_safe, read_record, summarize
 from workbench.views.plots import outcome_figure, save_figure, training_figure
 
-COLUMNS = ("name", "status", "steps", "first_nonfinite_loss_step", "first_nonfinite_param_step", "skipped_steps",
-           "max_grad_norm", "val_per", "tracer_verdict")
+COLUMNS = ("name", "status", "steps", "outcome", "first_nonfinite_loss_step", "first_nonfinite_param_step",
+           "skipped_steps", "max_grad_norm", "val_per", "tracer_verdict")
 
 
 def labelled(records: Sequence[RunRecord]) -> dict[str, RunRecord]:

@@ -13,46 +13,31 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from workbench.records import RunRecord, read_record
+from workbench.records import OUTCOMES, RunRecord, read_record
 from workbench.studies.criteria import MapPanel, Rule, stability_map
 from workbench.studies.sweep import Sweep, evaluate_runs, families, log_status
-from workbench.views.plots import LiveFigure, display_slot, training_figure
+from workbench.views.plots import OUTCOME_COLORS, LiveFigure, display_slot, training_figure
 
 FIGURE_GROUPS = ("encoder", "rnnt_decoder.predictor", "rnnt_decoder.joint")
 
 
-_STABLE, _EXPLODED, _MISSING = "#b7e4b0", "#fdb863", "#ffffff"
+_MISSING = "#ffffff"
 
 
-def stability_map_figure(panels: Sequence[MapPanel], *, title: str = "", max_step: int | None = None) -> Figure:
-    """Heatmaps of freeze length N x lr, one per panel: green = stable, orange = finite but the loss rule broke, red
-    shades = steps to the first non-finite value (darker = earlier); each cell is annotated with the final
-    validation PER (or the divergence step) and the success criteria passed."""
+def stability_map_figure(panels: Sequence[MapPanel], *, title: str = "") -> Figure:
+    """Heatmaps of freeze length N x lr, one per panel, a cell per point over its seeds: the colour is the share of
+    its runs that were healthy (green), stalled (orange) or diverged (red), mixed in that proportion; the text gives
+    the counts, the earliest divergence step, the median final validation PER and the success criteria passed."""
     ncols = min(4, len(panels)) or 1
     nrows = max(1, math.ceil(len(panels) / ncols))
-    fig = Figure(figsize=(3.6 * ncols + 1.2, 3.0 * nrows + 0.8), layout="constrained")
+    fig = Figure(figsize=(3.8 * ncols + 0.6, 3.1 * nrows + 0.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    steps = [c["first_nonfinite_step"] for p in panels for row in p.cells for c in row
-             if c and c["first_nonfinite_step"]]
-    top = max_step or max(steps, default=1)
-    cmap = matplotlib.colormaps["Reds_r"]
-    norm = matplotlib.colors.Normalize(vmin=1, vmax=max(top, 2) * 1.3)
     for ax, panel in zip(axes, panels):
         image = np.ones((len(panel.freeze_lengths), len(panel.lrs), 4))
         for i, row in enumerate(panel.cells):
             for j, cell in enumerate(row):
-                if cell is None:
-                    color, text = _MISSING, "..."
-                elif cell["outcome"] == "diverged":
-                    color, text = cmap(norm(cell["first_nonfinite_step"])), f"NaN@{cell['first_nonfinite_step']}"
-                else:
-                    color = _STABLE if cell["outcome"] == "stable" else _EXPLODED
-                    text = "PER -" if cell["val_per"] is None else f"PER {cell['val_per']:.2f}"
-                if cell is not None:
-                    text += f"\n{cell['passed']}/{cell['applicable']} ok"
-                image[i, j] = matplotlib.colors.to_rgba(color)
-                dark = cell is not None and cell["outcome"] == "diverged" and norm(cell["first_nonfinite_step"]) < 0.45
-                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+                image[i, j] = _cell_color(cell)
+                ax.text(j, i, _cell_text(cell), ha="center", va="center", fontsize=6.5)
         ax.imshow(image, aspect="auto")
         ax.set_xticks(range(len(panel.lrs)), [f"{lr:g}" for lr in panel.lrs], fontsize=7)
         ax.set_yticks(range(len(panel.freeze_lengths)), [str(n) for n in panel.freeze_lengths], fontsize=7)
@@ -60,13 +45,31 @@ def stability_map_figure(panels: Sequence[MapPanel], *, title: str = "", max_ste
         ax.set_title(panel.title, fontsize=8)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[:len(panels)].tolist(),
-                 label="first non-finite step", shrink=0.8)
-    fig.legend(handles=[Patch(color=_STABLE, label="stable"), Patch(color=_EXPLODED, label="loss exploded (finite)"),
-                        Patch(color=cmap(0.3), label="non-finite")], loc="outside lower center", ncols=3, fontsize=8)
+    fig.legend(handles=[Patch(color=OUTCOME_COLORS[k], label=k) for k in OUTCOMES], loc="outside lower center",
+               ncols=3, fontsize=8)
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _cell_color(cell: Mapping[str, Any] | None) -> tuple[float, ...]:
+    if cell is None:
+        return matplotlib.colors.to_rgba(_MISSING)
+    total = sum(cell["outcomes"].values())
+    mixed = sum(np.array(matplotlib.colors.to_rgba(OUTCOME_COLORS[k])) * n / total for k, n in cell["outcomes"].items())
+    return tuple(mixed)
+
+
+def _cell_text(cell: Mapping[str, Any] | None) -> str:
+    if cell is None:
+        return "..."
+    n = len(cell["runs"])
+    lines = [" ".join(f"{cell['outcomes'][k]}/{n} {k[0]}" for k in OUTCOMES if cell["outcomes"].get(k))]
+    if cell["first_nonfinite_steps"]:
+        lines.append(f"NaN@{min(cell['first_nonfinite_steps'])}")
+    lines.append("PER -" if cell["val_per"] is None else f"PER {cell['val_per']:.2f}")
+    lines.append(f"{cell['passed']}/{cell['applicable']} ok")
+    return "\n".join(lines)
 
 
 def family_figure(cells: Sequence[Mapping[str, Any]], recs: Mapping[str, RunRecord], *, title: str = "") -> Figure:
@@ -104,6 +107,35 @@ class DisplayLine:
     def flush(self) -> None:
         if self.handle is None:
             sys.stderr.flush()
+
+
+class RunsDashboard:
+    """A progress line and one figure, redrawn in place, that overlays the chosen runs of a sweep as they finish
+    (notebook 01). `labels` maps the run ids to draw to their labels. Pass it as
+    `Sweep.run(progress=dashboard.progress, on_run_done=dashboard)`; outside IPython nothing is drawn."""
+
+    def __init__(self, labels: Mapping[str, str], *, title: str = "", terms: Sequence[str] | None = None,
+                 groups: Sequence[str] | None = None, min_interval_s: float = 3.0) -> None:
+        self.labels, self.title, self.min_interval_s = dict(labels), title, min_interval_s
+        self.terms = None if terms is None else list(terms)
+        self.groups = None if groups is None else list(groups)
+        self.runs: dict[str, RunRecord] = {}
+        self.progress = DisplayLine()
+        self.live = LiveFigure()
+        self._drawn = 0.0
+
+    def __call__(self, rid: str, record: RunRecord) -> None:
+        if rid in self.labels:
+            self.runs[self.labels[rid]] = record
+            if time.monotonic() - self._drawn >= self.min_interval_s:
+                self.draw()
+
+    def draw(self) -> None:
+        """Redraw the overlay of every chosen run finished so far (call once more after the sweep)."""
+        if self.runs and self.live.active:
+            ordered = {label: self.runs[label] for label in self.labels.values() if label in self.runs}
+            self.live.show(training_figure(ordered, title=self.title, terms=self.terms, groups=self.groups))
+            self._drawn = time.monotonic()
 
 
 class SweepDashboard:
@@ -147,6 +179,5 @@ class SweepDashboard:
         done = sum(r in self.recs for r in self.sweep.plan.runs)
         self.map_live.show(stability_map_figure(
             stability_map(self.sweep.plan.cells, summaries, verdicts),
-            title=f"stability map ({done}/{len(self.sweep.plan.runs)} runs)",
-            max_step=max(s.total_steps for s in self.sweep.grids)))
+            title=f"stability map ({done}/{len(self.sweep.plan.runs)} runs)"))
         self._drawn = time.monotonic()

@@ -7,7 +7,9 @@ import dataclasses
 from typing import Any, Mapping
 
 from workbench.records import RunRecord, read_record
-from workbench.studies.criteria import Rule, conclusions, run_summary, slice_label, varying_axes, verdict
+from workbench.studies.criteria import (
+    Rule, conclusions, per_tolerances, run_summary, slice_label, varying_axes, verdict,
+)
 from workbench.studies.sweep.grid import Plan
 from workbench.studies.sweep.runner import Sweep, log_status
 
@@ -20,11 +22,16 @@ def records(sweep: Sweep) -> dict[str, RunRecord]:
 
 def evaluate_runs(plan: Plan, recs: Mapping[str, RunRecord],
                   rule: Rule) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """(summaries, verdicts) of every finished run; a joint run's verdict uses its cell's control."""
+    """(summaries, verdicts) of every finished run; a joint run's verdict uses its cell's control, and the PER
+    tolerance against it is the spread of that control's PER over the seeds (`criteria.per_tolerances`)."""
     controls = {c["run"]: c["control"] for c in plan.cells}
+    tolerance = per_tolerances({rid: recs[rid] for rid in plan.controls if rid in recs})
     summaries = {rid: run_summary(rec, rule) for rid, rec in recs.items()}
-    verdicts = {rid: verdict(rec, recs.get(controls.get(rid)) if controls.get(rid) else None, rule)
-                for rid, rec in recs.items()}
+    verdicts = {}
+    for rid, rec in recs.items():
+        control = controls.get(rid)
+        verdicts[rid] = verdict(rec, recs.get(control) if control else None, rule,
+                                per_tolerance=tolerance.get(control, 0.0))
     return summaries, verdicts
 
 

@@ -1,0 +1,154 @@
+"""The outcome rules and the causal chain on hand-made run records: each rule fires on the record it describes and
+stays quiet on the others."""
+
+import math
+
+import pytest
+
+from workbench.records import OutcomeRules, RunRecord, classify, summarize
+from workbench.records.chain import causal_chain, decisive_link
+from workbench.records.outcome import final_weights_start, regrowth_warning
+
+GROUPS = ("encoder", "rnnt_decoder.joint")
+
+
+def record(losses, *, updated=True, outside=0, coef=0.5, weights=None, skipped=(), params_bad=(), scales=None,
+           nonfinite_grad=(), tables=None, attrs=None) -> RunRecord:
+    """A record of len(losses) steps: total loss per step, both groups with gradients, the decoder updated or not."""
+    rec = RunRecord({"name": "hand"}, status="finished", tables=tables or {}, attrs=attrs or {})
+    for k, loss in enumerate(losses):
+        step = k + 1
+        row = {"loss/total": loss, "skipped": step in skipped, "nonfinite_grad": step in nonfinite_grad,
+               "clip/coefficient": coef if not callable(coef) else coef(step),
+               "params_finite": step not in params_bad, "params_nonfinite/tensors": int(step in params_bad),
+               "params_nonfinite/elements": 3 * int(step in params_bad)}
+        for g in GROUPS:
+            row[f"grad_norm/{g}"] = 1.0
+            stale = g == "rnnt_decoder.joint" and not updated
+            row[f"not_updated/{g}"] = 2 if (stale or step in skipped) else 0
+            row[f"outside_optimizer/{g}"] = outside if g == "rnnt_decoder.joint" else 0
+        if weights is not None:
+            row.update({f"weight/{t}": w for t, w in weights(step).items()})
+        if scales is not None:
+            row["scaler/scale_before"] = scales[k]
+        rec.append(step, row)
+    return rec
+
+
+FALLING = [10.0 - 0.3 * k for k in range(20)]
+FLAT = [10.0 + 0.01 * (k % 3) for k in range(20)]
+
+
+def test_a_falling_loss_with_every_group_updated_is_healthy():
+    outcome = classify(record(FALLING))
+    assert outcome.kind == "healthy" and "fell" in outcome.reasons[0]
+
+
+def test_a_non_finite_parameter_is_diverged_even_with_a_finite_loss():
+    outcome = classify(record(FALLING, params_bad=(7,)))
+    assert outcome.kind == "diverged" and "step 7" in outcome.reasons[0]
+    assert classify(record(FALLING[:5] + [math.nan] * 15)).kind == "diverged"
+
+
+def test_a_group_outside_the_optimizer_stalls_the_run():
+    outcome = classify(record(FALLING, updated=False, outside=2))
+    assert outcome.kind == "stalled"
+    assert any("rnnt_decoder.joint" in r and "outside the optimizer on 20" in r for r in outcome.reasons)
+
+
+def test_every_update_skipped_stalls_the_run():
+    outcome = classify(record(FALLING, skipped=range(1, 21)))
+    assert outcome.kind == "stalled" and outcome.reasons[0].startswith("every update was skipped")
+
+
+def test_a_clip_coefficient_near_zero_on_most_updates_stalls_the_run():
+    rules = OutcomeRules()
+    low = classify(record(FALLING, coef=lambda s: 1e-6 if s % 4 else 0.5), rules)
+    assert low.kind == "stalled" and any("clip coefficient was below" in r for r in low.reasons)
+    few = classify(record(FALLING, coef=lambda s: 1e-6 if s % 4 == 0 else 0.5), rules)
+    assert few.kind == "healthy"
+
+
+def test_a_flat_loss_stalls_the_run():
+    outcome = classify(record(FLAT))
+    assert outcome.kind == "stalled" and "did not fall" in outcome.reasons[-1]
+
+
+def test_the_loss_is_judged_from_the_final_weights_on():
+    # muted while frozen: the total jumps when the RNN-T term joins at step 8, then falls
+    losses = [3.0] * 7 + [12.0 - 0.5 * k for k in range(13)]
+    weights = (lambda s: {"ctc": 0.3, "rnnt": 0.0 if s < 8 else 1.0})
+    rec = record(losses, weights=weights)
+    assert final_weights_start(rec) == 7
+    assert classify(rec).kind == "healthy"
+    assert classify(record(losses)).kind == "stalled"  # judged over every step, the loss rose
+
+
+def test_too_few_steps_cannot_show_the_loss_falling():
+    outcome = classify(record(FALLING[:3]))
+    assert outcome.kind == "stalled" and "too few steps" in outcome.reasons[-1]
+
+
+def test_a_backed_off_gradscaler_predicts_its_regrowth():
+    scaler = {"init_scale": 65536.0, "growth_interval": 2000, "growth_factor": 2.0, "backoff_factor": 0.5}
+    scales = [65536.0] + [32768.0] * 19
+    rec = record(FALLING, scales=scales, nonfinite_grad=(1,), skipped=(1,), attrs={"scaler": scaler})
+    warning = regrowth_warning(rec)
+    assert "overflowed at scale 65536" in warning and "runs at 32768" in warning and "about 1981" in warning
+    assert classify(rec).warnings == [warning]
+    assert regrowth_warning(record(FALLING, scales=[65536.0] * 20, attrs={"scaler": scaler})) is None
+
+
+def _finding(phase, module, tensor, op, role, param="", nan=0, inf=4):
+    return {"module": module, "tensor": tensor, "op": op, "dtype": "float16", "nan": nan, "inf": inf, "numel": 16,
+            "input_absmax": 1.0, "role": role, "param": param, "step": 1, "phase": phase}
+
+
+def _trace(step, *, grads, found_inf, coef, norm, after, skipped, params=(), scale=32768.0, findings=()):
+    return {"step": step, "findings": list(findings), "grads_nonfinite": grads, "found_inf": found_inf,
+            "clip_norm": norm, "clip_coef": coef, "grads_after_clip": after, "skipped": skipped,
+            "scale_after": scale, "params_nonfinite": list(params), "loss_finite": True, "line": "x"}
+
+
+def test_the_seed_chain_names_producer_escape_contamination_and_loss():
+    outside = [{"param": "dec.w", "count": 4, "held": False}]
+    held = [{"param": "enc.w", "count": 9, "held": True}]
+    traces = [
+        _trace(1, grads=outside, found_inf=False, coef=0.0, norm=math.inf, after=outside, skipped=False,
+               findings=[_finding("backward", "dec", "grad of w", "aten.mm.default", "producer", "dec.w")]),
+        _trace(2, grads=outside, found_inf=False, coef=math.nan, norm=math.nan, after=outside + held, skipped=False,
+               params=[{"param": "enc.w", "count": 9}],
+               findings=[_finding("clip", "enc", "grad of w", "aten._foreach_mul_.Tensor", "propagator"),
+                         _finding("update", "enc", "param w", "aten.lerp_.Scalar", "propagator")]),
+    ]
+    rec = record(FALLING[:2] + [math.nan] * 3, params_bad=(2, 3, 4, 5), tables={"tracer": traces})
+    chain = causal_chain(rec)
+    assert [(k["kind"], k["step"]) for k in chain] == [
+        ("producer", 1), ("escape", 1), ("escape", 2), ("contamination", 2), ("loss", 3)]
+    assert chain[0]["op"] == "aten.mm.default" and chain[1]["guard"] == "the GradScaler's inf check"
+    assert chain[2]["guard"] == "the clip" and "clip coefficient NaN" in chain[2]["line"]
+    assert "1 parameter tensors (9 elements)" in chain[3]["line"]
+    assert decisive_link(chain) is chain[2]
+    assert summarize(rec)["tracer_verdict"] == chain[2]["line"]
+
+
+def test_a_caught_overflow_is_a_caught_link_and_decides_a_finite_run():
+    held = [{"param": "dec.w", "count": 4, "held": True}]
+    traces = [_trace(1, grads=held, found_inf=True, coef=0.0, norm=math.inf, after=held, skipped=True,
+                     findings=[_finding("backward", "dec", "grad of w", "aten.mm.default", "producer", "dec.w")])]
+    rec = record(FALLING, skipped=(1,), tables={"tracer": traces})
+    chain = causal_chain(rec)
+    assert [k["kind"] for k in chain] == ["producer", "caught"]
+    assert "skipped the update and lowered the scale to 32768" in chain[1]["line"]
+    assert decisive_link(chain) is chain[1]
+
+
+def test_a_run_without_non_finite_values_has_no_chain():
+    rec = record(FALLING)
+    assert causal_chain(rec) == [] and decisive_link([]) is None and summarize(rec)["tracer_verdict"] is None
+
+
+@pytest.mark.parametrize("kind", ["diverged", "stalled", "healthy"])
+def test_rules_are_described_with_their_numbers(kind):
+    text = " ".join(OutcomeRules(clip_floor=1e-4, min_drop=0.05).describe().values())
+    assert "0.0001" in text and "5%" in text and kind in " ".join(OutcomeRules().describe())
