@@ -11,6 +11,10 @@ Prints the median ms/step of each and the median per-round ratio instrumented / 
 `grad-norm instrumentation overhead ratio: X.XXX` for configuration a.
 
     python benchmarks/bench_instrumentation.py --preset small --rounds 15 --steps 4
+    python benchmarks/bench_instrumentation.py --preset seed --lengths b2t --rounds 3 --steps 1
+
+`--lengths b2t` runs on a synthetic set with the real Brain-to-Text '25 trial lengths (generated once into
+runs/data/, see `workbench.data.real_length_dataset`) instead of data_samples/.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from workbench.data import B2TDataset, Batch, DataError, collate, write_dataset
+from workbench.data import B2TDataset, Batch, DataError, collate, real_length_dataset, write_dataset
 from workbench.train.device import pick_device, seed_everything
 from workbench.instrument import ActivationStats, GradNormProbe, OptimizerCoverage
 from workbench.model.losses import LossWeights
@@ -56,22 +60,11 @@ def timed(run: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=4, help="training steps per configuration per round")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--data", default=str(ROOT / "data_samples"))
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
-
-    seed_everything(0)
-    device = pick_device(args.device)
-    with tempfile.TemporaryDirectory() as scratch:
-        batches = load_batches(Path(args.data), args.steps, args.batch_size, device, Path(scratch))
-    model = HybridModel(get_config(args.preset)).to(device)
-    step = TrainStep(model, build_optimizer(model.parameters(), lr=1e-4), StepConfig(), device)
+def overhead(model: HybridModel, batches: list[Batch], device: torch.device, rounds: int,
+             precision: str = "fp32") -> dict[str, Any]:
+    """Median seconds per round of each configuration (plain, a, b) over `rounds` interleaved rounds of one step
+    per batch, and the median per-round ratios a / plain and b / plain."""
+    step = TrainStep(model, build_optimizer(model.parameters(), lr=1e-4), StepConfig(precision=precision), device)
     weights = LossWeights(ctc=0.3, rnnt=1.0, mode=0.0)
     probe = GradNormProbe(model)
     coverage = OptimizerCoverage(model, probe=probe)
@@ -93,18 +86,45 @@ def main() -> None:
     for run in configs.values():  # warm-up: allocator, lazy init, first-layout masks
         run()
     times: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, run in configs.items():
             times[name].append(timed(run, device))
+    return {"median_s": {name: statistics.median(values) for name, values in times.items()},
+            "ratio": {name: statistics.median(t / p for t, p in zip(times[name], times["plain"]))
+                      for name in ("a", "b")},
+            "tensors": len(probe.param_labels), "groups": len(probe.groups), "hooked": len(acts.modules)}
 
-    print(f"device {device}, preset {args.preset}, {args.rounds} rounds x {args.steps} steps, "
-          f"{sum(p.numel() for p in model.parameters())} parameters in {len(probe.param_labels)} tensors, "
-          f"{len(probe.groups)} groups, {len(acts.modules)} hooked modules")
-    for name, values in times.items():
-        print(f"  {name:5s} median {1000 * statistics.median(values) / args.steps:8.2f} ms/step")
-    ratios = {name: statistics.median(t / p for t, p in zip(times[name], times["plain"])) for name in ("a", "b")}
-    print(f"  b (+ activations) / plain median ratio: {ratios['b']:.3f}")
-    print(f"grad-norm instrumentation overhead ratio: {ratios['a']:.3f}")
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=4, help="training steps per configuration per round")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lengths", choices=("sample", "b2t"), default="sample",
+                        help="trial lengths when --data is not given: data_samples/ or the real B2T lengths")
+    parser.add_argument("--data", default=None, help="a data root (default: chosen by --lengths)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    seed_everything(0)
+    device = pick_device(args.device)
+    if args.data is not None:
+        data = Path(args.data)
+    else:
+        data = real_length_dataset(ROOT / "runs" / "data") if args.lengths == "b2t" else ROOT / "data_samples"
+    with tempfile.TemporaryDirectory() as scratch:
+        batches = load_batches(data, args.steps, args.batch_size, device, Path(scratch))
+    model = HybridModel(get_config(args.preset)).to(device)
+    result = overhead(model, batches, device, args.rounds)
+    print(f"device {device}, preset {args.preset}, data {data.name} (padded T per batch "
+          f"{[b.features.shape[1] for b in batches]}), {args.rounds} rounds x {args.steps} steps, "
+          f"{sum(p.numel() for p in model.parameters())} parameters in {result['tensors']} tensors, "
+          f"{result['groups']} groups, {result['hooked']} hooked modules")
+    for name, seconds in result["median_s"].items():
+        print(f"  {name:5s} median {1000 * seconds / args.steps:8.2f} ms/step")
+    print(f"  b (+ activations) / plain median ratio: {result['ratio']['b']:.3f}")
+    print(f"grad-norm instrumentation overhead ratio: {result['ratio']['a']:.3f}")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,12 @@ def checkpoint_key(**settings: Any) -> str:
 
 def ctc_warm_checkpoint(data: str | Path, preset: str, *, seed: int = 0, steps: int = 300, lr: float = 1e-3,
                         batch_size: int = 4, precision: str = "fp32", cache_dir: str | Path = "runs/cache",
-                        log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+                        device: str = "cpu", log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
     """Train (or load from a cache keyed by its settings) the CTC-warm checkpoint; returns (path, summary).
 
     `precision` "fp16" trains the warmup as the seed does, with a GradScaler whose state the checkpoint keeps
-    (a joint run with `carry_scaler` starts from it).
+    (a joint run with `carry_scaler` starts from it). `device` trains it there; it is part of the key, because
+    the same seed gives different numbers on different devices.
 
     The training summary (losses per step, validation PER at ten points of the warmup) is cached beside it. Each
     process trains in a temporary folder of its own and moves the finished pair into place (summary first, the
@@ -33,7 +34,7 @@ def ctc_warm_checkpoint(data: str | Path, preset: str, *, seed: int = 0, steps: 
     once both end with a complete one.
     """
     key = checkpoint_key(data=str(Path(data).resolve()), preset=preset, seed=seed, steps=steps, lr=lr,
-                         batch_size=batch_size, precision=precision)
+                         batch_size=batch_size, precision=precision, device=device)
     cache = Path(cache_dir)
     path = cache / f"ctc_warm_{preset}_{precision}_{key}.pt"
     summary_path = path.with_suffix(".json")
@@ -44,7 +45,7 @@ def ctc_warm_checkpoint(data: str | Path, preset: str, *, seed: int = 0, steps: 
     work = Path(tempfile.mkdtemp(prefix=f".tmp_{key}_", dir=cache))
     try:
         cfg = TrainSettings(preset=preset, data=str(data), out=str(work), seed=seed, batch_size=batch_size,
-                            ctc_steps=steps, joint_steps=0, ctc_lr=lr, precision=precision, device="cpu",
+                            ctc_steps=steps, joint_steps=0, ctc_lr=lr, precision=precision, device=device,
                             eval_every=max(1, steps // 10))
         summary = run_training(cfg, log=log)
         (work / "summary.json").write_text(json.dumps(json_safe(summary)))

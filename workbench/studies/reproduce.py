@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from workbench.data import real_length_dataset
 from workbench.records import RunRecord, summarize
 from workbench.run.settings import RunSettings
 from workbench.studies.sweep.grid import Plan, code_stamp
@@ -27,32 +29,49 @@ DECODER_LR = 1e-3
 @dataclass(frozen=True)
 class StudySize:
     """How much one preset's study runs: the CTC warmup of the shared checkpoint, the joint steps every
-    configuration trains after the decoder's first trainable step, the freeze lengths N, and the seeds."""
+    configuration trains after the decoder's first trainable step, the freeze lengths N, the seeds, the trial
+    lengths of its default data ("sample": the committed `data_samples/`; "b2t": a real-length synthetic set,
+    `workbench.data.real_length_dataset`) and the configurations it runs (empty: all of them)."""
 
     ctc_steps: int
     steps: int
     freeze_steps: tuple[int, ...]
     seeds: tuple[int, ...]
+    lengths: str = "sample"
+    configs: tuple[str, ...] = ()
 
 
 SIZES: dict[str, StudySize] = {
     "tiny": StudySize(ctc_steps=40, steps=12, freeze_steps=(1, 3, 6), seeds=(0, 1, 2)),
     "small": StudySize(ctc_steps=300, steps=60, freeze_steps=(1, 10, 100), seeds=(0, 1, 2)),
-    "seed": StudySize(ctc_steps=20, steps=4, freeze_steps=(1,), seeds=(0,)),
+    # The seed's sizes at the real trial lengths cost minutes per step on a CPU: the seed's run and the main
+    # controls (the optimizer rebuilt, fp32) for a few steps, enough to see whether and where the signature appears.
+    "seed": StudySize(ctc_steps=20, steps=4, freeze_steps=(1,), seeds=(0,), lengths="b2t",
+                      configs=("seed_faithful", "rebuild_at_stage_change", "fp32")),
 }
 
 
+def study_data(size: StudySize, repo_root: Path) -> Path:
+    """The data root a study of `size` runs on when none is given: `data_samples/`, or a real-length set generated
+    (once) under `<repo_root>/runs/data`."""
+    if size.lengths == "b2t":
+        return real_length_dataset(repo_root / "runs" / "data")
+    return repo_root / "data_samples"
+
+
 def seed_run(steps: int, *, lr: float = 1e-5, precision: str = "fp16", init_scale: float = 65536.0,
-             batch_size: int = 4) -> RunSettings:
+             batch_size: int = 4, carry_scaler: bool = False) -> RunSettings:
     """The seed's joint stage: seed_faithful loop, AdamW lr 1e-5, 0.3 CTC + 1.0 RNN-T (sqrt(T*U)), fp16, clip 1.0.
-    It also measures the validation PER before step 1 (the untrained decoder's RNN-T PER is the baseline)."""
+    It also measures the validation PER before step 1 (the untrained decoder's RNN-T PER is the baseline).
+    `carry_scaler`: start from the fp16 CTC warmup's GradScaler, as the seed's single scaler does."""
     return RunSettings(name="seed_faithful", steps=steps, lr=lr, precision=precision, semantics="seed_faithful",
-                       init_scale=init_scale, batch_size=batch_size, eval_at_start=True)
+                       init_scale=init_scale, batch_size=batch_size, eval_at_start=True, carry_scaler=carry_scaler)
 
 
-def configurations(base: RunSettings, freeze_lengths: Sequence[int]) -> list[RunSettings]:
+def configurations(base: RunSettings, freeze_lengths: Sequence[int], only: Sequence[str] = ()) -> list[RunSettings]:
     """The seed's run and the runs that each change one thing about it (the names say what); a freezing run gets
-    N more steps, so that every configuration trains the decoder for `base.steps` steps."""
+    N more steps, so that every configuration trains the decoder for `base.steps` steps. `only`: keep just these
+    names (in this order); an unknown name raises ValueError."""
     plain = replace(base, eval_at_start=False)
     runs = [
         base,
@@ -73,7 +92,13 @@ def configurations(base: RunSettings, freeze_lengths: Sequence[int]) -> list[Run
                         steps=base.steps + n_mute))
     runs.append(replace(plain, name=f"rebuild_decoder_lr_{DECODER_LR:g}", rebuild_at_stage_change=True,
                         decoder_lr=DECODER_LR, eval_at_start=True))
-    return runs
+    if not only:
+        return runs
+    by_name = {r.name: r for r in runs}
+    unknown = [name for name in only if name not in by_name]
+    if unknown:
+        raise ValueError(f"configurations: unknown {', '.join(unknown)}; expected some of {', '.join(by_name)}")
+    return [by_name[name] for name in only]
 
 
 def plan(configs: Sequence[RunSettings], seeds: Sequence[int]) -> Plan:

@@ -1,0 +1,37 @@
+"""The benchmark and device-check scripts still run: each at its smallest size on the CPU (the figures they print
+are measured by running them at full size, not here)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str, *args: str, timeout: int = 300) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_instrumentation_benchmark_prints_its_ratio():
+    out = _script("bench_instrumentation.py", "--preset", "tiny", "--rounds", "1", "--steps", "1")
+    assert re.search(r"grad-norm instrumentation overhead ratio: \d+\.\d{3}$", out.strip())
+    assert "data data_samples" in out
+
+
+@pytest.mark.slow
+def test_device_check_reports_both_loops_on_cpu(tmp_path):
+    out = _script("check_cuda.py", "--device", "cpu", "--presets", "tiny", "--steps", "4", "--ctc-steps", "5",
+                  "--rounds", "1", "--timing-steps", "1", "--cache", str(tmp_path))
+    assert re.search(r"overhead ratio \d+\.\d{3}", out)
+    seed = next(line for line in out.splitlines() if line.strip().startswith("seed_faithful:"))
+    corrected = next(line for line in out.splitlines() if line.strip().startswith("corrected:"))
+    assert seed.split()[1] in ("diverged", "stalled", "healthy")
+    assert corrected.split()[1] in ("diverged", "stalled", "healthy")
+    assert "chain: step" in out
