@@ -318,6 +318,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         name, _, detail = str(exc).partition(": ")
         raise CliError(f"{_flag(name)}: {detail}") from None
     workers = None if args.workers is None else _positive("--workers", args.workers)
+    backend, address = _sweep_backend(args.backend, args.address)
     ctc_steps = _positive("--ctc-steps", args.ctc_steps)
     device = check_device("--device", args.device)
     if not Path(args.data).is_dir():
@@ -335,7 +336,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         checkpoint, _ = ctc_warm_checkpoint(args.data, args.preset, seed=grid.seed[0], steps=ctc_steps,
                                             batch_size=grid.batch_size, cache_dir=args.cache_dir,
                                             log=_say)
-    sweep = Sweep(out, checkpoint, args.data, grid, device=device)  # checks the checkpoint and the index
+    # checks the checkpoint and the index
+    sweep = Sweep(out, checkpoint, args.data, grid, device=device, backend=backend, address=address)
     _writable("--out", out)
     args.note = "rerun the same command to resume: finished runs are kept"
     outcome = sweep.run(workers)
@@ -349,6 +351,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for rid, error in outcome.failed.items():
         print(f"failed: {rid}: {error}", file=sys.stderr)
     return EXIT_FAILED if outcome.failed or outcome.interrupted else 0
+
+
+def _sweep_backend(backend: str, address: str | None) -> tuple[str, str | None]:
+    """--backend and --address checked before any work (Ray installed, something listening at the address)."""
+    from workbench.studies.sweep import SweepError
+    from workbench.studies.sweep.runner import check_backend
+
+    try:
+        return check_backend(backend, address)
+    except SweepError as exc:
+        name, _, detail = str(exc).partition(": ")
+        raise CliError(f"{_flag(name)}: {detail}") from None
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -403,6 +417,31 @@ def cmd_report(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
     for path in written:
         print(path)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Run logs as TensorBoard event files, one folder per run under --tensorboard."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise CliError("--tensorboard: needs the tensorboard package, which is not installed; install it with "
+                       "pip install 'rnnt-workbench[tensorboard]'") from None
+    from workbench.views.tensorboard import ExportError, check_exportable, export_tensorboard
+
+    out = Path(args.tensorboard)
+    try:
+        for path in args.runlogs:
+            check_exportable(path, partial=args.partial)
+        if out.exists() and not out.is_dir():
+            raise CliError(f"--tensorboard: expected a folder, got {out}, which is a file")
+        _writable("--tensorboard", out)
+        exported = export_tensorboard(args.runlogs, out, partial=args.partial, overwrite=args.overwrite)
+    except ExportError as exc:
+        raise CliError(str(exc)) from None
+    for e in exported:
+        print(f"{e.log} -> {e.folder}: {e.tags} scalar tags, {e.points} points, {e.texts} texts")
+    print(f"view them side by side: tensorboard --logdir {out}")
     return 0
 
 
@@ -501,8 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default="20", help="joint steps after the longest freeze")
     p.add_argument("--batch-size", default="4")
     p.add_argument("--no-controls", action="store_true", help="leave out the CTC-only control runs")
-    p.add_argument("--workers", default=None, help="worker processes (default: one per core)")
+    p.add_argument("--workers", default=None, help="worker processes, or Ray tasks at once with --backend ray "
+                                                   "(default: one per core; with Ray as the cluster allows)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--backend", default="local", help="where the runs execute: local (worker processes here) or ray "
+                                                      "(Ray tasks; the run logs' folder must be shared); default local")
+    p.add_argument("--address", default=None, help="with --backend ray: HOST:PORT of a Ray cluster's head (`ray start "
+                                                   "--head` there), or auto; default: a Ray started on this machine")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("trace", help="print the tracer verdicts and optimizer-coverage findings of a run log")
@@ -515,6 +559,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for training.png, outcomes.png, summary.json/.md")
     p.add_argument("--overwrite", action="store_true", help="replace report files already in --out")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write run logs as TensorBoard event files, one folder per run")
+    p.add_argument("runlogs", nargs="+", help="run logs (.h5) written by `run`, `sweep`, the notebooks or the "
+                                              "Lightning callback")
+    p.add_argument("--tensorboard", required=True, metavar="DIR", help="folder for the event files (one subfolder "
+                                                                       "per run); view with tensorboard --logdir DIR")
+    p.add_argument("--partial", action="store_true", help="also export a run log still being written, as far as it "
+                                                          "was flushed")
+    p.add_argument("--overwrite", action="store_true", help="replace a run's earlier export in DIR")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("notebooks", help="execute the notebooks headlessly with papermill into a folder")
     p.add_argument("--out", required=True, help="folder for the executed notebooks and their artefacts")

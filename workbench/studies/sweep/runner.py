@@ -13,6 +13,15 @@ Layout of a sweep folder:
 
 Running the same sweep again redoes only runs whose log is missing or not "finished" (any other log is set aside
 first); a finished log is never recomputed or touched.
+
+Where the runs execute (`backend`): "local" (the default) is a pool of workers on this machine, the sweep's own
+process and spawned worker processes; "ray" runs each run as a Ray task (`num_cpus` / `num_gpus` per task) on a
+Ray cluster, a local one by default or the one at `address`. Both call the same worker function (`_execute`, which
+calls `run_joint`), write the same run logs, and report progress to the parent process, which alone writes
+`index.json`, drives the progress bar and calls `on_run_done`; so resuming, the index and the live figures are the
+same whichever runs the runs. On a cluster
+every node must see the checkpoint, the data and the sweep folder at the same paths (a shared file system) and have
+this package installed.
 """
 
 from __future__ import annotations
@@ -26,13 +35,14 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import socket
 import sys
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TextIO
+from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 
 import torch
 from tqdm import tqdm
@@ -83,15 +93,25 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
+def warm_up() -> None:
+    """Pay a worker process's one-off costs before its first run: the first optimizer step imports
+    torch._dynamo (about 1.4 s of CPU on the 2-core reference machine), which every run's AdamW step needs."""
+    torch.set_num_threads(1)
+    p = torch.zeros(1, requires_grad=True)
+    p.grad = torch.zeros(1)
+    torch.optim.AdamW([p], lr=1e-3).step()
+
+
 def _init_worker(progress: Any, stop: Any, parent_pid: int) -> None:
     global _PROGRESS, _STOP
     _PROGRESS, _STOP = progress, stop
-    torch.set_num_threads(1)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    warm_up()
 
 
 def _execute(rid: str, settings: dict[str, Any], checkpoint: str, data: str, log_path: str, device: str,
              on_step: Callable[[int, int], None]) -> None:
+    """The one worker function of every backend: one run into its log; `on_step(i, n)` after each step."""
     n = settings["steps"]
     run_joint(checkpoint, data, RunSettings(**settings), log_path=log_path, device=device,
               on_step=lambda i, record: on_step(i, n))
@@ -106,6 +126,14 @@ def _work(rid: str, settings: dict[str, Any], checkpoint: str, data: str, log_pa
         _PROGRESS.put((rid, i, n))
 
     _execute(rid, settings, checkpoint, data, log_path, device, on_step)
+
+
+def _ray_run(rid: str, settings: dict[str, Any], checkpoint: str, data: str, log_path: str, device: str,
+             board: Any, threads: int) -> None:
+    """One run as a Ray task: the same `_execute`, its steps reported to the sweep's progress board (an actor);
+    the parent cancels the task to stop it (the run's log then closes as failed)."""
+    torch.set_num_threads(max(1, threads))
+    _execute(rid, settings, checkpoint, data, log_path, device, lambda i, n: board.put.remote((rid, i, n)))
 
 
 # ------------------------------------------------------------------------------------------------------ sweep
@@ -138,11 +166,22 @@ class Sweep:
     """The runs of `grids` (or of a ready `Plan`) from one CTC-warm checkpoint, kept in folder `out`."""
 
     def __init__(self, out: str | Path, checkpoint: str | Path, data: str | Path,
-                 grids: SweepGrid | Sequence[SweepGrid] | Plan, *, device: str = "cpu") -> None:
+                 grids: SweepGrid | Sequence[SweepGrid] | Plan, *, device: str = "cpu", backend: str = "local",
+                 address: str | None = None, resources: Mapping[str, float] | None = None) -> None:
+        """`backend` "local" (workers on this machine) or "ray" (Ray tasks on the cluster at `address`, default a
+        local Ray started for the sweep, or the one this process already joined); `resources` are each Ray task's
+        `num_cpus` (default 1) and `num_gpus` (default 1 on a CUDA device, else 0). A backend that cannot work
+        (an unknown name, Ray not installed, nothing listening at `address`) is a SweepError before any work."""
         self.out = Path(out)
         self.checkpoint = Path(checkpoint).resolve()
         self.data = Path(data).resolve()
         self.device = device
+        self.backend, self.address = check_backend(backend, address)
+        self.resources = {"num_cpus": 1.0, "num_gpus": 1.0 if device.startswith("cuda") else 0.0,
+                          **dict(resources or {})}
+        unknown = sorted(set(self.resources) - {"num_cpus", "num_gpus"})
+        if unknown:
+            raise SweepError(f"resources: expected num_cpus and num_gpus, got {unknown[0]!r}")
         if isinstance(grids, Plan):  # runs planned elsewhere (notebook 01's configurations x seeds)
             self.grids, self.plan = [], grids
         else:
@@ -264,10 +303,12 @@ class Sweep:
 
     def run(self, workers: int | None = None, *, progress: bool | TextIO = True,
             on_run_done: Callable[[str, RunRecord], None] | None = None) -> SweepOutcome:
-        """Run every planned run that is not finished yet: in `workers` processes (default one per core), or in
-        this process when one worker (or one run) is left. The progress bar goes to stderr, or to `progress`
-        when it is a file-like object, or nowhere when it is False. `on_run_done(run_id, record)` is called in
-        this process as each run finishes (live figures read it)."""
+        """Run every planned run that is not finished yet. Locally on `workers` workers (default one per core):
+        this process and `workers - 1` spawned processes, or this process alone when one worker (or one run) is
+        left; with Ray as Ray tasks, at most `workers` at once (default: as many as the cluster's resources
+        allow). The progress bar goes to stderr, or to `progress` when it is a file-like object, or nowhere when
+        it is False. `on_run_done(run_id, record)` is called in this process as each run finishes (live figures
+        read it)."""
         if workers is not None and workers < 1:
             raise SweepError(f"workers: expected a positive number of processes, got {workers}")
         with self._lock():
@@ -280,10 +321,13 @@ class Sweep:
                        file=sys.stderr if isinstance(progress, bool) else progress, disable=progress is False,
                        mininterval=0.5, ncols=110)
             try:
-                if n_workers <= 1:
+                if pending and self.backend == "ray":
+                    self._drive(_RayExecutor(self.address, self.resources, workers), pending, outcome, bar, order,
+                                on_run_done)
+                elif n_workers <= 1:
                     self._run_here(pending, outcome, bar, order, on_run_done)
                 else:
-                    self._run_pool(pending, n_workers, outcome, bar, order, on_run_done)
+                    self._drive(_PoolExecutor(n_workers), pending, outcome, bar, order, on_run_done)
             finally:
                 bar.close()
                 self._write_index()
@@ -292,6 +336,24 @@ class Sweep:
     def _task(self, rid: str) -> tuple:
         return (rid, self.plan.runs[rid].to_dict(), str(self.checkpoint), str(self.data), str(self.log_path(rid)),
                 self.device)
+
+    def dispatch_order(self, pending: Sequence[str]) -> list[str]:
+        """The order runs are handed to the workers: plan order family by family (the runs of one grid point but
+        its freeze length N finish together, as the live figures want), and within a family the longest run
+        first, so the last family's long run does not start last while the other workers idle."""
+        family: dict[str, int] = {}
+        keys: dict[tuple, int] = {}
+        for cell in self.plan.cells:
+            key = tuple(sorted((k, repr(v)) for k, v in cell["axes"].items() if k != "freeze_steps"))
+            index = keys.setdefault(key, len(keys))
+            for rid in (cell["control"], cell["run"]):
+                if rid is not None:
+                    # controls come first in the plan; a run shared by several families goes with the first
+                    family.setdefault(rid, -1 if self.plan.runs[rid].ctc_only else index)
+        position = {rid: k for k, rid in enumerate(self.plan.runs)}
+        # runs in no cell (a plan made elsewhere) keep their plan order
+        return sorted(pending, key=lambda rid: (family.get(rid, -1), -self.plan.runs[rid].steps if rid in family
+                                                else 0, position[rid]))
 
     def _finish(self, rid: str, outcome: SweepOutcome, bar: tqdm,
                 on_run_done: Callable[[str, RunRecord], None] | None) -> None:
@@ -327,49 +389,327 @@ class Sweep:
                 continue
             self._finish(rid, outcome, bar, on_run_done)
 
-    def _run_pool(self, pending: list[str], n_workers: int, outcome: SweepOutcome, bar: tqdm,
-                  order: dict[str, int], on_run_done: Callable[[str, RunRecord], None] | None) -> None:
-        ctx = mp.get_context("spawn")
-        progress, stop = ctx.Queue(), ctx.Event()
+    def _drive(self, executor: _Executor, pending: list[str], outcome: SweepOutcome, bar: tqdm,
+               order: dict[str, int], on_run_done: Callable[[str, RunRecord], None] | None) -> None:
+        """The one loop over an executor's reports, whichever backend runs the runs: index entries, the progress
+        bar and `on_run_done`, all in this process."""
         current: dict[str, tuple[int, int]] = {}
         ended: set[str] = set()
-        pool = cf.ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
-                                      initargs=(progress, stop, os.getpid()))
         try:
-            futures = {pool.submit(_work, *self._task(rid)): rid for rid in pending}
-            waiting = set(futures)
-            while waiting:
-                done, waiting = cf.wait(waiting, timeout=0.5, return_when=cf.FIRST_COMPLETED)
-                while True:
-                    try:
-                        rid, i, n = progress.get_nowait()
-                    except queue.Empty:
-                        break
-                    if rid in ended:
-                        continue  # a late report from a run whose result already arrived
-                    if rid not in current:
-                        self._started(rid)
-                    current[rid] = (i, n)
-                for future in done:
-                    rid = futures[future]
+            executor.start([(rid, self._task(rid)) for rid in self.dispatch_order(pending)])
+            while executor.busy:
+                for report in executor.poll(0.5):
+                    rid = report[0]
+                    if report[1] == "step":
+                        if rid in ended:
+                            continue  # a late report from a run whose result already arrived
+                        if rid not in current:
+                            self._started(rid)
+                        current[rid] = report[2]
+                        continue
                     current.pop(rid, None)
                     ended.add(rid)
-                    try:
-                        future.result()
-                    except BrokenProcessPool:
+                    kind, error = report[1], report[2]
+                    if kind == "lost":
                         outcome.interrupted = True
                         self.index["runs"][rid]["status"] = "pending"
-                        continue
-                    except Exception as exc:  # noqa: BLE001  (one broken run must not stop the others)
-                        self._fail(rid, exc, outcome)
-                        continue
-                    self._finish(rid, outcome, bar, on_run_done)
+                    elif kind == "failed":
+                        self._fail(rid, error, outcome)
+                    else:
+                        self._finish(rid, outcome, bar, on_run_done)
                 bar.set_postfix_str(" ".join(f"#{order[r]} {i}/{n}" for r, (i, n) in sorted(current.items())),
                                     refresh=False)
                 bar.refresh()
         except BaseException:
             # Ctrl-C (or any error here): runs in flight stop at their next step and queued ones never start.
-            stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
+            executor.stop()
             raise
-        pool.shutdown(wait=True)
+        finally:
+            executor.close()
+
+
+# -------------------------------------------------------------------------------------------------- executors
+
+BACKENDS: tuple[str, ...] = ("local", "ray")
+RAY_PORT = 6379
+
+
+def check_backend(backend: str, address: str | None) -> tuple[str, str | None]:
+    """(backend, address) checked before any work: a known backend, Ray importable, and something listening at
+    `address` ("HOST:PORT" of a cluster's head, `ray://HOST:PORT` for Ray Client, or "auto" for a cluster started
+    on this machine with `ray start --head`). A one-line SweepError otherwise."""
+    if backend not in BACKENDS:
+        raise SweepError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "ray":
+        if address is not None:
+            raise SweepError(f"address: only the ray backend connects to a cluster, got backend {backend!r} and "
+                             f"address {address!r}")
+        return backend, None
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise SweepError("backend: 'ray' needs the ray package, which is not installed; install it with "
+                         "pip install 'rnnt-workbench[ray]'") from None
+    if address in (None, "", "local"):
+        return backend, None
+    if address == "auto":
+        return backend, address
+    hostport = address.removeprefix("ray://")
+    host, sep, port_text = hostport.rpartition(":")
+    if not sep:
+        host, port_text = hostport, str(RAY_PORT)
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise SweepError(f"address: expected HOST:PORT of a Ray cluster's head (e.g. 10.0.0.5:{RAY_PORT}), 'auto' or "
+                         f"ray://HOST:PORT, got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port_text)), timeout=3.0):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise SweepError(f"address: no Ray cluster answers at {address} ({reason}); start one there with "
+                         f"`ray start --head --port {port_text}`, or leave the address out to run Ray on this "
+                         f"machine") from None
+    return backend, address
+
+
+class _Executor:
+    """How the runs execute. `start(tasks)` queues (run id, `_task` tuple) pairs in dispatch order; `poll(timeout)`
+    returns the reports since the last call: (rid, "step", (i, n)), (rid, "done", None), (rid, "failed", error) or
+    (rid, "lost", None) when the process running it died; `busy` is True while a run is queued or in flight;
+    `stop()` stops runs in flight at their next step and drops queued ones; `close()` releases the workers."""
+
+    busy = False
+
+    def start(self, tasks: list[tuple[str, tuple]]) -> None:
+        raise NotImplementedError
+
+    def poll(self, timeout: float) -> list[tuple]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _PoolExecutor(_Executor):
+    """`n` workers on this machine: this process itself, in a thread, and `n - 1` spawned worker processes
+    (`_work`); progress through queues. This process is a worker because it is one already: it has torch and
+    the package imported (and, after its first run, torch's lazily imported optimizer machinery), where a spawned
+    worker first spends about 3.5 s of CPU starting (spawn, imports, `warm_up`), time a 2-core sweep of a few
+    minutes cannot win back otherwise. While the sweep runs, torch uses one thread in this process (restored
+    after), as in the workers.
+
+    Runs are handed out one at a time to whichever worker is free, in dispatch order. A worker process that dies
+    breaks the pool: every run in flight in the processes is then "lost", no further run starts, the run in this
+    process finishes, and the sweep stops (rerun it to finish)."""
+
+    def __init__(self, n: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.progress, self.stop_event = ctx.Queue(), ctx.Event()
+        self.processes = n - 1
+        self.pool = cf.ProcessPoolExecutor(self.processes, mp_context=ctx, initializer=_init_worker,
+                                           initargs=(self.progress, self.stop_event, os.getpid()))
+        self.futures: dict[cf.Future, str] = {}
+        self.queued: list[tuple[str, tuple]] = []
+        self.lock = threading.Lock()
+        self.here: queue.Queue = queue.Queue()  # reports of the run in this process
+        self.thread: threading.Thread | None = None
+        self.broken = False
+        self.threads = torch.get_num_threads()
+
+    @property
+    def busy(self) -> bool:  # type: ignore[override]
+        return bool((self.queued and not self.broken) or self.futures or not self.here.empty()
+                    or (self.thread is not None and self.thread.is_alive()))
+
+    def start(self, tasks: list[tuple[str, tuple]]) -> None:
+        self.queued = list(tasks)
+        torch.set_num_threads(1)
+        self._submit()
+        self.thread = threading.Thread(target=self._work_here, name="sweep-worker", daemon=True)
+        self.thread.start()
+
+    def _next(self) -> tuple[str, tuple] | None:
+        with self.lock:
+            return self.queued.pop(0) if self.queued and not self.broken and not self.stop_event.is_set() else None
+
+    def _submit(self) -> None:
+        while len(self.futures) < self.processes:
+            task = self._next()
+            if task is None:
+                return
+            self.futures[self.pool.submit(_work, *task[1])] = task[0]
+
+    def _work_here(self) -> None:
+        """The worker in this process: the same `_execute`, stopping at the next step once the sweep stops."""
+        while (task := self._next()) is not None:
+            rid = task[0]
+
+            def on_step(i: int, n: int, rid: str = rid) -> None:
+                if self.stop_event.is_set():
+                    raise RunStopped(f"sweep interrupted at step {i} of {rid}")
+                self.here.put((rid, "step", (i, n)))
+
+            try:
+                _execute(*task[1], on_step=on_step)
+            except RunStopped:
+                return
+            except Exception as exc:  # noqa: BLE001  (one broken run must not stop the others)
+                self.here.put((rid, "failed", exc))
+            else:
+                self.here.put((rid, "done", None))
+
+    def poll(self, timeout: float) -> list[tuple]:
+        reports: list[tuple] = []
+        if self.futures:
+            done, _ = cf.wait(set(self.futures), timeout=timeout, return_when=cf.FIRST_COMPLETED)
+        else:
+            done = set()
+            try:
+                reports.append(self.here.get(timeout=timeout))
+            except queue.Empty:
+                pass
+        while True:
+            try:
+                rid, i, n = self.progress.get_nowait()
+            except queue.Empty:
+                break
+            reports.append((rid, "step", (i, n)))
+        while True:
+            try:
+                reports.append(self.here.get_nowait())
+            except queue.Empty:
+                break
+        for future in done:
+            rid = self.futures.pop(future)
+            try:
+                future.result()
+            except BrokenProcessPool:
+                self.broken = True
+                reports.append((rid, "lost", None))
+            except Exception as exc:  # noqa: BLE001  (one broken run must not stop the others)
+                reports.append((rid, "failed", exc))
+            else:
+                reports.append((rid, "done", None))
+        if not self.broken:
+            self._submit()
+        return reports
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        with self.lock:
+            self.queued = []
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.thread is not None:
+            self.thread.join()
+
+    def close(self) -> None:
+        # Every run has ended: the worker processes exit on their own (their interpreter shutdown, about a second,
+        # is not waited for); the executor's thread reaps them.
+        self.pool.shutdown(wait=False)
+        if self.thread is not None:
+            self.thread.join()
+        torch.set_num_threads(self.threads)
+
+
+def _progress_board(ray: Any) -> Any:
+    """A Ray actor the tasks post their step reports to and the parent drains."""
+
+    @ray.remote(num_cpus=0)
+    class ProgressBoard:
+        def __init__(self) -> None:
+            self.items: list[tuple] = []
+
+        def put(self, item: tuple) -> None:
+            self.items.append(item)
+
+        def drain(self) -> list[tuple]:
+            items, self.items = self.items, []
+            return items
+
+    return ProgressBoard.remote()
+
+
+class _RayExecutor(_Executor):
+    """Ray tasks (`_ray_run`), each with the sweep's `num_cpus` / `num_gpus`, at most `limit` in flight (default:
+    all, and Ray schedules them as resources free up). Joins the Ray this process already joined, else starts a
+    local one (shut down again at the end) or connects to `address`. Tasks are never retried: a task whose worker
+    process died is "lost", its partial log stays and is set aside by the next run of the sweep, as with the
+    local pool; the other runs go on."""
+
+    def __init__(self, address: str | None, resources: Mapping[str, float], limit: int | None) -> None:
+        import logging
+
+        import ray
+
+        self.ray = ray
+        self.started = not ray.is_initialized()
+        if self.started:
+            try:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
+                         include_dashboard=False)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise SweepError(f"address: could not join the Ray cluster at {address or 'this machine'}: "
+                                 f"{' '.join(str(exc).split())}") from None
+        self.board = _progress_board(ray)
+        self.remote = ray.remote(_ray_run).options(num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
+                                                   max_retries=0)
+        self.threads = max(1, int(resources["num_cpus"]))
+        self.limit = limit
+        self.queued: list[tuple[str, tuple]] = []
+        self.refs: dict[Any, str] = {}
+
+    @property
+    def busy(self) -> bool:  # type: ignore[override]
+        return bool(self.queued or self.refs)
+
+    def _launch(self) -> None:
+        while self.queued and (self.limit is None or len(self.refs) < self.limit):
+            rid, task = self.queued.pop(0)
+            rid, settings, checkpoint, data, log_path, device = task
+            ref = self.remote.remote(rid, settings, checkpoint, data, str(Path(log_path).resolve()), device,
+                                     self.board, self.threads)
+            self.refs[ref] = rid
+
+    def start(self, tasks: list[tuple[str, tuple]]) -> None:
+        self.queued = list(tasks)
+        self._launch()
+
+    def poll(self, timeout: float) -> list[tuple]:
+        ray = self.ray
+        ready, _ = ray.wait(list(self.refs), num_returns=1, timeout=timeout)
+        if ready:
+            ready, _ = ray.wait(list(self.refs), num_returns=len(self.refs), timeout=0)
+        reports = [(rid, "step", (i, n)) for rid, i, n in ray.get(self.board.drain.remote())]
+        for ref in ready:
+            rid = self.refs.pop(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+                reports.append((rid, "failed", cause))
+            except ray.exceptions.RayError:
+                # the worker process or its node died (SIGKILL, out of memory): like a broken local pool
+                reports.append((rid, "lost", None))
+            else:
+                reports.append((rid, "done", None))
+        self._launch()
+        return reports
+
+    def stop(self) -> None:
+        self.queued = []
+        for ref in list(self.refs):
+            self.ray.cancel(ref)
+        if self.refs:
+            self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=30)
+        self.refs = {}
+
+    def close(self) -> None:
+        try:
+            self.ray.kill(self.board)
+        except Exception:  # noqa: BLE001  (the cluster may already be gone)
+            pass
+        if self.started:
+            self.ray.shutdown()
