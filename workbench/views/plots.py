@@ -18,12 +18,14 @@ matplotlib.use("Agg")
 
 import matplotlib.patches  # noqa: E402  (the backend must be chosen first)
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from workbench.records import RunRecord  # noqa: E402
 
 TERM_STYLES = {"total": "-", "ctc": ":", "rnnt": "--", "mode": "-."}
 OUTCOME_COLORS = {"healthy": "#4daf4a", "stalled": "#ff9f1c", "diverged": "#d7301f"}
 _COEF_FLOOR = 1e-8  # where a zero clip coefficient is drawn on the log axis
+_CHAIN_MARGIN = 8  # steps shown after a causal chain's last link
 LINK_STYLES = {"producer": ("o", "#6a3d9a"), "escape": ("X", "#d7301f"), "caught": ("s", "#4daf4a"),
                "contamination": ("D", "#000000"), "loss": ("v", "#1f78b4")}
 
@@ -137,7 +139,9 @@ def outcome_figure(rows: Sequence[Mapping]) -> Figure:
 
 def chain_figure(record: RunRecord, chain: Sequence[Mapping], *, title: str = "") -> Figure:
     """The causal chain of one run on a timeline: per step, the clip coefficient, the GradScaler scale and the
-    non-finite gradient entries per group, with the chain's links marked (and listed) where they happened."""
+    non-finite gradient entries per group, with the chain's links marked (and listed) where they happened. The
+    time axis ends a few steps after the last link (`_CHAIN_MARGIN`), so a chain of the first steps of a long run
+    stays readable; without a chain it spans the run."""
     fig = Figure(figsize=(13, 7.2), layout="constrained")
     ax_coef, ax_scale, ax_nf, ax_text = fig.subplots(4, 1, sharex=False, height_ratios=[1, 1, 1, 0.9])
     steps = record.steps
@@ -162,7 +166,11 @@ def chain_figure(record: RunRecord, chain: Sequence[Mapping], *, title: str = ""
         for link in chain:
             marker, color = LINK_STYLES[link["kind"]]
             ax.axvline(link["step"], color=color, alpha=0.35, linewidth=1)
-        ax.set_xlim(0.5, max(steps[-1] if steps else 1, max((k["step"] for k in chain), default=1)) + 0.5)
+        last = steps[-1] if steps else 1
+        if chain:
+            last = max(max(k["step"] for k in chain), min(last, max(k["step"] for k in chain) + _CHAIN_MARGIN))
+        ax.set_xlim(0.5, last + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for k, link in enumerate(chain):
         marker, color = LINK_STYLES[link["kind"]]
         # links of one step side by side rather than on top of each other
