@@ -17,6 +17,13 @@ def test_every_configuration_changes_one_setting_of_the_seed_run():
     assert frozen.steps == base.steps + 4  # the decoder trains as long as in every other configuration
 
 
+def test_a_carried_scaler_stays_only_where_a_fp16_run_keeps_the_seeds_scaler():
+    configs = {c.name: c for c in reproduce.configurations(reproduce.seed_run(5, carry_scaler=True), [1])}
+    fresh = {name for name, c in configs.items() if not c.carry_scaler}
+    assert fresh == {"bf16", "fp32", "init_scale_4096"}  # no scaler to carry, or a fresh one is the change
+    assert all(c.precision == "fp16" for name, c in configs.items() if name not in fresh)
+
+
 def test_only_selects_configurations_in_order_and_rejects_unknown_names():
     base = reproduce.seed_run(5)
     picked = reproduce.configurations(base, [1], only=["fp32", "seed_faithful"])

@@ -70,17 +70,19 @@ def seed_run(steps: int, *, lr: float = 1e-5, precision: str = "fp16", init_scal
 
 def configurations(base: RunSettings, freeze_lengths: Sequence[int], only: Sequence[str] = ()) -> list[RunSettings]:
     """The seed's run and the runs that each change one thing about it (the names say what); a freezing run gets
-    N more steps, so that every configuration trains the decoder for `base.steps` steps. `only`: keep just these
-    names (in this order); an unknown name raises ValueError."""
+    N more steps, so that every configuration trains the decoder for `base.steps` steps. Where `base` carries the
+    CTC warmup's GradScaler, the bf16 and fp32 runs have no scaler to carry and init_scale_4096 starts a fresh one
+    at 4096 (that is its change). `only`: keep just these names (in this order); an unknown name raises
+    ValueError."""
     plain = replace(base, eval_at_start=False)
     runs = [
         base,
         replace(plain, name="rebuild_at_stage_change", rebuild_at_stage_change=True),
         replace(plain, name="clip_optimizer_params", clip_scope="optimizer"),
         replace(plain, name="zero_grad_model", zero_grad_scope="model"),
-        replace(plain, name="bf16", precision="bf16"),
-        replace(plain, name="fp32", precision="fp32"),
-        replace(plain, name="init_scale_4096", init_scale=4096.0),
+        replace(plain, name="bf16", precision="bf16", carry_scaler=False),
+        replace(plain, name="fp32", precision="fp32", carry_scaler=False),
+        replace(plain, name="init_scale_4096", init_scale=4096.0, carry_scaler=False),
         replace(plain, name="exact_component_match", substring_match=False),
     ]
     for n in freeze_lengths:
