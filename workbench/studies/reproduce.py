@@ -31,7 +31,8 @@ class StudySize:
     """How much one preset's study runs: the CTC warmup of the shared checkpoint, the joint steps every
     configuration trains after the decoder's first trainable step, the freeze lengths N, the seeds, the trial
     lengths of its default data ("sample": the committed `data_samples/`; "b2t": a real-length synthetic set,
-    `workbench.data.real_length_dataset`) and the configurations it runs (empty: all of them)."""
+    `workbench.data.real_length_dataset`), the configurations it runs (empty: all of them) and how many runs go at
+    once by default (0: one per CPU core)."""
 
     ctc_steps: int
     steps: int
@@ -39,6 +40,7 @@ class StudySize:
     seeds: tuple[int, ...]
     lengths: str = "sample"
     configs: tuple[str, ...] = ()
+    workers: int = 0
 
 
 SIZES: dict[str, StudySize] = {
@@ -46,8 +48,9 @@ SIZES: dict[str, StudySize] = {
     "small": StudySize(ctc_steps=300, steps=60, freeze_steps=(1, 10, 100), seeds=(0, 1, 2)),
     # The seed's sizes at the real trial lengths cost minutes per step on a CPU: the seed's run and the main
     # controls (the optimizer rebuilt, fp32) for a few steps, enough to see whether and where the signature appears.
+    # One run at a time: a run whose overflow the tracer replays peaked at 12.9 GB here (T up to ~2,000 frames).
     "seed": StudySize(ctc_steps=20, steps=4, freeze_steps=(1,), seeds=(0,), lengths="b2t",
-                      configs=("seed_faithful", "rebuild_at_stage_change", "fp32")),
+                      configs=("seed_faithful", "rebuild_at_stage_change", "fp32"), workers=1),
 }
 
 
