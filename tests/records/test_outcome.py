@@ -143,6 +143,18 @@ def test_a_caught_overflow_is_a_caught_link_and_decides_a_finite_run():
     assert decisive_link(chain) is chain[1]
 
 
+def test_a_forward_overflow_whose_loss_went_non_finite_is_decided_by_its_producer():
+    # the seed-size run: the fp16 forward overflows, the loss is NaN, the loop skips the update, parameters intact
+    traces = [_trace(1, grads=[], found_inf=False, coef=None, norm=None, after=[], skipped=True,
+                     findings=[_finding("forward", "enc", "output", "aten.addmm.default", "producer")])]
+    traces[0]["loss_finite"] = False
+    rec = record([math.nan] * 4, skipped=(1, 2, 3, 4), tables={"tracer": traces})
+    chain = causal_chain(rec)
+    assert chain[0]["kind"] == "producer" and chain[-1]["kind"] == "loss"
+    assert decisive_link(chain) is chain[0]
+    assert classify(rec).kind == "diverged"
+
+
 def test_a_run_without_non_finite_values_has_no_chain():
     rec = record(FALLING)
     assert causal_chain(rec) == [] and decisive_link([]) is None and summarize(rec)["tracer_verdict"] is None

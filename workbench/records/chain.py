@@ -123,10 +123,14 @@ def causal_chain(record: RunRecord) -> list[dict[str, Any]]:
 
 def decisive_link(chain: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The link that decided the run: the last escape at or before the first contamination (where a non-finite
-    value got past its guard into the parameters); else the contamination; else the first catch; else the
-    producer."""
+    value got past its guard into the parameters); else the contamination; else, when the loss itself went
+    non-finite with the parameters intact, the first producer (the guards only kept its result out of the
+    parameters); else the first catch; else the first link."""
     contamination = next((k for k in chain if k["kind"] == "contamination"), None)
     if contamination is not None:
         escapes = [k for k in chain if k["kind"] == "escape" and k["step"] <= contamination["step"]]
         return escapes[-1] if escapes else contamination
+    producer = next((k for k in chain if k["kind"] == "producer"), None)
+    if producer is not None and any(k["kind"] == "loss" for k in chain):
+        return producer
     return next((k for k in chain if k["kind"] == "caught"), chain[0] if chain else None)

@@ -202,8 +202,8 @@ def conclusions(rows: Sequence[Mapping[str, Any]], scope: str) -> list[str]:
                    f"loss, the parameters went non-finite at step {', '.join(map(str, steps))} and the loss at step "
                    f"{', '.join(map(str, loss_steps))}.")
     elif _all(seed, "diverged"):
-        out.append(f"The seed's run diverged in {n}/{n} seeds ({scope}) but with a finite step-1 loss in only "
-                   f"{sum(sig)}: first non-finite step {', '.join(map(str, steps))}.")
+        out.append(f"The seed's run diverged in {n}/{n} seeds ({scope}), but its step-1 loss was finite in only "
+                   f"{sum(sig)}/{n}, unlike the seed's log: first non-finite step {', '.join(map(str, steps))}.")
     else:
         out.append(f"The seed's signature did not reproduce in every seed ({scope}): the seed_faithful run "
                    f"diverged in {_count(seed, 'diverged')}, stalled in {_count(seed, 'stalled')} and was healthy "
