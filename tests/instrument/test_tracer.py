@@ -143,7 +143,7 @@ def test_backward_float16_weight_gradient_overflow_names_parameter_and_gemm():
     assert (v.op, v.dtype, v.inf, v.numel) == ("aten.mm.default", "float16", 32, 32)
     assert v.input_absmax == pytest.approx(64.0)
     assert v.line() == ("step 1 backward: producer joint grad of weight via aten.mm.default (float16): "
-                        "32 inf / 32, finite inputs max|x|=6.4e+01")
+                        "32 inf / 32, input max|x| over finite entries 6.4e+01")
 
 
 def test_backward_sqrt_at_zero_blames_sqrt_module_and_names_first_bad_gradient():

@@ -115,14 +115,14 @@ class Verdict(Finding):
 
     def line(self) -> str:
         """One line, e.g. `step 1 backward: producer joint.net.4 grad of weight via aten.mm.default (float16):
-        12 inf / 2624, finite inputs max|x|=3.1e+02`."""
+        12 inf / 2624, input max|x| over finite entries 3.1e+02`."""
         where = f"{self.module or '<root>'} {self.tensor}"
         via = f" via {self.op}" if self.op else ""
         counts = ", ".join(part for part in (f"{self.nan} nan" if self.nan else "",
                                              f"{self.inf} inf" if self.inf else "") if part)
         text = f"step {self.step} {self.phase}: {self.role} {where}{via} ({self.dtype}): {counts} / {self.numel}"
         if not math.isnan(self.input_absmax):
-            text += f", finite inputs max|x|={self.input_absmax:.1e}"
+            text += f", input max|x| over finite entries {self.input_absmax:.1e}"
         owner, _, local = self.param.rpartition(".")
         if self.param and not (owner == self.module and self.tensor.endswith(f" {local}")):
             text += f"; first non-finite parameter: {self.param}"

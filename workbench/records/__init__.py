@@ -1,5 +1,5 @@
 """Run records: the HDF5 run log, the one in-memory record of a run, its per-step recorder, its summary, its
-outcome (diverged, stalled, healthy) and the causal chain of its non-finite values."""
+outcome (diverged, overflow_skipped, stalled, unknown, inconclusive, healthy) and the causal chain of its non-finite values."""
 
 from workbench.records.record import RunRecord, read_record
 from workbench.records.recorder import Recorder

@@ -24,6 +24,7 @@ from typing import Any
 
 from workbench.instrument.tracer import Verdict
 from workbench.records.record import RunRecord
+from workbench.train.step import SEMANTICS
 
 KINDS: tuple[str, ...] = ("producer", "escape", "caught", "contamination", "loss")
 _TENSOR_FIELDS = ("phase", "module", "param", "op", "dtype", "nan", "inf", "numel")
@@ -48,11 +49,42 @@ def _coefficient(value: float | None) -> str:
     return "NaN" if value is not None and math.isnan(value) else f"{value:g}"
 
 
-def _trace_links(trace: dict[str, Any]) -> list[dict[str, Any]]:
+def zero_grad_scope(record: RunRecord) -> str | None:
+    """What the run's loop zeroes between steps: "model" (every gradient), "optimizer" (only the optimizer's), or
+    None when the record does not say."""
+    settings = record.settings or {}
+    scope = settings.get("zero_grad_scope")
+    if scope is None and settings.get("semantics") in SEMANTICS:
+        scope = SEMANTICS[settings["semantics"]].zero_grad_scope
+    return scope
+
+
+def _carried(step: int, params: set[str], traces_by_step: dict[int, dict[str, Any]], scope: str | None) -> str:
+    """What became of non-finite gradients outside the optimizer after `step`, from the loop's zero_grad scope and,
+    where the next step was traced, from what that step saw."""
+    after = traces_by_step.get(step + 1)
+    seen = (None if after is None else
+            sorted(params & {g["param"] for g in after["grads_nonfinite"] if not g["held"]}))
+    if scope == "model":
+        text = "the loop zeroes every gradient before the next backward, so they do not carry over"
+    elif scope == "optimizer":
+        text = "the loop zeroes only the optimizer's gradients, so they carry into the next step's gradients"
+    else:
+        text = "the record does not say whether the loop zeroes them"
+    if seen:
+        text += f" (step {step + 1} still held {len(seen)} of them non-finite)"
+    elif seen is not None:
+        text += f" (step {step + 1} held none of them non-finite)"
+    return text
+
+
+def _trace_links(trace: dict[str, Any], traces_by_step: dict[int, dict[str, Any]],
+                 scope: str | None) -> list[dict[str, Any]]:
     """The escape, caught and contamination links one step trace shows."""
     step, links = trace["step"], []
     before_clip = trace["grads_nonfinite"]
     outside = [g for g in before_clip if not g["held"]]
+    outside_after = [g for g in trace["grads_after_clip"] if not g["held"]]
     held_after = [g for g in trace["grads_after_clip"] if g["held"]]
     scaler = trace["found_inf"] is not None
     if trace["skipped"] and not trace["params_nonfinite"]:
@@ -60,12 +92,20 @@ def _trace_links(trace: dict[str, Any]) -> list[dict[str, Any]]:
         scale = f" and lowered the scale to {trace['scale_after']:g}" if trace["found_inf"] else ""
         links.append(_link("caught", step, f"{guard} found non-finite gradients, skipped the update{scale}",
                            guard=guard))
-    if outside and not trace["found_inf"]:
+    if outside_after or (outside and not trace["found_inf"]):
         guard = "the GradScaler's inf check" if scaler else "the loop's non-finite policy"
-        links.append(_link(
-            "escape", step, f"{guard} covers only the optimizer's gradients: {len(outside)} tensors outside the "
-            f"optimizer held non-finite entries ({_entries(outside)}); nothing zeroes or checks them, so they stay "
-            f"in every later step's gradients", _finding(trace, "backward"), guard))
+        parts = [f"{guard} covers only the optimizer's gradients"]
+        if outside:
+            parts.append(f"{len(outside)} tensors outside the optimizer held non-finite entries after the backward "
+                         f"({_entries(outside)})")
+        if outside_after:
+            coef = trace["clip_coef"]
+            by = f" (coefficient {_coefficient(coef)})" if coef is not None else ""
+            parts.append(f"{len(outside_after)} held non-finite entries after the clip{by} ({_entries(outside_after)})")
+        names = {g["param"] for g in outside + outside_after}
+        parts.append(_carried(step, names, traces_by_step, scope))
+        links.append(_link("escape", step, "; ".join(parts), _finding(trace, "clip") if outside_after and not outside
+                           else _finding(trace, "backward"), guard))
     if held_after and not trace["skipped"]:
         norm = trace["clip_norm"]
         if trace["clip_coef"] is not None and not math.isfinite(norm):
@@ -87,18 +127,37 @@ def _trace_links(trace: dict[str, Any]) -> list[dict[str, Any]]:
     return links
 
 
+def _producer(trace: dict[str, Any]) -> dict[str, Any] | None:
+    """The producer link of the first traced step: the op that made the first non-finite value from finite
+    inputs; or, when the step began with non-finite state (a finding with no op), that state as the source; or
+    None when the first value seen came from an op the tracer cannot see inside (no producer is known)."""
+    findings, step = trace["findings"], trace["step"]
+    made = next((f for f in findings if f["role"] == "producer"), None)
+    if made is not None:
+        return {**_link("producer", step, "", made), "line": Verdict(**made).line()}
+    first = findings[0]
+    if first["op"]:
+        return None
+    counts = ", ".join(p for p in (f"{first['nan']} nan" if first["nan"] else "",
+                                   f"{first['inf']} inf" if first["inf"] else "") if p)
+    return _link("producer", step, f"the step began with non-finite values in {first['module'] or '<root>'} "
+                                   f"{first['tensor']} ({counts} / {first['numel']}): they came in with the batch or "
+                                   f"from state an earlier step left, not from an op of this step", first)
+
+
 def causal_chain(record: RunRecord) -> list[dict[str, Any]]:
     """The ordered links of the run's chain (empty when nothing was ever non-finite). Each kind appears at most
     once except escapes, which appear once per guard."""
     traces = record.tables.get("tracer", [])
+    by_step = {t["step"]: t for t in traces}
+    scope = zero_grad_scope(record)
     links: list[dict[str, Any]] = []
     if traces and traces[0]["findings"]:
-        first = traces[0]["findings"]
-        producer = next((f for f in first if f["role"] == "producer"), first[0])
-        link = _link("producer", traces[0]["step"], "", producer)
-        links.append({**link, "line": Verdict(**producer).line()})
+        link = _producer(traces[0])
+        if link is not None:
+            links.append(link)
     for trace in traces:
-        for link in _trace_links(trace):
+        for link in _trace_links(trace, by_step, scope):
             seen = {(k["kind"], k["guard"]) for k in links}
             if (link["kind"], link["guard"]) not in seen and not (
                     link["kind"] in ("caught", "contamination") and any(k["kind"] == link["kind"] for k in links)):

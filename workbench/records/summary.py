@@ -13,7 +13,7 @@ from workbench.records.record import RunRecord
 def summarize(record: RunRecord, rules: OutcomeRules = OutcomeRules()) -> dict[str, Any]:
     """JSON-ready summary of one run (non-finite floats stay floats; `json_safe` them for strict JSON).
 
-    Steps are the run's own 1-based step numbers. `outcome` ("diverged", "stalled" or "healthy"),
+    Steps are the run's own 1-based step numbers. `outcome` (one of `records.OUTCOMES`),
     `outcome_reasons` and `outcome_warnings` come from `records.outcome.classify`; `causal_chain` is the list of
     links of `records.chain.causal_chain`, and `tracer_verdict` the line of its decisive link. `outside_optimizer`
     names the trainable tensors that got a gradient outside the optimizer at the first step the coverage check

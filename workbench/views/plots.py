@@ -23,7 +23,9 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from workbench.records import RunRecord  # noqa: E402
 
 TERM_STYLES = {"total": "-", "ctc": ":", "rnnt": "--", "mode": "-."}
-OUTCOME_COLORS = {"healthy": "#4daf4a", "stalled": "#ff9f1c", "diverged": "#d7301f"}
+# One colour per records.OUTCOMES kind, from good to bad.
+OUTCOME_COLORS = {"healthy": "#4daf4a", "inconclusive": "#a6d96a", "unknown": "#bdbdbd", "stalled": "#ff9f1c",
+                  "overflow_skipped": "#984ea3", "diverged": "#d7301f"}
 _COEF_FLOOR = 1e-8  # where a zero clip coefficient is drawn on the log axis
 _CHAIN_MARGIN = 8  # steps shown after a causal chain's last link
 LINK_STYLES = {"producer": ("o", "#6a3d9a"), "escape": ("X", "#d7301f"), "caught": ("s", "#4daf4a"),
