@@ -53,10 +53,12 @@ def zero_grad_scope(record: RunRecord) -> str | None:
     """What the run's loop zeroes between steps: "model" (every gradient), "optimizer" (only the optimizer's), or
     None when the record does not say."""
     settings = record.settings or {}
-    scope = settings.get("zero_grad_scope")
-    if scope is None and settings.get("semantics") in SEMANTICS:
-        scope = SEMANTICS[settings["semantics"]].zero_grad_scope
-    return scope
+    semantics = settings.get("semantics")
+    if isinstance(semantics, dict):  # byo and Lightning runs store the whole LoopSemantics
+        return semantics.get("zero_grad_scope")
+    if settings.get("zero_grad_scope"):
+        return settings["zero_grad_scope"]
+    return SEMANTICS[semantics].zero_grad_scope if isinstance(semantics, str) and semantics in SEMANTICS else None
 
 
 def _carried(step: int, params: set[str], traces_by_step: dict[int, dict[str, Any]], scope: str | None) -> str:

@@ -177,7 +177,7 @@ def update_shares(record: RunRecord) -> dict[str, dict[str, Any]]:
 
 def _update_stalls(record: RunRecord, rules: OutcomeRules) -> list[str]:
     reasons = []
-    for group, s in update_shares(record).items():
+    for group, s in sorted(update_shares(record).items()):
         if s["updated"] < rules.update_share * s["steps"]:
             why = (f"outside the optimizer on {s['outside']} of them" if s["outside"]
                    else "its updates were skipped or zero")
@@ -274,7 +274,7 @@ def classify(record: RunRecord, rules: OutcomeRules = OutcomeRules()) -> Outcome
         return Outcome("unknown", ["whether every parameter group was updated was not measured (no update ratios "
                                    "recorded)"], warnings)
     shares = update_shares(record)
-    updated = "; ".join(f"{g} {s['updated']}/{s['steps']}" for g, s in shares.items())
+    updated = "; ".join(f"{g} {s['updated']}/{s['steps']}" for g, s in sorted(shares.items()))
     evidence = f"every group with gradients was updated on most of its steps ({updated})"
     if trend is None:
         return Outcome("inconclusive", [f"too short to judge the loss: fewer than {rules.min_steps} finite steps at "
