@@ -1,11 +1,13 @@
-"""Metrics: edit distance, aggregate PER/WER, CTC greedy decoding."""
+"""Metrics: edit distance and its S/D/I split, PER/WER, the length ratio and functional flag, CTC decoding."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from workbench.model.metrics import ctc_greedy_decode, edit_distance, error_rate, word_error_rate
+from workbench.model.metrics import (
+    FUNCTIONAL_RATIO, align_counts, ctc_greedy_decode, edit_distance, error_rate, score, word_error_rate,
+)
 
 
 @pytest.mark.parametrize("a,b,expected", [
@@ -54,3 +56,42 @@ def test_ctc_greedy_decode_collapses_and_respects_lengths():
     assert hyps == [[3, 3, 5, 2], [1, 1]]
     assert ctc_greedy_decode(logits, torch.tensor([0, 1])) == [[], [1]]
     assert ctc_greedy_decode(logits, torch.tensor([10, 10]), blank=1) == [[0, 3, 0, 3, 5, 0, 2], [0, 4]]
+
+
+@pytest.mark.parametrize("ref,hyp,sdi", [
+    ([1, 2, 3], [1, 2, 3], (0, 0, 0)),
+    ([1, 2, 3], [1, 4, 3], (1, 0, 0)),
+    ([1, 2, 3], [], (0, 3, 0)),
+    ([], [7, 8], (0, 0, 2)),
+    ([1, 2, 3], [2, 3], (0, 1, 0)),
+    ([1, 2, 3], [1, 2, 3, 4, 4], (0, 0, 2)),
+    ([1, 2], [9, 1, 2, 9], (0, 0, 2)),
+    (list("kitten"), list("sitting"), (2, 0, 1)),
+])
+def test_alignment_splits_errors_into_substitutions_deletions_insertions(ref, hyp, sdi):
+    counts = align_counts(ref, hyp)
+    assert (counts.substitutions, counts.deletions, counts.insertions) == sdi
+    assert counts.errors == edit_distance(ref, hyp)
+    assert (counts.ref_tokens, counts.hyp_tokens) == (len(ref), len(hyp))
+
+
+def test_score_carries_per_utterance_errors_and_the_length_ratio():
+    refs = [[1, 2, 3, 4], [5, 6]]
+    s = score(refs, [[1, 2, 3, 4], [7]])
+    assert s.errors == (0, 2) and s.ref_lengths == (4, 2) and s.per == pytest.approx(2 / 6)
+    assert s.length_ratio == pytest.approx(5 / 6) and s.functional
+    d = s.to_dict()
+    assert d["sdi"] == [1, 1, 0] and d["hyp_tokens"] == 5 and d["ref_tokens"] == 6
+
+
+def test_a_decoder_that_emits_nothing_or_garbage_is_not_functional():
+    refs = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    silent = score(refs, [[], []])
+    assert silent.per == 1.0 and silent.length_ratio == 0 and not silent.functional
+    assert silent.to_dict()["sdi"] == [0, 8, 0]
+    babbling = score(refs, [[1] * 12, [5] * 12])  # three times the reference
+    assert babbling.length_ratio == 3.0 and not babbling.functional and babbling.counts.insertions == 16
+    lo, hi = FUNCTIONAL_RATIO
+    assert score([[1, 2]], [[1]]).length_ratio == lo and score([[1, 2]], [[1]]).functional
+    assert score([[1, 2]], [[1, 2, 3, 4]]).length_ratio == hi and score([[1, 2]], [[1, 2, 3, 4]]).functional
+    assert not score([[1, 2, 3]], [[1]]).functional

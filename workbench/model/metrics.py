@@ -1,10 +1,16 @@
-"""Decoding and error-rate metrics: CTC greedy decoding, edit distance, aggregate PER and WER."""
+"""Decoding and error-rate metrics: CTC greedy decoding, edit distance, the substitution / deletion / insertion
+split, aggregate PER and WER, and whether a decoder is functional enough for its PER to be compared."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
+
+# A decoder whose hypotheses hold fewer than half or more than twice the reference tokens (emits nothing, or
+# garbage several times the reference) is not functional: its PER measures its length, and is never ranked.
+FUNCTIONAL_RATIO: tuple[float, float] = (0.5, 2.0)
 
 
 def ctc_greedy_decode(logits: torch.Tensor, lengths: torch.Tensor, blank: int = 0) -> list[list[int]]:
@@ -26,15 +32,95 @@ def ctc_greedy_decode(logits: torch.Tensor, lengths: torch.Tensor, blank: int = 
     return hyps
 
 
+@dataclass(frozen=True)
+class ErrorCounts:
+    """The edit operations of one minimum-cost alignment (or a sum of them) and the tokens on each side."""
+
+    substitutions: int
+    deletions: int
+    insertions: int
+    ref_tokens: int
+    hyp_tokens: int
+
+    @property
+    def errors(self) -> int:
+        return self.substitutions + self.deletions + self.insertions
+
+    def __add__(self, other: "ErrorCounts") -> "ErrorCounts":
+        return ErrorCounts(self.substitutions + other.substitutions, self.deletions + other.deletions,
+                           self.insertions + other.insertions, self.ref_tokens + other.ref_tokens,
+                           self.hyp_tokens + other.hyp_tokens)
+
+
+def align_counts(ref: Sequence, hyp: Sequence) -> ErrorCounts:
+    """S, D, I along one minimum-cost alignment of `hyp` to `ref` (their sum is `edit_distance(ref, hyp)`).
+
+    Ties between paths of equal cost prefer a substitution, then a deletion, then an insertion (the usual
+    scoring convention); the total never depends on the tie-break.
+    """
+    n, m = len(ref), len(hyp)
+    # cost[i][j] = (errors, S, D, I) for ref[:i] against hyp[:j]; tuples compare by errors first
+    cost = [[(j, 0, 0, j) for j in range(m + 1)]]
+    for i in range(1, n + 1):
+        row = [(i, 0, i, 0)]
+        for j in range(1, m + 1):
+            e, s, d, ins = cost[i - 1][j - 1]
+            sub = (e + (ref[i - 1] != hyp[j - 1]), s + (ref[i - 1] != hyp[j - 1]), d, ins)
+            e, s, d, ins = cost[i - 1][j]
+            dele = (e + 1, s, d + 1, ins)
+            e, s, d, ins = row[j - 1]
+            ins_ = (e + 1, s, d, ins + 1)
+            row.append(min((sub, dele, ins_), key=lambda c: c[0]))
+        cost.append(row)
+    _, s, d, ins = cost[n][m]
+    return ErrorCounts(s, d, ins, n, m)
+
+
+@dataclass(frozen=True)
+class Score:
+    """A decoder's hypotheses scored against the references: the summed counts and, per utterance, the errors
+    and reference lengths (so two decoders can be compared utterance by utterance)."""
+
+    counts: ErrorCounts
+    errors: tuple[int, ...]
+    ref_lengths: tuple[int, ...]
+
+    @property
+    def per(self) -> float:
+        return self.counts.errors / self.counts.ref_tokens
+
+    @property
+    def length_ratio(self) -> float:
+        """Hypothesis tokens / reference tokens over every utterance."""
+        return self.counts.hyp_tokens / self.counts.ref_tokens
+
+    @property
+    def functional(self) -> bool:
+        """The length ratio lies within FUNCTIONAL_RATIO: only then is the PER a measure of quality."""
+        return FUNCTIONAL_RATIO[0] <= self.length_ratio <= FUNCTIONAL_RATIO[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.counts
+        return {"per": self.per, "length_ratio": self.length_ratio, "functional": self.functional,
+                "sdi": [c.substitutions, c.deletions, c.insertions], "ref_tokens": c.ref_tokens,
+                "hyp_tokens": c.hyp_tokens, "errors": list(self.errors), "ref_lengths": list(self.ref_lengths)}
+
+
+def score(refs: Sequence[Sequence], hyps: Sequence[Sequence]) -> Score:
+    """Align every hypothesis to its reference; raises ValueError like `error_rate` (mismatched lists, no
+    reference tokens)."""
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    per_utt = [align_counts(r, h) for r, h in zip(refs, hyps)]
+    total = sum(per_utt, ErrorCounts(0, 0, 0, 0, 0))
+    if total.ref_tokens == 0:
+        raise ValueError("error rate is undefined: the references contain no tokens")
+    return Score(total, tuple(c.errors for c in per_utt), tuple(c.ref_tokens for c in per_utt))
+
+
 def edit_distance(a: Sequence, b: Sequence) -> int:
     """Levenshtein distance (unit-cost substitutions, insertions, deletions) between two sequences."""
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, start=1):
-        cur = [i] + [0] * len(b)
-        for j, y in enumerate(b, start=1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
-        prev = cur
-    return prev[-1]
+    return align_counts(a, b).errors
 
 
 def error_rate(refs: Sequence[Sequence], hyps: Sequence[Sequence]) -> float:
@@ -42,12 +128,7 @@ def error_rate(refs: Sequence[Sequence], hyps: Sequence[Sequence]) -> float:
 
     Raises ValueError when the lists differ in length or the references hold no tokens (the rate is undefined).
     """
-    if len(refs) != len(hyps):
-        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
-    total = sum(len(r) for r in refs)
-    if total == 0:
-        raise ValueError("error rate is undefined: the references contain no tokens")
-    return sum(edit_distance(r, h) for r, h in zip(refs, hyps)) / total
+    return score(refs, hyps).per
 
 
 def word_error_rate(ref_sentences: Sequence[str], hyp_sentences: Sequence[str]) -> float:

@@ -63,8 +63,7 @@ def ctc_stage_optimizer(model: torch.nn.Module, state: dict, settings: RunSettin
 
 def _validate(model: torch.nn.Module, loader: Any, device: torch.device, step: int, *, rnnt: bool,
               reason: str) -> dict[str, Any]:
-    ev = evaluate(model, loader, device, rnnt=rnnt)
-    return {"step": step, "reason": reason, "per": ev.per, "rnnt_per": ev.rnnt_per}
+    return {"step": step, "reason": reason, **evaluate(model, loader, device, rnnt=rnnt).attrs()}
 
 
 def run_joint(
@@ -81,7 +80,8 @@ def run_joint(
 
     `on_step(i, record)` is called after every step with the record so far (live figures read it). The
     returned record holds every step's series, the events, and the results `val_per` / `val_rnnt_per` (the
-    final validation, skipped when a parameter went non-finite) and `wall_s` in `attrs`.
+    final validation, skipped when a parameter went non-finite) with the rest of `EvalResult.attrs("val_")` (the
+    RNN-T length ratio, functional flag and S/D/I split, per-utterance errors) and `wall_s` in `attrs`.
     """
     t0 = time.perf_counter()
     dev = pick_device(device)
@@ -136,8 +136,7 @@ def run_joint(
         engine.run(batches, settings.steps, after_step)
         results = {"val_per": None, "val_rnnt_per": None}
         if record.first_nonfinite_param_step() is None:
-            ev = evaluate(model, val_loader, dev, rnnt=rnnt)
-            results = {"val_per": ev.per, "val_rnnt_per": ev.rnnt_per}
+            results = evaluate(model, val_loader, dev, rnnt=rnnt).attrs("val_")
     except BaseException as exc:
         engine.close("failed", error=repr(exc).replace("\n", " "), wall_s=time.perf_counter() - t0)
         raise

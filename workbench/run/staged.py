@@ -34,6 +34,9 @@ class StageReport:
     median_ms: float = 0.0
     val_per: float | None = None
     val_rnnt_per: float | None = None
+    val_rnnt_length_ratio: float | None = None  # RNN-T hypothesis / reference tokens
+    val_rnnt_functional: bool | None = None  # the ratio within metrics.FUNCTIONAL_RATIO: the PER measures quality
+    val_rnnt_sdi: list[int] | None = None  # substitutions, deletions, insertions
     val_curve: list[tuple[int, float]] = field(default_factory=list)
     checkpoint: str | None = None
 
@@ -101,7 +104,14 @@ def run_training(cfg: TrainSettings, log: Callable[[str], None] = print) -> dict
         report.median_ms = statistics.median(r.ms for r in results)
         result = evaluate(model, val_loader, device, rnnt=stage.run_rnnt)
         report.val_per, report.val_rnnt_per = result.per, result.rnnt_per
-        rnnt_part = f" | RNN-T greedy PER {result.rnnt_per:.3f}" if result.rnnt_per is not None else ""
+        rnnt_part = ""
+        if result.rnnt is not None:
+            facts = result.attrs()
+            report.val_rnnt_length_ratio, report.val_rnnt_functional, report.val_rnnt_sdi = (
+                facts["rnnt_length_ratio"], facts["rnnt_functional"], facts["rnnt_sdi"])
+            rnnt_part = (f" | RNN-T greedy PER {result.rnnt_per:.3f} (length ratio {report.val_rnnt_length_ratio:.2f}"
+                         f"{'' if report.val_rnnt_functional else ', not functional'}; S/D/I "
+                         f"{'/'.join(map(str, report.val_rnnt_sdi))})")
         log(f"Stage {stage.name} done | {report.skipped} skipped | median {report.median_ms:.0f} ms/batch | "
             f"validation PER {result.per:.3f}{rnnt_part}")
         ckpt = save_checkpoint(Path(cfg.out) / f"{stage.name}.pt", model, stage=stage.name, step=stage.steps,

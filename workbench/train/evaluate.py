@@ -1,21 +1,48 @@
-"""Validation: CTC greedy PER (the baseline's aggregate PER) and, once the decoder has trained, RNN-T greedy PER."""
+"""Validation: CTC greedy PER (the baseline's aggregate PER) and, once the decoder has trained, RNN-T greedy PER,
+each with its substitution / deletion / insertion split, length ratio and per-utterance errors."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from workbench.model.metrics import ctc_greedy_decode, error_rate
+from workbench.model.metrics import Score, ctc_greedy_decode, score
 
 
 @dataclass
 class EvalResult:
-    per: float
-    rnnt_per: float | None
-    n_trials: int
+    """`ctc` and `rnnt` (None when not decoded) score the same utterances in loader order."""
+
+    ctc: Score
+    rnnt: Score | None
+
+    @property
+    def per(self) -> float:
+        return self.ctc.per
+
+    @property
+    def rnnt_per(self) -> float | None:
+        return None if self.rnnt is None else self.rnnt.per
+
+    @property
+    def n_trials(self) -> int:
+        return len(self.ctc.errors)
+
+    def attrs(self, prefix: str = "") -> dict[str, Any]:
+        """The flat facts a run stores: `per`, `rnnt_per`, and for the RNN-T decoder `rnnt_length_ratio`,
+        `rnnt_functional`, `rnnt_sdi` ([S, D, I]); per utterance `ctc_errors`, `rnnt_errors` and `ref_lengths`
+        (for paired comparisons); each name with `prefix` (e.g. "val_")."""
+        out: dict[str, Any] = {"per": self.per, "rnnt_per": self.rnnt_per, "ctc_errors": list(self.ctc.errors),
+                               "ref_lengths": list(self.ctc.ref_lengths)}
+        if self.rnnt is not None:
+            d = self.rnnt.to_dict()
+            out.update(rnnt_length_ratio=d["length_ratio"], rnnt_functional=d["functional"], rnnt_sdi=d["sdi"],
+                       rnnt_errors=d["errors"])
+        return {prefix + k: v for k, v in out.items()}
 
 
 @torch.no_grad()
@@ -32,4 +59,4 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, rnnt
         if rnnt:
             rnnt_hyps += model.rnnt_decoder.greedy_decode(out["encoded"], out["lengths"])
     model.train(was_training)
-    return EvalResult(error_rate(refs, hyps), error_rate(refs, rnnt_hyps) if rnnt else None, len(refs))
+    return EvalResult(score(refs, hyps), score(refs, rnnt_hyps) if rnnt else None)
