@@ -97,10 +97,11 @@ def test_a_run_whose_updates_were_not_measured_is_unknown_never_healthy():
 def test_a_no_update_run_on_noisy_batches_is_never_healthy():
     # a fixed model over shuffled batches: the loss moves only with the batch; the median windows of the old rule
     # could read a fall of several percent
-    rng = random.Random(0)
-    noisy = [10.0 + rng.gauss(0, 0.8) for _ in range(60)]
-    assert classify(record(noisy)).kind in ("stalled", "inconclusive")
-    assert classify(record(noisy, ratio=1e-9)).kind == "stalled"
+    for seed in range(40):  # seeds 2, 3, 22, 24, 25 read a fall of more than 2% in the old rule's median windows
+        rng = random.Random(seed)
+        noisy = [10.0 + rng.gauss(0, 0.8) for _ in range(60)]
+        assert classify(record(noisy)).kind in ("stalled", "inconclusive"), seed
+        assert classify(record(noisy, ratio=1e-9)).kind == "stalled"
 
 
 def test_a_slow_fall_beyond_the_loss_noise_is_healthy():
