@@ -258,3 +258,12 @@ def test_a_nan_input_batch_is_the_producer_and_a_propagator_never_is():
                      findings=[_finding("forward", "enc", "output", "aten.custom.default", "propagator")])]
     assert all(k["kind"] != "producer" for k in causal_chain(record([math.nan] * 3, skipped=(1, 2, 3),
                                                                       tables={"tracer": unseen})))
+
+
+def test_a_group_that_never_got_a_gradient_is_named_in_a_warning():
+    rec = record(FALLING)
+    rec.series["grad_norm/mode_head"] = [None] * 20
+    outcome = classify(rec)
+    assert outcome.kind == "healthy"
+    assert any("1 parameter groups got no gradient on any of the 20 steps" in w and "mode_head" in w
+               for w in outcome.warnings)

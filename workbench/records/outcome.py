@@ -201,6 +201,17 @@ def _clip_warning(record: RunRecord, rules: OutcomeRules) -> str | None:
             f"{median}): SGD-like updates shrink with it, Adam's do not (judged by the update ratios)")
 
 
+def _no_gradient_warning(record: RunRecord) -> str | None:
+    """Groups that got no gradient on any step: they did not train (frozen throughout, or detached from the loss).
+    Not a stall by itself: a group may be meant to stay frozen."""
+    idle = sorted(g for g, values in record.group_norms.items()
+                  if record.steps and not any(v is not None and not v <= 0 for v in values))
+    if not idle:
+        return None
+    return (f"{len(idle)} parameter groups got no gradient on any of the {len(record.steps)} steps and did not train "
+            f"({', '.join(idle[:4])}{', ...' if len(idle) > 4 else ''}): frozen throughout, or detached from the loss")
+
+
 def regrowth_warning(record: RunRecord) -> str | None:
     """For a fp16 run whose GradScaler backed off: when the scale grows back to the level that overflowed."""
     scaler = record.attrs.get("scaler") or {}
@@ -253,7 +264,8 @@ def _nonfinite(record: RunRecord) -> Outcome | None:
 
 def classify(record: RunRecord, rules: OutcomeRules = OutcomeRules()) -> Outcome:
     """The run's outcome under `rules` (see the module docstring)."""
-    warnings = [w for w in [regrowth_warning(record), _clip_warning(record, rules)] if w]
+    warnings = [w for w in [regrowth_warning(record), _clip_warning(record, rules), _no_gradient_warning(record)]
+                if w]
     failed = _nonfinite(record)
     if failed is not None:
         failed.warnings = warnings
