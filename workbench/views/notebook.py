@@ -6,7 +6,6 @@ The notebooks call the package for every computation; this module only wires res
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -20,8 +19,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def setup(output_dir: str | Path, *, summary: str | None = None, overwrite: bool = False,
           threads: int | None = None) -> Path:
-    """Create `output_dir` and pin torch's CPU threads (default: OMP_NUM_THREADS, else 1: on a 2-core CPU one
-    thread per process is several times faster for these small models than two contending threads).
+    """Create `output_dir`; with `threads`, also set torch's CPU threads (`torch.set_num_threads`), which holds
+    for the whole kernel session. Without it the session's thread count is left alone (a sweep's worker processes
+    set their own).
 
     A notebook that finished in `output_dir` before left its `summary` there: without `overwrite` the notebook
     stops here, before any work, rather than replace that summary and its figures."""
@@ -30,7 +30,8 @@ def setup(output_dir: str | Path, *, summary: str | None = None, overwrite: bool
         raise FileExistsError(f"output_dir {out}: a finished run of this notebook is there ({summary}); choose "
                               f"another output_dir, or set overwrite=True to replace its summary and figures")
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if threads is not None:
+        torch.set_num_threads(threads)
     return out
 
 

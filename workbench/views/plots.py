@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib
+import matplotlib.patches
+# Figures are drawn on `Figure` objects with their own canvas: no global backend is chosen, so importing this
+# module leaves the user's pyplot (an inline notebook backend) as it was.
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-
-import matplotlib.patches  # noqa: E402  (the backend must be chosen first)
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from workbench.records import RunRecord  # noqa: E402
+from workbench.records import RunRecord
 
 TERM_STYLES = {"total": "-", "ctc": ":", "rnnt": "--", "mode": "-."}
 # One colour per records.OUTCOMES kind, from good to bad.
