@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import workbench
-from workbench.instrument import host
+from workbench.train import host
 
 PACKAGE = str(Path(workbench.__file__).resolve().parent)
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu")

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from workbench.instrument import ActivationStats, host, leaf_modules_with_params
+from workbench.instrument import ActivationStats, leaf_modules_with_params
+from workbench.train import host
 
 
 def mlp() -> nn.Sequential:

@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 
 from workbench.instrument import (
-    ActivationStats, GradNormProbe, OptimizerCoverage, ParamGroups, default_groups, groups_from_patterns, host,
+    ActivationStats, GradNormProbe, OptimizerCoverage, ParamGroups, default_groups, groups_from_patterns,
 )
+from workbench.train import host
 
 REL = 1e-6
 SYNCS = ("item", "tolist", "cpu", "__float__", "__int__", "__bool__")

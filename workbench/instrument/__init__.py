@@ -8,10 +8,11 @@
 - `LossAttribution`: gradient norm each group receives from each loss term, on the step's own forward.
 - `NonFiniteTracer` / `localize`: replay a step from a `ReplayBundle` and name the first non-finite tensor.
 
-Every device-to-host copy goes through `workbench.instrument.host.to_host`, which counts them in `HOST_COPIES`.
-Per step: GradNormProbe plus OptimizerCoverage(probe=...) cost one copy together (none on steps a probe with
-`every=k` only accumulates); ActivationStats adds one copy of its own; coverage without a probe copies only on
-steps where it finds a parameter outside the optimizer.
+Every device-to-host copy goes through `workbench.instrument.host.to_host` (counted in
+`workbench.train.host.HOST_COPIES`). Under a TrainStep the instruments queue their device values in the step's
+`HostPacket` (`ctx.packet`) and the step moves them with its own values in one copy: the probe, coverage,
+activation statistics and the tracer's check add no copy of their own. Without a TrainStep, `collect()` copies
+once per call.
 """
 
 from workbench.instrument.activations import ActivationStats, leaf_modules_with_params

@@ -1,8 +1,8 @@
 """Opt-in activation statistics from forward hooks: max |a|, RMS and non-finite count per module and step.
 
 Each hooked module's output (its first tensor, for modules returning tuples such as LSTM) is reduced on the
-device in float32 and accumulated into a preallocated (M, 3) device buffer; one host copy per step
-(`on_step_end`, or `collect()` without TrainStep). A module called several times in a step (micro-batches,
+device in float32 and accumulated into a preallocated (M, 3) device buffer; under a TrainStep the buffer is
+queued in the step's own host copy (`on_pack`), without one `collect()` copies it (one copy). A module called several times in a step (micro-batches,
 a predictor run per decoding step) contributes every call: max over calls, RMS over all their entries, counts
 summed. Forwards with gradients disabled (validation under no_grad/inference_mode) are not recorded unless
 `include_no_grad=True`, so evaluation between steps does not leak into the next step's statistics.
@@ -70,6 +70,7 @@ class ActivationStats(StepObserver):
         self._buffer = torch.zeros(len(self.modules), 3, dtype=torch.float32)
         self._numel = [0] * len(self.modules)
         self._handles: list[RemovableHandle] = []
+        self._queued: tuple[list[int], list[int], Any] | None = None
         self.step = 0
         self.latest: dict[str, tuple[float, float, int]] = {}
 
@@ -122,9 +123,21 @@ class ActivationStats(StepObserver):
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
+    def on_pack(self, ctx: Any) -> None:
+        """TrainStep event: queue the step's statistics in its host copy and reset the accumulators."""
+        ran = [i for i, n in enumerate(self._numel) if n]
+        self._queued = (ran, list(self._numel), ctx.packet.add(self._buffer.clone()) if ran else None)
+        self._buffer.zero_()
+        self._numel = [0] * len(self.modules)
+
     def on_step_end(self, ctx: Any) -> None:
-        """TrainStep event: copy the step's statistics to the host."""
-        self.collect(ctx.step)
+        """TrainStep event: decode the statistics the step's copy brought (without `on_pack`: copy them now)."""
+        if self._queued is None:
+            self.collect(ctx.step)
+            return
+        (ran, numel, slot), self._queued = self._queued, None
+        self.step = ctx.step
+        self.latest = self._decode(ran, numel, slot.value.reshape(-1, 3) if slot is not None else None)
 
     def collect(self, step: int | None = None) -> dict[str, tuple[float, float, int]]:
         """Copy what the hooks accumulated since the last collect to the host (one copy; none when no hooked
@@ -136,13 +149,14 @@ class ActivationStats(StepObserver):
             return self.latest
         values = host.to_host(self._buffer)
         self._buffer.zero_()
-        self.latest = {
-            self._label(i): (float(values[i, MAX]), math.sqrt(float(values[i, SUMSQ]) / self._numel[i]),
-                             int(round(float(values[i, NONFINITE]))))
-            for i in ran
-        }
+        self.latest = self._decode(ran, self._numel, values)
         self._numel = [0] * len(self.modules)
         return self.latest
+
+    def _decode(self, ran: list[int], numel: list[int], values: Any) -> dict[str, tuple[float, float, int]]:
+        """(max |a|, RMS, non-finite count) per module that ran, from the (M, 3) host buffer."""
+        return {self._label(i): (float(values[i, MAX]), math.sqrt(float(values[i, SUMSQ]) / numel[i]),
+                                 int(round(float(values[i, NONFINITE])))) for i in ran}
 
     def _label(self, index: int) -> str:
         return self.modules[index] or "(root)"

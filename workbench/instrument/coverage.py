@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from workbench.instrument import host
+from workbench.instrument.host import Slot
 from workbench.instrument.grad_norms import GradNormProbe, StepStats
 from workbench.instrument.observer import StepObserver
 
@@ -66,8 +67,9 @@ class OptimizerCoverage(StepObserver):
 
     With `probe` (a GradNormProbe on the same model, attached to the same step) the gradient norms come from
     the probe's host copy, so coverage adds no copy; they arrive when the probe copies (every `probe.every`
-    steps). Without a probe, coverage computes the norms of offending parameters itself and copies them once in
-    `on_step_end`, only on steps with offending parameters. `latest` is the newest finding, `findings` the
+    steps). Without a probe, coverage computes the norms of offending parameters itself, only on steps with
+    offending parameters, and queues them in the step's host copy (`on_pack`; one copy of its own at
+    `on_step_end` outside a TrainStep). `latest` is the newest finding, `findings` the
     steps with problems.
     """
 
@@ -81,6 +83,7 @@ class OptimizerCoverage(StepObserver):
         self.findings: list[CoverageFinding] = []
         self._awaiting: dict[int, CoverageFinding] = {}
         self._norms: torch.Tensor | None = None
+        self._slot: Slot | None = None
         if probe is not None:
             probe.subscribe(self._on_probe_stats)
 
@@ -106,12 +109,19 @@ class OptimizerCoverage(StepObserver):
             self._norms = torch.stack([n.to(grads[0].device) for n in
                                        torch._foreach_norm(grads, 2, dtype=torch.float32)])
 
+    def on_pack(self, ctx: Any) -> None:
+        """TrainStep event: queue the offending gradient norms (computed without a probe) in the step's copy."""
+        if self._norms is not None:
+            self._slot, self._norms = ctx.packet.add(self._norms), None
+
     def on_step_end(self, ctx: Any) -> None:
-        """TrainStep event: without a probe, copy the offending gradient norms to the host (one copy)."""
-        if self._norms is None or self.latest is None:
+        """TrainStep event: fill in the offending gradient norms (without `on_pack`: one copy of its own)."""
+        if self._slot is not None:
+            values, self._slot = self._slot.value.tolist(), None
+        elif self._norms is not None:
+            values, self._norms = host.to_host(self._norms).tolist(), None
+        else:
             return
-        values = host.to_host(self._norms).tolist()
-        self._norms = None
         self.latest.fill_norms({name: value for (name, _), value in zip(self.latest.outside_optimizer, values)})
 
     def _on_probe_stats(self, stats: StepStats) -> None:

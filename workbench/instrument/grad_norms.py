@@ -18,7 +18,8 @@ What the values are:
 Cost per step with k parameters holding a gradient and G groups: three multi-tensor reductions over the
 gradients (`torch._foreach_norm` with ord 2, inf and 0), a temporary the size of the gradients for the non-finite
 count, a handful of element-wise ops on (G, k) tensors and one concatenation, all on the gradients' device.
-The only device-to-host copy is `workbench.instrument.host.to_host`, once per `every` steps.
+The statistics reach the host once per `every` steps: inside a TrainStep's own copy (queued in `ctx.packet` at
+`on_pack`), or through `workbench.instrument.host.to_host` in `collect()`, `flush()` and without a TrainStep.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch.amp.grad_scaler import OptState
 
 from workbench.instrument import host
 from workbench.instrument.groups import ParamGroups, default_groups, groups_from_patterns
+from workbench.instrument.host import Slot
 from workbench.instrument.observer import StepObserver
 
 
@@ -164,8 +166,8 @@ class GradNormProbe(StepObserver):
     """Per-step gradient norms, max |g| and non-finite counts per parameter, per group and globally.
 
     As a TrainStep observer (`probe.attach(step)` or `with probe.attached(step):`) it computes at
-    `on_after_backward` and copies to the host at `on_step_end`, every `every` steps packing the pending steps
-    into one copy. Without TrainStep call `collect()` after your own backward. After each copy `latest` holds
+    `on_after_backward` and, every `every` steps, queues the pending steps in the step's host copy at `on_pack`
+    (decoded at `on_step_end`). Without TrainStep call `collect()` after your own backward. After each copy `latest` holds
     the newest StepStats and `history` all of them; `records()` flattens one for a run log.
 
     groups: a ParamGroups, a mapping of group name -> pattern(s) for `groups_from_patterns`, or None for
@@ -199,6 +201,7 @@ class GradNormProbe(StepObserver):
         self._layouts: dict[tuple[tuple[int, ...], torch.device], _Layout] = {}
         self._current: _Pending | None = None
         self._pending: list[_Pending] = []
+        self._queued: tuple[list[_Pending], list[Slot]] | None = None
         self._snapshot: _Snapshot | None = None
         self._listeners: list[Callable[[StepStats], None]] = []
         self._last_step = 0
@@ -280,11 +283,21 @@ class GradNormProbe(StepObserver):
             return torch.cat([ratio, stale])
 
     def on_after_backward(self, ctx: Any) -> None:
-        """TrainStep event (gradients final and unscaled, before clipping): compute this step's statistics."""
+        """TrainStep event (gradients final and unscaled, before clipping): compute this step's statistics and,
+        when a copy is due, queue them (with the pending steps') in the step's host copy right away, so a copy the
+        step takes before its update (a `skip_step` decision) carries them."""
+        if self._queued is not None:  # the previous step raised before its copy: its steps wait again
+            self._pending = self._queued[0][:-1] + self._pending
+            self._current, self._queued = self._queued[0][-1], None
         self._record(ctx.step, ctx.scaler, snapshot=self.update_ratio)
+        packet = getattr(ctx, "packet", None)
+        if packet is not None and self._current is not None and len(self._pending) + 1 >= self.every:
+            pending, self._pending = self._pending, []
+            head = torch.cat([part for p in pending for part in p.packed()] + self._current.parts)
+            self._queued = (pending + [self._current], [packet.add(head)])
 
-    def on_step_end(self, ctx: Any) -> None:
-        """TrainStep event (after the optimizer step): add the update ratio; copy to the host every `every` steps."""
+    def _finish_step(self) -> None:
+        """Close the current step: add its update ratio and move it to the pending steps."""
         current, self._current = self._current, None
         if current is None:
             return  # no gradient this step: the loss was skipped before backward, or nothing is trainable
@@ -292,6 +305,30 @@ class GradNormProbe(StepObserver):
             current.parts.append(self._ratio(self._snapshot))
             current.has_ratio = True
         self._pending.append(current)
+
+    def on_pack(self, ctx: Any) -> None:
+        """TrainStep event (after the optimizer step): the update ratio and carried values of a step whose
+        statistics are queued join the step's copy; a step not due yet waits with the pending ones."""
+        if self._queued is None:
+            self._finish_step()
+            return
+        current, self._current = self._current, None
+        tail = []
+        if self.update_ratio and self._snapshot is not None:
+            tail.append(self._ratio(self._snapshot))
+            current.has_ratio = True
+        tail += current.packed()[len(current.parts):]  # the carried values, when any
+        if tail:
+            self._queued[1].append(ctx.packet.add(torch.cat(tail)))
+
+    def on_step_end(self, ctx: Any) -> None:
+        """TrainStep event: decode what the step's copy brought. Called without `on_pack` (a loop that is not a
+        TrainStep), it finishes the step and copies to the host itself every `every` steps."""
+        if self._queued is not None:
+            (pending, slots), self._queued = self._queued, None
+            self._deliver(pending, np.concatenate([slot.value for slot in slots]))
+            return
+        self._finish_step()
         if len(self._pending) >= self.every:
             self.flush()
 
@@ -334,7 +371,10 @@ class GradNormProbe(StepObserver):
         if not self._pending:
             return []
         pending, self._pending = self._pending, []
-        values = host.to_host(torch.cat([part for p in pending for part in p.packed()]))
+        return self._deliver(pending, host.to_host(torch.cat([part for p in pending for part in p.packed()])))
+
+    def _deliver(self, pending: list[_Pending], values: np.ndarray) -> list[StepStats]:
+        """Decode the host values of `pending` steps into StepStats, keep them and tell the listeners."""
         offsets = np.cumsum([0] + [p.size for p in pending])
         out = [_decode(p, values[start:stop], [self.param_labels[i] for i in p.layout.index])
                for p, start, stop in zip(pending, offsets[:-1], offsets[1:])]

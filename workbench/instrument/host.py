@@ -1,23 +1,11 @@
-"""The one device-to-host boundary of the instrumentation.
+"""The instruments' device-to-host boundary: `workbench.train.host`, whose `to_host` every probe copies through.
 
-Every probe in `workbench.instrument` moves its statistics to the host only through `to_host`, so
-`HOST_COPIES` counts every device-to-host copy (and so every host sync) the instrumentation makes; tests
-read it to prove a step costs one copy per probe.
+Under a TrainStep the probes do not copy on their own: they queue their statistics in the step's `HostPacket`
+(`ctx.packet`), which moves the step's values and theirs in one `to_host` copy. Without a TrainStep
+(`GradNormProbe.collect`, `ActivationStats.collect`) a probe copies once itself. `workbench.train.host.HOST_COPIES`
+counts every copy.
 """
 
-from __future__ import annotations
+from workbench.train.host import HostPacket, Slot, to_host
 
-import numpy as np
-import torch
-
-HOST_COPIES = 0
-
-
-def to_host(t: torch.Tensor) -> np.ndarray:
-    """Copy `t` (any shape, a numpy-representable dtype; the probes pass flat float32) to a new host array.
-
-    Always copies, even for a CPU tensor, so a probe may overwrite its device buffer right after the call.
-    """
-    global HOST_COPIES
-    HOST_COPIES += 1
-    return t.detach().to("cpu", copy=True).numpy()
+__all__ = ["HostPacket", "Slot", "to_host"]

@@ -51,6 +51,7 @@ from torch.utils._pytree import tree_flatten
 
 from workbench.instrument.observer import StepObserver
 from workbench.instrument.replay import ReplayBundle, bundle_rng, capture, replica, save_bundle
+from workbench.train.host import Slot, nonfinite_flags, to_host
 from workbench.train.step import NonFiniteError, StepContext, StepMonitor, TrainStep
 
 PHASES: tuple[str, ...] = ("forward", "backward", "clip", "update")
@@ -593,9 +594,10 @@ class NonFiniteTracer(StepObserver):
     """Observer that traces the non-finite steps of a run, as many as the causal chain needs (at most
     `max_traces` replays).
 
-    Per step while tracing: `capture` at the step start (cost in `workbench.instrument.replay`), and at the step
-    end one check: the loss total and grad norm (already on the host), then one `torch._foreach_norm` over every
-    gradient and parameter, `isfinite().all()` and one host read. A non-finite step is replayed whole with
+    Per step while tracing: `capture` at the step start (cost in `workbench.instrument.replay`), and one check:
+    the loss total and grad norm (on the host with the step's result), one multi-tensor reduction over the
+    gradients and the step's shared check over the parameters (`HostPacket.params_nonfinite`), both queued at
+    `on_pack` into the step's one host copy (outside a TrainStep, one reduction and one read of its own). A non-finite step is replayed whole with
     `trace_step`; its StepTrace goes to `traces` (and to a run's recorder through `events`), its first
     non-finite tensor to `verdicts`, and the bundle to `save_dir/step_<n>.pt` when `save_dir` is set. Tracing
     stops once the chain is complete: a non-finite value reached the parameters, or a step's guards caught the
@@ -615,6 +617,7 @@ class NonFiniteTracer(StepObserver):
         self.unreproduced: list[int] = []
         self.bundle: ReplayBundle | None = None
         self._complete = False
+        self._checks: tuple[Slot, Slot] | None = None
 
     def detach(self, step: Any | None = None) -> None:
         """Stop observing the attached step (and remove the tracer from `step.observers` when given)."""
@@ -635,8 +638,16 @@ class NonFiniteTracer(StepObserver):
         self.bundle = capture(self._train_step, ctx.batches, ctx.weights, rnnt=ctx.rnnt, mode=ctx.mode,
                               index=ctx.step)
 
+    def on_pack(self, ctx: StepContext) -> None:
+        """TrainStep event: queue the gradients' and the parameters' non-finite checks in the step's copy."""
+        if self.bundle is None:
+            return
+        grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
+        self._checks = (ctx.packet.add(nonfinite_flags(grads)), ctx.packet.params_nonfinite(ctx.model))
+
     def on_step_end(self, ctx: StepContext) -> None:
-        if self.bundle is None or not self._went_nonfinite(ctx):
+        checks, self._checks = self._checks, None
+        if self.bundle is None or not self._went_nonfinite(ctx, checks):
             return
         if self.save_dir is not None:
             Path(self.save_dir).mkdir(parents=True, exist_ok=True)
@@ -655,14 +666,14 @@ class NonFiniteTracer(StepObserver):
         return [("tracer", {**t.to_dict(), "line": t.findings[0].line()}) for t in self.traces if t.step == step]
 
     @staticmethod
-    def _went_nonfinite(ctx: StepContext) -> bool:
+    def _went_nonfinite(ctx: StepContext, checks: tuple[Slot, Slot] | None) -> bool:
         result = ctx.result
         if not math.isfinite(result.losses.get("total", 0.0)):
             return True
         if result.grad_norm is not None and not math.isfinite(result.grad_norm):
             return True
-        params = list(ctx.model.parameters())
-        tensors = [p.grad for p in params if p.grad is not None] + [p.detach() for p in params]
-        # fp32 norms: an fp16 norm overflows (65504) long before the values do.
-        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-        return not bool(torch.isfinite(torch.stack(norms)).all())
+        if checks is None:
+            params = list(ctx.model.parameters())
+            tensors = [p.grad for p in params if p.grad is not None] + [p.detach() for p in params]
+            return bool(to_host(nonfinite_flags(tensors)).any())
+        return any(bool(slot.value.any()) for slot in checks)

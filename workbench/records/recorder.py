@@ -15,7 +15,9 @@ itself:
     lr/<group>            learning rate of each optimizer group
     weight/<term>         the loss weight of each term at this step (the reference model's runs)
     params_finite         every parameter finite after the update; params_nonfinite/tensors and
-                          params_nonfinite/elements count what is not (one batched reduction, one host read)
+                          params_nonfinite/elements count what is not (the step's shared non-finite check,
+                          `HostPacket.params_nonfinite`, in the step's one host copy; elements are counted,
+                          with a read per non-finite tensor, only on a step that has one)
 
 Attach it after the instruments it reads, so their values for the step are final when it records.
 """
@@ -32,17 +34,19 @@ import torch
 from workbench.instrument.observer import StepObserver
 from workbench.records.record import RunRecord
 from workbench.records.runlog import RunLogWriter
+from workbench.train.host import nonfinite_flags, to_host
 from workbench.train.step import StepContext
 
 
-def nonfinite_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(tensors, elements) of `model`'s parameters holding a non-finite value; one host read when all are finite."""
+def nonfinite_params(model: torch.nn.Module, flags: np.ndarray | None = None) -> tuple[int, int]:
+    """(tensors, elements) of `model`'s parameters holding a non-finite value. `flags`: the step's per-parameter
+    check already on the host (`HostPacket.params_nonfinite`); without it, one reduction and one host read.
+    Elements are counted only when a tensor is non-finite (one read each)."""
     params = [p.detach() for p in model.parameters()]
-    bad = ~torch.isfinite(torch.stack(torch._foreach_norm(params, dtype=torch.float32)))
-    tensors = int(bad.sum())
-    if tensors == 0:
-        return 0, 0
-    return tensors, sum(int((~torch.isfinite(p)).sum()) for p, b in zip(params, bad.tolist()) if b)
+    if flags is None:
+        flags = to_host(nonfinite_flags(params))
+    bad = [p for p, flag in zip(params, flags.tolist()) if flag]
+    return len(bad), sum(int((~torch.isfinite(p)).sum()) for p in bad)
 
 
 def step_row(ctx: StepContext) -> dict[str, Any]:
@@ -61,7 +65,7 @@ def step_row(ctx: StepContext) -> dict[str, Any]:
         row[f"lr/{group.get('name', f'group{k}')}"] = group["lr"]
     if dataclasses.is_dataclass(ctx.weights):
         row.update({f"weight/{k}": float(v) for k, v in dataclasses.asdict(ctx.weights).items()})
-    tensors, elements = nonfinite_params(ctx.model)
+    tensors, elements = nonfinite_params(ctx.model, ctx.packet.params_nonfinite(ctx.model).value)
     row.update({"params_finite": tensors == 0, "params_nonfinite/tensors": tensors,
                 "params_nonfinite/elements": elements})
     return row
@@ -88,6 +92,10 @@ class Recorder(StepObserver):
                 for key, labels in getattr(source, "vector_labels", {}).items():
                     self.writer.declare_vector(key, labels)
         record.attrs.update(attrs or {})
+
+    def on_pack(self, ctx: StepContext) -> None:
+        """TrainStep event: queue the step's shared non-finite check over the parameters for its host copy."""
+        ctx.packet.params_nonfinite(ctx.model)
 
     def on_step_end(self, ctx: StepContext) -> None:
         self.record_step(ctx.step, step_row(ctx))

@@ -16,9 +16,22 @@ Each phase is a method (`forward`, `zero_grad`, `backward`, `unscale`, `clip`, `
 place that strings them together. The non-finite tracer replays a step by calling `run` on a replica with a
 `StepMonitor` that watches every phase, so the replay can never drift from the step it explains.
 
-Observers (the instrumentation) hook in at four points and never change what the step does:
+Observers (the instrumentation) hook in at five points and never change what the step does:
 `on_step_start(ctx)`, `on_losses(ctx)` (first micro-batch's loss terms, graph alive, before backward),
-`on_after_backward(ctx)` (gradients unscaled, before clipping) and `on_step_end(ctx)`.
+`on_after_backward(ctx)` (gradients unscaled, before clipping), `on_pack(ctx)` (after the update: queue in
+`ctx.packet` what the observer needs on the host) and `on_step_end(ctx)` (every queued value is on the host).
+
+Host reads. The step's values (loss terms, the clip's norm, the GradScaler's scale and found-inf verdict) and
+every observer's go to the host together: `ctx.packet` (a `workbench.train.host.HostPacket`) moves them in one
+`to_host` copy after `on_pack`, so a step with the default settings syncs the host with the device once.
+Decisions the step must take on the host before that add a read, each documented where it is taken:
+- `stop` and `skip_before_backward` read each micro-batch's loss finiteness before its backward;
+- `skip_step` and `stop` without a GradScaler need the norm's finiteness before the optimizer step: the packet
+  is read there (carrying everything queued so far), and whatever observers queue after the update crosses
+  in a second copy at the end;
+- with a GradScaler the skip is the scaler's own decision: torch reads its found-inf flags inside
+  `GradScaler.step` (one `.item()` per device), and `GradScaler.update` keeps the scale on the device. An
+  optimizer's own step may read too (e.g. Adam's CPU step counter, `capturable=False`); those reads are torch's.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ import torch.nn as nn
 
 from workbench.model.losses import LossWeights, compute_losses
 from workbench.train.device import autocast
+from workbench.train.host import HostPacket, Slot
 from workbench.train.optim import optimizer_params
 
 
@@ -134,7 +148,8 @@ class StepResult:
 
 @dataclass
 class StepContext:
-    """What observers see. `losses` holds the (last micro-batch's) loss tensors; `result` is set at the end."""
+    """What observers see. `losses` holds the (last micro-batch's) loss tensors; `result` is set at the end;
+    `packet` carries the step's device values to the host (None outside TrainStep.run)."""
 
     step: int
     model: nn.Module
@@ -146,6 +161,7 @@ class StepContext:
     mode: bool = False
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     result: StepResult | None = None
+    packet: HostPacket | None = None
 
 
 class StepMonitor:
@@ -244,23 +260,35 @@ class TrainStep:
             return torch.nn.utils.clip_grad_norm_(params, self.config.clip, foreach=True)
         return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
 
-    def update(self, norm: torch.Tensor) -> tuple[bool, str | None]:
-        """Apply the optimizer step (through the GradScaler under fp16); returns (skipped, reason)."""
+    def update(self, norm: torch.Tensor, norm_slot: Slot, packet: HostPacket) -> bool | Slot:
+        """Apply the optimizer step (through the GradScaler under fp16). Returns whether it was skipped for a
+        non-finite gradient: a bool, or under a GradScaler the slot of its found-inf count (> 0: skipped)."""
         policy = self.config.semantics.nonfinite_policy
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             # The GradScaler's own verdict: it skips when its inf check over the optimizer's gradients found one.
             # (A lower scale after update() is not a test: an infinite scale stays infinite when backed off.)
-            found = self.scaler._found_inf_per_device(self.optimizer)
-            skipped = bool(sum(v.item() for v in found.values()))
+            found = list(self.scaler._found_inf_per_device(self.optimizer).values())
+            found_inf = packet.add(torch.stack([f.to(found[0].device).reshape(()) for f in found]).sum())
             self.scaler.update()
-            return (True, "nonfinite_grad") if skipped else (False, None)
-        if not torch.isfinite(norm) and policy == "skip_step":
-            return True, "nonfinite_grad"
-        if not torch.isfinite(norm) and policy == "stop":
-            raise NonFiniteError(f"step {self.step_index}: non-finite gradient norm {float(norm)}")
+            return found_inf
+        if policy in ("skip_step", "stop"):
+            packet.read()  # the one read these policies need before the update (see the module docstring)
+            value = float(norm_slot.value[0])
+            if not math.isfinite(value) and policy == "stop":
+                raise NonFiniteError(f"step {self.step_index}: non-finite gradient norm {value}")
+            if not math.isfinite(value):
+                return True
         self.optimizer.step()
-        return False, None
+        return False
+
+    def _scale(self, packet: HostPacket) -> Slot | float | None:
+        """The scale this step's backward uses: queued from the device (a copy, as update() rewrites it in place),
+        or the initial scale before the GradScaler made its tensor."""
+        if self.scaler is None:
+            return None
+        scale = self.scaler._get_scale_async()
+        return self.scaler.get_scale() if scale is None else packet.add(scale.clone())
 
     # ---------------------------------------------------------------------------------------------- the step
 
@@ -279,13 +307,15 @@ class TrainStep:
         policy = self.config.semantics.nonfinite_policy
         t0 = time.perf_counter()
         self.step_index += 1
-        ctx = StepContext(self.step_index, self.model, self.optimizer, self.scaler, batches, weights, rnnt, mode)
+        packet = HostPacket()
+        ctx = StepContext(self.step_index, self.model, self.optimizer, self.scaler, batches, weights, rnnt, mode,
+                          packet=packet)
         self.model.train()
         self._notify("on_step_start", ctx)
 
         totals: dict[str, torch.Tensor] = {}
         skipped, reason = False, None
-        scale = self.scaler.get_scale() if self.scaler is not None else None
+        scale = self._scale(packet)
         for i, batch in enumerate(batches):
             with monitor.phase("forward"):
                 losses = self.forward(batch, weights, rnnt=rnnt, mode=mode)
@@ -295,10 +325,10 @@ class TrainStep:
                 self._notify("on_losses", ctx)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0) + v.detach() / len(batches)
-            finite = bool(torch.isfinite(losses["total"]))
-            if not finite and policy == "stop":
-                raise NonFiniteError(f"step {self.step_index}: non-finite loss {losses['total'].item()}")
-            if not finite and policy == "skip_before_backward":
+            # These two policies decide before backward: one read of the loss per micro-batch.
+            if policy in ("stop", "skip_before_backward") and not bool(torch.isfinite(losses["total"])):
+                if policy == "stop":
+                    raise NonFiniteError(f"step {self.step_index}: non-finite loss {losses['total'].item()}")
                 skipped, reason = True, "nonfinite_loss"
                 break
             if i == 0:
@@ -306,8 +336,10 @@ class TrainStep:
             with monitor.phase("backward"):
                 self.backward(losses["total"], len(batches))
             monitor.after("backward")
+        loss_slot = packet.add(torch.stack([v.float() for v in totals.values()]))
 
-        grad_norm = clip_coef = None
+        norm_slot: Slot | None = None
+        update_skipped: bool | Slot = False
         if not skipped:
             with monitor.phase("unscale"):
                 self.unscale()
@@ -316,16 +348,26 @@ class TrainStep:
             with monitor.phase("clip"):
                 norm = self.clip()
             monitor.after("clip", norm=norm)
-            grad_norm = float(norm)
-            if self.config.clip is not None:
-                clip_coef = math.nan if math.isnan(grad_norm) else min(1.0, self.config.clip / (grad_norm + 1e-6))
+            norm_slot = packet.add(norm)
             with monitor.phase("update"):
-                skipped, reason = self.update(norm)
+                update_skipped = self.update(norm, norm_slot, packet)
             monitor.after("update")
 
-        values = torch.stack([v.float() for v in totals.values()]).tolist()
-        result = StepResult(self.step_index, dict(zip(totals, values)), skipped, reason, grad_norm, scale,
-                            (time.perf_counter() - t0) * 1000.0, clip_coef)
+        self._notify("on_pack", ctx)
+        packet.read()  # the step's one copy: its values and every observer's
+        if isinstance(update_skipped, Slot):
+            update_skipped = bool(update_skipped.value[0] > 0)
+        if update_skipped:
+            skipped, reason = True, "nonfinite_grad"
+        grad_norm = clip_coef = None
+        if norm_slot is not None:
+            grad_norm = float(norm_slot.value[0])
+            if self.config.clip is not None:
+                clip_coef = math.nan if math.isnan(grad_norm) else min(1.0, self.config.clip / (grad_norm + 1e-6))
+        if isinstance(scale, Slot):
+            scale = float(scale.value[0])
+        result = StepResult(self.step_index, dict(zip(totals, loss_slot.value.tolist())), skipped, reason, grad_norm,
+                            scale, (time.perf_counter() - t0) * 1000.0, clip_coef)
         ctx.result = result
         self._notify("on_step_end", ctx)
         return result

@@ -1,0 +1,92 @@
+"""The one device-to-host boundary: `to_host`, and the `HostPacket` that gathers a step's values for it.
+
+A training step and every observer of it put the device values they need on the host (loss terms, the clip's
+norm, the GradScaler's scale and found-inf verdict, gradient statistics, non-finite checks) into the step's
+`HostPacket`; the packet concatenates them on the device and moves them in one `to_host` copy, so one host sync
+serves them all. `HOST_COPIES` counts every copy; tests read it. The module lives in the training layer because
+the step is its first user; `workbench.instrument.host` is the same boundary under the instruments' name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+HOST_COPIES = 0
+
+
+def to_host(t: torch.Tensor) -> np.ndarray:
+    """Copy `t` (any shape, a numpy-representable dtype) to a new host array; one host sync on an accelerator.
+
+    Always copies, even for a CPU tensor, so a caller may overwrite its device buffer right after the call.
+    """
+    global HOST_COPIES
+    HOST_COPIES += 1
+    return t.detach().to("cpu", copy=True).numpy()
+
+
+class Slot:
+    """Where one packed value arrives: `value` is its flat host array once the packet was read."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._value: np.ndarray | None = None
+
+    @property
+    def value(self) -> np.ndarray:
+        if self._value is None:
+            raise RuntimeError("this value has not crossed to the host yet: read the packet first")
+        return self._value
+
+    @property
+    def ready(self) -> bool:
+        return self._value is not None
+
+
+class HostPacket:
+    """The device values one optimizer step needs on the host, moved together.
+
+    `add(t)` queues a tensor (any shape, floating or integer, up to 2**24 exactly in float32) and returns its
+    `Slot`; `read()` moves everything queued since the last read in one `to_host` copy (float32, or float64 when
+    a queued tensor is float64) and fills the slots. A read with nothing queued copies nothing.
+    `params_nonfinite(model)` is the step's one non-finite check over the parameters, shared by every observer
+    that asks for it.
+    """
+
+    def __init__(self) -> None:
+        self._queued: list[tuple[Slot, torch.Tensor]] = []
+        self._shared: dict[int, Slot] = {}
+
+    def add(self, t: torch.Tensor) -> Slot:
+        slot = Slot(t.numel())
+        self._queued.append((slot, t.detach().reshape(-1)))
+        return slot
+
+    def read(self) -> None:
+        if not self._queued:
+            return
+        queued, self._queued = self._queued, []
+        device = queued[0][1].device
+        dtype = torch.float64 if any(t.dtype == torch.float64 for _, t in queued) else torch.float32
+        values = to_host(torch.cat([t.to(device, dtype, non_blocking=True) for _, t in queued]))
+        offsets = np.cumsum([0] + [slot.size for slot, _ in queued])
+        for (slot, _), start, stop in zip(queued, offsets[:-1], offsets[1:]):
+            slot._value = values[start:stop]
+
+    def params_nonfinite(self, model: torch.nn.Module) -> Slot:
+        """(P,) over `model.parameters()`: 1 where a parameter holds a non-finite value, else 0. One multi-tensor
+        reduction per step, queued at the first call and shared by every later caller (ask after the update)."""
+        if id(model) not in self._shared:
+            self._shared[id(model)] = self.add(nonfinite_flags([p.detach() for p in model.parameters()]))
+        return self._shared[id(model)]
+
+
+def nonfinite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(k,) float32 on the first tensor's device: 1 where a tensor holds a NaN or inf (its float32 norm is not
+    finite; an fp16 norm would overflow long before the values do)."""
+    if not tensors:
+        return torch.zeros(0)
+    device = tensors[0].device
+    with torch.no_grad():
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        return (~torch.isfinite(torch.stack([n.to(device) for n in norms]))).float()
