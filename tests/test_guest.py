@@ -50,3 +50,26 @@ def test_imports_leave_pyplot_and_threads_alone(tmp_path):
     assert facts["threads_when_asked"] == 1
     shown = [o for o in nb.cells[5].outputs if o.output_type == "display_data"]
     assert shown and "image/png" in shown[0]["data"], nb.cells[5].outputs
+
+
+def test_live_display_reads_recorded_values_only():
+    """A live redraw reads the RunRecord's host values: no tensor is stored in it, and drawing reads no tensor."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from host_reads import HostReads
+    from workbench.run.byo import instrument
+    from workbench.views.plots import training_figure
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    with instrument(model, torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3)),
+                    lambda m, b: F.cross_entropy(m(b[0]), b[1])) as session:
+        for _ in range(3):
+            session.step((torch.randn(16, 8), torch.randint(0, 3, (16,))))
+    stored = [v for values in session.record.series.values() for v in values if isinstance(v, torch.Tensor)]
+    assert stored == []
+    with HostReads() as reads:
+        training_figure({"run": session.record})
+    assert reads.total == 0

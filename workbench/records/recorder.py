@@ -62,7 +62,9 @@ def step_row(ctx: StepContext) -> dict[str, Any]:
     if result.clip_coef is not None:
         row["clip/coefficient"] = result.clip_coef
     for k, group in enumerate(ctx.optimizer.param_groups):
-        row[f"lr/{group.get('name', f'group{k}')}"] = group["lr"]
+        # A tensor lr is recorded as a float, so a live figure never reads a tensor when it redraws.
+        lr = group["lr"]
+        row[f"lr/{group.get('name', f'group{k}')}"] = float(lr) if isinstance(lr, torch.Tensor) else lr
     if dataclasses.is_dataclass(ctx.weights):
         row.update({f"weight/{k}": float(v) for k, v in dataclasses.asdict(ctx.weights).items()})
     tensors, elements = nonfinite_params(ctx.model, ctx.packet.params_nonfinite(ctx.model).value)
