@@ -7,8 +7,9 @@ load hits all three alike:
     a      + GradNormProbe (groups and per-parameter) + OptimizerCoverage (sharing the probe's copy)
     b      a + ActivationStats on every leaf module with parameters
 
-Prints the median ms/step of each and the median per-round ratio instrumented / plain; the last line is
-`grad-norm instrumentation overhead ratio: X.XXX` for configuration a.
+Prints the median ms/step of each, the device reads per step of each (counted on one extra untimed round by
+tests/host_reads.py: copies through `to_host` plus any other read from workbench code) and the median per-round
+ratio instrumented / plain; the last line is `grad-norm instrumentation overhead ratio: X.XXX` for configuration a.
 
     python benchmarks/bench_instrumentation.py --preset small --rounds 15 --steps 4
     python benchmarks/bench_instrumentation.py --preset seed --lengths b2t --rounds 3 --steps 1
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +38,8 @@ from workbench.model import HybridModel, get_config
 from workbench.train import StepConfig, TrainStep, build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from host_reads import HostReads  # noqa: E402  (the read counter the tests use)
 
 
 def load_batches(root: Path, n: int, batch_size: int, device: torch.device, scratch: Path) -> list[Batch]:
@@ -85,6 +89,12 @@ def overhead(model: HybridModel, batches: list[Batch], device: torch.device, rou
     configs = {"plain": steps, "a": with_grads, "b": with_activations}
     for run in configs.values():  # warm-up: allocator, lazy init, first-layout masks
         run()
+    reads: dict[str, tuple[float, float]] = {}  # (all, the reference model's own) per step
+    for name, run in configs.items():
+        with HostReads() as counted:
+            run()
+        in_model = sum(r.startswith("workbench/model/") for r in counted.outside)
+        reads[name] = (counted.per_step(len(batches)), in_model / len(batches))
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(rounds):
         for name, run in configs.items():
@@ -92,6 +102,7 @@ def overhead(model: HybridModel, batches: list[Batch], device: torch.device, rou
     return {"median_s": {name: statistics.median(values) for name, values in times.items()},
             "ratio": {name: statistics.median(t / p for t, p in zip(times[name], times["plain"]))
                       for name in ("a", "b")},
+            "reads_per_step": reads, "policy": step.config.semantics.nonfinite_policy,
             "tensors": len(probe.param_labels), "groups": len(probe.groups), "hooked": len(acts.modules)}
 
 
@@ -122,7 +133,11 @@ def main() -> None:
           f"{sum(p.numel() for p in model.parameters())} parameters in {result['tensors']} tensors, "
           f"{result['groups']} groups, {result['hooked']} hooked modules")
     for name, seconds in result["median_s"].items():
-        print(f"  {name:5s} median {1000 * seconds / args.steps:8.2f} ms/step")
+        total, in_model = result["reads_per_step"][name]
+        print(f"  {name:5s} median {1000 * seconds / args.steps:8.2f} ms/step, {total:g} device reads/step "
+              f"({in_model:g} of them in the reference model's loss, {total - in_model:g} by the step and instruments)")
+    print(f"  (reads: copies through to_host plus any other read from workbench code; fp32, nonfinite policy "
+          f"{result['policy']})")
     print(f"  b (+ activations) / plain median ratio: {result['ratio']['b']:.3f}")
     print(f"grad-norm instrumentation overhead ratio: {result['ratio']['a']:.3f}")
 

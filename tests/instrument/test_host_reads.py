@@ -56,12 +56,12 @@ def train_step(precision: str, policy: str | None = None) -> Callable[[int], Hos
     return run
 
 
-def byo(precision: str, policy: str | None = None) -> Callable[[int], HostReads]:
+def byo(precision: str, policy: str | None = None, **options: Any) -> Callable[[int], HostReads]:
     def run(steps: int) -> HostReads:
         model = mlp()
         semantics = get_semantics("corrected", **({"nonfinite_policy": policy} if policy else {}))
         with instrument(model, torch.optim.AdamW(model.parameters(), lr=1e-3), user_loss, precision=precision,
-                        semantics=semantics) as session, HostReads() as reads:
+                        semantics=semantics, **options) as session, HostReads() as reads:
             for batch in batches(steps):
                 session.step(batch)
         return reads
@@ -107,6 +107,7 @@ ENTRY_POINTS: dict[str, tuple[Callable[[int], HostReads], int]] = {
     "byo.instrument fp32": (byo("fp32"), 2),
     "byo.instrument fp32 continue": (byo("fp32", "continue"), 1),
     "byo.instrument fp16": (byo("fp16"), 1),
+    "byo.instrument fp16 activations": (byo("fp16", activations=True), 1),
     "Lightning callback fp32": (lightning, 1),
 }
 

@@ -123,8 +123,19 @@ class ActivationStats(StepObserver):
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
+    def on_after_backward(self, ctx: Any) -> None:
+        """TrainStep event: the step's forwards are done; queue their statistics in its host copy now, so a copy
+        the step takes before its update carries them (outside a TrainStep: copied at on_step_end)."""
+        if getattr(ctx, "packet", None) is not None:
+            self._queue(ctx)
+
     def on_pack(self, ctx: Any) -> None:
-        """TrainStep event: queue the step's statistics in its host copy and reset the accumulators."""
+        """TrainStep event: queue the statistics unless already queued (a step skipped before backward)."""
+        if self._queued is None:
+            self._queue(ctx)
+
+    def _queue(self, ctx: Any) -> None:
+        """Queue the accumulated statistics in the step's host copy and reset the accumulators."""
         ran = [i for i, n in enumerate(self._numel) if n]
         self._queued = (ran, list(self._numel), ctx.packet.add(self._buffer.clone()) if ran else None)
         self._buffer.zero_()

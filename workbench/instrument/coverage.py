@@ -68,8 +68,8 @@ class OptimizerCoverage(StepObserver):
     With `probe` (a GradNormProbe on the same model, attached to the same step) the gradient norms come from
     the probe's host copy, so coverage adds no copy; they arrive when the probe copies (every `probe.every`
     steps). Without a probe, coverage computes the norms of offending parameters itself, only on steps with
-    offending parameters, and queues them in the step's host copy (`on_pack`; one copy of its own at
-    `on_step_end` outside a TrainStep). `latest` is the newest finding, `findings` the
+    offending parameters, and queues them in the step's host copy (one copy of its own at `on_step_end`
+    outside a TrainStep). `latest` is the newest finding, `findings` the
     steps with problems.
     """
 
@@ -108,11 +108,9 @@ class OptimizerCoverage(StepObserver):
             grads = [p.grad for _, p in outside]
             self._norms = torch.stack([n.to(grads[0].device) for n in
                                        torch._foreach_norm(grads, 2, dtype=torch.float32)])
-
-    def on_pack(self, ctx: Any) -> None:
-        """TrainStep event: queue the offending gradient norms (computed without a probe) in the step's copy."""
-        if self._norms is not None:
-            self._slot, self._norms = ctx.packet.add(self._norms), None
+        packet = getattr(ctx, "packet", None)
+        if packet is not None:  # in the step's host copy (outside a TrainStep: copied at on_step_end)
+            self._slot, self._norms = packet.add(self._norms), None
 
     def on_step_end(self, ctx: Any) -> None:
         """TrainStep event: fill in the offending gradient norms (without `on_pack`: one copy of its own)."""

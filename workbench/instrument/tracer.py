@@ -596,8 +596,9 @@ class NonFiniteTracer(StepObserver):
 
     Per step while tracing: `capture` at the step start (cost in `workbench.instrument.replay`), and one check:
     the loss total and grad norm (on the host with the step's result), one multi-tensor reduction over the
-    gradients and the step's shared check over the parameters (`HostPacket.params_nonfinite`), both queued at
-    `on_pack` into the step's one host copy (outside a TrainStep, one reduction and one read of its own). A non-finite step is replayed whole with
+    gradients (queued at `on_after_backward`) and the step's shared check over the parameters
+    (`HostPacket.params_nonfinite`, at `on_pack`), both in the step's host copy (outside a TrainStep, one
+    reduction and one read of its own). A non-finite step is replayed whole with
     `trace_step`; its StepTrace goes to `traces` (and to a run's recorder through `events`), its first
     non-finite tensor to `verdicts`, and the bundle to `save_dir/step_<n>.pt` when `save_dir` is set. Tracing
     stops once the chain is complete: a non-finite value reached the parameters, or a step's guards caught the
@@ -617,7 +618,8 @@ class NonFiniteTracer(StepObserver):
         self.unreproduced: list[int] = []
         self.bundle: ReplayBundle | None = None
         self._complete = False
-        self._checks: tuple[Slot, Slot] | None = None
+        self._grads: Slot | None = None
+        self._checks: list[Slot] | None = None
 
     def detach(self, step: Any | None = None) -> None:
         """Stop observing the attached step (and remove the tracer from `step.observers` when given)."""
@@ -638,15 +640,20 @@ class NonFiniteTracer(StepObserver):
         self.bundle = capture(self._train_step, ctx.batches, ctx.weights, rnnt=ctx.rnnt, mode=ctx.mode,
                               index=ctx.step)
 
+    def on_after_backward(self, ctx: StepContext) -> None:
+        """TrainStep event: queue the gradients' non-finite check (the clip scales them by a finite factor or
+        makes the norm non-finite, and the update leaves them alone, so their finiteness is final here)."""
+        if self.bundle is not None:
+            grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
+            self._grads = ctx.packet.add(nonfinite_flags(grads))
+
     def on_pack(self, ctx: StepContext) -> None:
-        """TrainStep event: queue the gradients' and the parameters' non-finite checks in the step's copy."""
-        if self.bundle is None:
-            return
-        grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
-        self._checks = (ctx.packet.add(nonfinite_flags(grads)), ctx.packet.params_nonfinite(ctx.model))
+        """TrainStep event: queue the parameters' non-finite check (the step's shared one) after the update."""
+        if self.bundle is not None:
+            self._checks = [ctx.packet.params_nonfinite(ctx.model)] + ([self._grads] if self._grads is not None else [])
 
     def on_step_end(self, ctx: StepContext) -> None:
-        checks, self._checks = self._checks, None
+        checks, self._checks, self._grads = self._checks, None, None
         if self.bundle is None or not self._went_nonfinite(ctx, checks):
             return
         if self.save_dir is not None:
@@ -666,7 +673,7 @@ class NonFiniteTracer(StepObserver):
         return [("tracer", {**t.to_dict(), "line": t.findings[0].line()}) for t in self.traces if t.step == step]
 
     @staticmethod
-    def _went_nonfinite(ctx: StepContext, checks: tuple[Slot, Slot] | None) -> bool:
+    def _went_nonfinite(ctx: StepContext, checks: list[Slot] | None) -> bool:
         result = ctx.result
         if not math.isfinite(result.losses.get("total", 0.0)):
             return True
