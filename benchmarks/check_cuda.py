@@ -6,6 +6,10 @@ trial lengths, the others on data_samples/) this prints:
 
 - the fp16 step time, plain and instrumented (GradNormProbe + OptimizerCoverage, one host copy per step), and
   their median ratio;
+- the host syncs per instrumented step (probe, coverage and recorder, as a run has them), fp16 and fp32, seen by
+  `torch.cuda.set_sync_debug_mode("warn")`, by source line: the step's one copy (`workbench/train/host.py`),
+  torch's own (the GradScaler's found-inf read in `GradScaler.step`), the fp32 `skip_step` decision before the
+  update, and the reference model's loss (its label check and RNN-T lengths);
 - the seed_faithful run: first non-finite step, outcome and its causal chain;
 - the corrected run: outcome and its reasons.
 
@@ -19,21 +23,55 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from bench_instrumentation import load_batches, overhead
+from workbench.instrument import GradNormProbe, OptimizerCoverage
 from workbench.model import HybridModel, get_config
-from workbench.records import summarize
+from workbench.model.losses import LossWeights
+from workbench.records import Recorder, RunRecord, summarize
 from workbench.run.cache import ctc_warm_checkpoint
 from workbench.run.joint import run_joint
 from workbench.studies import reproduce
 from workbench.train.checkpoint import load_checkpoint, load_weights
+from workbench.train import StepConfig, TrainStep, build_optimizer
 from workbench.train.device import pick_device, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _where(w: warnings.WarningMessage) -> str:
+    """The warning's source line, from the package folder down (workbench/..., torch/...)."""
+    parts = Path(w.filename).parts
+    start = max((i for i, part in enumerate(parts) if part in ("workbench", "torch")), default=len(parts) - 1)
+    return f"{'/'.join(parts[start:])}:{w.lineno}"
+
+
+def syncs_per_step(model: HybridModel, batches: list, device: torch.device, precision: str) -> tuple[float, Counter]:
+    """Host syncs per instrumented step (GradNormProbe with update ratios, OptimizerCoverage, Recorder; corrected
+    loop) that `torch.cuda.set_sync_debug_mode("warn")` reports, in total and by source line (per step)."""
+    step = TrainStep(model, build_optimizer(model.parameters(), lr=1e-4), StepConfig(precision=precision), device)
+    probe = GradNormProbe(model, update_ratio=True)
+    coverage = OptimizerCoverage(model, probe=probe)
+    for observer in (probe, coverage, Recorder(RunRecord({}), sources=[probe, coverage])):
+        observer.attach(step)
+    weights = LossWeights(ctc=0.3, rnnt=1.0, mode=0.0)
+    step(batches[0], weights)  # warm-up: the GradScaler's lazy scale tensor, the probe's layout
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for batch in batches:
+                step(batch, weights)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    seen = Counter(_where(w) for w in caught if "synchroniz" in str(w.message))
+    return sum(seen.values()) / len(batches), Counter({k: v / len(batches) for k, v in seen.items()})
 
 
 def check(preset: str, args: argparse.Namespace, device: torch.device) -> None:
@@ -55,6 +93,14 @@ def check(preset: str, args: argparse.Namespace, device: torch.device) -> None:
     print(f"  fp16 step (padded T {[b.features.shape[1] for b in batches]}): plain {1000 * plain:.1f} ms, "
           f"instrumented {1000 * probed:.1f} ms; overhead ratio {result['ratio']['a']:.3f} "
           f"(median of {args.rounds} rounds)")
+    if device.type == "cuda":
+        for precision in ("fp16", "fp32"):
+            total, by_line = syncs_per_step(model, batches, device, precision)
+            print(f"  {precision} instrumented step: {total:g} host syncs per step seen by set_sync_debug_mode")
+            for line, count in by_line.most_common():
+                print(f"    {count:g}/step at {line}")
+    else:
+        print("  host syncs: set_sync_debug_mode is CUDA-only (counted on CPU by tests/instrument/test_host_reads.py)")
 
     base = reproduce.seed_run(args.steps)
     for settings in (base, replace(base, name="corrected", semantics="corrected", eval_at_start=False)):
