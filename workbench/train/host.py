@@ -38,10 +38,6 @@ class Slot:
             raise RuntimeError("this value has not crossed to the host yet: read the packet first")
         return self._value
 
-    @property
-    def ready(self) -> bool:
-        return self._value is not None
-
 
 class HostPacket:
     """The device values one optimizer step needs on the host, moved together.
@@ -66,7 +62,8 @@ class HostPacket:
         if not self._queued:
             return
         queued, self._queued = self._queued, []
-        device = queued[0][1].device
+        # Gathered where the values are (an empty check may sit on the CPU beside a model on a GPU).
+        device = next((t.device for _, t in queued if t.numel()), queued[0][1].device)
         dtype = torch.float64 if any(t.dtype == torch.float64 for _, t in queued) else torch.float32
         values = to_host(torch.cat([t.to(device, dtype, non_blocking=True) for _, t in queued]))
         offsets = np.cumsum([0] + [slot.size for slot, _ in queued])

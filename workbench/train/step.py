@@ -260,9 +260,10 @@ class TrainStep:
             return torch.nn.utils.clip_grad_norm_(params, self.config.clip, foreach=True)
         return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
 
-    def update(self, norm: torch.Tensor, norm_slot: Slot, packet: HostPacket) -> bool | Slot:
-        """Apply the optimizer step (through the GradScaler under fp16). Returns whether it was skipped for a
-        non-finite gradient: a bool, or under a GradScaler the slot of its found-inf count (> 0: skipped)."""
+    def update(self, norm: Slot, packet: HostPacket) -> bool | Slot:
+        """Apply the optimizer step (through the GradScaler under fp16); `norm` is the clip's norm, queued in
+        `packet`. Returns whether it was skipped for a non-finite gradient: a bool, or under a GradScaler the slot
+        of its found-inf count (> 0: skipped)."""
         policy = self.config.semantics.nonfinite_policy
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -274,7 +275,7 @@ class TrainStep:
             return found_inf
         if policy in ("skip_step", "stop"):
             packet.read()  # the one read these policies need before the update (see the module docstring)
-            value = float(norm_slot.value[0])
+            value = float(norm.value[0])
             if not math.isfinite(value) and policy == "stop":
                 raise NonFiniteError(f"step {self.step_index}: non-finite gradient norm {value}")
             if not math.isfinite(value):
@@ -350,7 +351,7 @@ class TrainStep:
             monitor.after("clip", norm=norm)
             norm_slot = packet.add(norm)
             with monitor.phase("update"):
-                update_skipped = self.update(norm, norm_slot, packet)
+                update_skipped = self.update(norm_slot, packet)
             monitor.after("update")
 
         self._notify("on_pack", ctx)
@@ -364,10 +365,9 @@ class TrainStep:
             grad_norm = float(norm_slot.value[0])
             if self.config.clip is not None:
                 clip_coef = math.nan if math.isnan(grad_norm) else min(1.0, self.config.clip / (grad_norm + 1e-6))
-        if isinstance(scale, Slot):
-            scale = float(scale.value[0])
+        scale_value = float(scale.value[0]) if isinstance(scale, Slot) else scale
         result = StepResult(self.step_index, dict(zip(totals, loss_slot.value.tolist())), skipped, reason, grad_norm,
-                            scale, (time.perf_counter() - t0) * 1000.0, clip_coef)
+                            scale_value, (time.perf_counter() - t0) * 1000.0, clip_coef)
         ctx.result = result
         self._notify("on_step_end", ctx)
         return result
