@@ -103,3 +103,11 @@ def test_real_search_on_tiny_resumes_from_its_finished_runs(ctc_checkpoint, tmp_
     again = search_boundaries(tmp_path / "b", ctc_checkpoint, SAMPLE, search, cells, workers=1)
     assert again["cells"] == first["cells"]
     assert {p: p.stat().st_mtime_ns for p in logs} == stamps  # nothing recomputed
+
+
+def test_seed_faithful_cells_keep_the_optimizer_at_the_unfreeze():
+    search = Search(steps=4, seeds=(0,))
+    kept = make_plan(grid(search, Cell("freeze_params", 2, "seed_faithful"), 1e-3)).runs.values()
+    rebuilt = make_plan(grid(search, Cell("freeze_params", 2, "corrected"), 1e-3)).runs.values()
+    assert [s.rebuild_at_unfreeze for s in kept] == [False] and [s.rebuild_at_unfreeze for s in rebuilt] == [True]
+    assert "optimizer kept" in Cell("freeze_params", 2, "seed_faithful").label

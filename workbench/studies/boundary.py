@@ -48,7 +48,8 @@ SIZES: dict[str, dict[str, Any]] = {
 @dataclass(frozen=True, order=True)
 class Cell:
     """One boundary: a policy, a freeze length N, loop semantics, a precision and a step budget. `seed_faithful`
-    keeps the CTC stage's optimizer into the joint stage (the seed's loop); `corrected` rebuilds it."""
+    is the seed's loop with its optimizer kept (the CTC stage's into the joint stage, and at the unfreeze: the
+    decoder trains outside it); `corrected` rebuilds it at both."""
 
     policy: str
     freeze_steps: int
@@ -62,7 +63,8 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return (f"{self.policy}, N={self.freeze_steps}, {self.semantics}, {self.precision}, "
+        loop = "seed_faithful (optimizer kept)" if self.semantics == "seed_faithful" else self.semantics
+        return (f"{self.policy}, N={self.freeze_steps}, {loop}, {self.precision}, "
                 f"{'equal steps after the unfreeze' if self.budget == 'after_unfreeze' else 'equal total steps'}")
 
 
@@ -106,6 +108,7 @@ def grid(search: Search, cell: Cell, lr: float) -> SweepGrid:
         raise ValueError(f"{cell.label}: a total budget of {total} steps leaves none after N={cell.freeze_steps}")
     return SweepGrid(freeze_steps=[cell.freeze_steps], lr=[lr], policy=[cell.policy], seed=list(search.seeds),
                      semantics=[cell.semantics], precision=[cell.precision], steps=steps,
+                     rebuild_at_unfreeze=[cell.semantics != "seed_faithful"],
                      batch_size=search.batch_size, controls=False, fixed=dict(search.fixed))
 
 
