@@ -31,8 +31,9 @@ CRITERIA: dict[str, str] = {
                       "optimizer (coverage instrument); and the losses of that step and the next K are finite",
     "stable_after_unfreeze": "the loss stays stable after unfreezing: from the decoder's first trainable step to the "
                              "end, every loss term and parameter is finite and no term exceeds `explode_factor` "
-                             "times its value at that step (computed before the decoder's first update; the same "
-                             "reference for every N)",
+                             "times its reference: the median of the term over `explode_window` steps up to that step "
+                             "(computed before the decoder's first update; filled up with the steps after it when "
+                             "fewer came before, as with N = 0), never below `explode_floor`",
     "per_vs_control": "final validation PER (greedy CTC) no worse than the CTC-only control with the same lr, "
                       "precision, clipping, optimizer, loop semantics and seed (PER <= control PER + tolerance, the "
                       "tolerance being the spread (max - min) of the controls' PER over the sweep's seeds; a "
@@ -49,24 +50,32 @@ PANEL_AXES: tuple[str, ...] = tuple(a for a in AXES[:-2] if a != "seed")
 
 @dataclass(frozen=True)
 class Rule:
-    """Parameters of the criteria: K steps after the unfreeze and the explosion factor. The PER tolerance is not a
-    parameter: it is measured from the controls' spread over seeds (`per_tolerances`)."""
+    """Parameters of the criteria: K steps after the unfreeze, the explosion factor, the explosion reference's
+    window (steps) and floor (loss units). The PER tolerance is not a parameter: it is measured from the controls' spread over seeds (`per_tolerances`)."""
 
     k_after: int = 5
     explode_factor: float = 10.0
+    explode_window: int = 5
+    explode_floor: float = 0.1
 
     def __post_init__(self) -> None:
         if self.k_after < 1:
             raise ValueError(f"k_after: expected a positive number of steps, got {self.k_after}")
         if not self.explode_factor > 1:
             raise ValueError(f"explode_factor: expected a factor above 1, got {self.explode_factor}")
+        if self.explode_window < 1:
+            raise ValueError(f"explode_window: expected a positive number of steps, got {self.explode_window}")
+        if not (self.explode_floor >= 0 and math.isfinite(self.explode_floor)):
+            raise ValueError(f"explode_floor: expected a finite loss >= 0, got {self.explode_floor}")
 
     def describe(self) -> dict[str, str]:
         """The criteria with this rule's numbers filled in."""
         text = dict(CRITERIA)
         text["clean_unfreeze"] = text["clean_unfreeze"].replace("next K", f"next K = {self.k_after}")
-        text["stable_after_unfreeze"] = text["stable_after_unfreeze"].replace(
-            "`explode_factor` times", f"{self.explode_factor:g} times")
+        text["stable_after_unfreeze"] = (text["stable_after_unfreeze"]
+                                         .replace("`explode_factor` times", f"{self.explode_factor:g} times")
+                                         .replace("`explode_window` steps", f"{self.explode_window} steps")
+                                         .replace("`explode_floor`", f"{self.explode_floor:g}"))
         return text
 
 
@@ -85,22 +94,27 @@ def attach_step(settings: Mapping[str, Any]) -> int:
 
 
 def explosion(record: RunRecord, rule: Rule) -> dict[str, Any] | None:
-    """The first (step, term) whose finite loss exceeds `explode_factor` times its reference, or None.
+    """The first (step, term) at or after the decoder's first trainable step whose finite loss exceeds
+    `explode_factor` times its reference, or None.
 
-    The reference of a term is its value at the decoder's first trainable step, which is computed before the
-    decoder's first update: one definition for every N.
+    The reference of a term is the median of its finite values over `explode_window` steps: the last ones up to
+    and including the decoder's first trainable step (computed before the decoder's first update), filled up with
+    the steps right after it where the run has fewer before (N = 0); never below `explode_floor`, so a term that has
+    fallen near zero (a CTC loss of 0.01) does not make one batch's ordinary value (0.1) an explosion.
     """
     a = attach_step(record.settings)
     found = []
     for term, values in record.losses.items():
         if term == "total":
             continue
-        after = [(i + 1, v) for i, v in enumerate(values) if i + 1 >= a and v is not None]
-        if not after or not _finite(after[0][1]) or after[0][1] <= 0:
+        steps = [(i + 1, v) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+        before = [v for step, v in steps if step <= a][-rule.explode_window:]
+        window = before + [v for step, v in steps if step > a][:rule.explode_window - len(before)]
+        if not window:
             continue
-        reference = after[0][1]
-        for step, v in after:
-            if math.isfinite(v) and v > rule.explode_factor * reference:
+        reference = max(statistics.median(window), rule.explode_floor)
+        for step, v in steps:
+            if step >= a and v > rule.explode_factor * reference:
                 found.append({"step": step, "term": term, "value": v, "reference": reference})
                 break
     return min(found, key=lambda e: e["step"], default=None)
