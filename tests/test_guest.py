@@ -20,7 +20,8 @@ CELLS = [
     "backend_before = plt.get_backend()",
     # Every module of the package, as a user exploring it would import them.
     "import importlib, pkgutil, workbench\n"
-    "modules = [m.name for m in pkgutil.walk_packages(workbench.__path__, 'workbench.') if m.name != 'workbench.__main__']\n"
+    "modules = [m.name for m in pkgutil.walk_packages(workbench.__path__, 'workbench.')\n"
+    "           if m.name != 'workbench.__main__']\n"
     "for name in modules:\n"
     "    importlib.import_module(name)",
     "from workbench.views.notebook import setup\n"

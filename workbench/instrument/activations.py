@@ -2,9 +2,9 @@
 
 Each hooked module's output (its first tensor, for modules returning tuples such as LSTM) is reduced on the
 device in float32 and accumulated into a preallocated (M, 3) device buffer; under a TrainStep the buffer is
-queued in the step's own host copy (`on_pack`), without one `collect()` copies it (one copy). A module called several times in a step (micro-batches,
-a predictor run per decoding step) contributes every call: max over calls, RMS over all their entries, counts
-summed. Forwards with gradients disabled (validation under no_grad/inference_mode) are not recorded unless
+queued in the step's own host copy (at `on_after_backward`), without one `collect()` copies it (one copy). A
+module called several times in a step (micro-batches, a predictor run per decoding step) contributes every call:
+max over calls, RMS over all their entries, counts summed. Forwards with gradients disabled (validation under no_grad/inference_mode) are not recorded unless
 `include_no_grad=True`, so evaluation between steps does not leak into the next step's statistics.
 """
 

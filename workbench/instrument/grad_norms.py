@@ -166,9 +166,10 @@ class GradNormProbe(StepObserver):
     """Per-step gradient norms, max |g| and non-finite counts per parameter, per group and globally.
 
     As a TrainStep observer (`probe.attach(step)` or `with probe.attached(step):`) it computes at
-    `on_after_backward` and, every `every` steps, queues the pending steps in the step's host copy at `on_pack`
-    (decoded at `on_step_end`). Without TrainStep call `collect()` after your own backward. After each copy `latest` holds
-    the newest StepStats and `history` all of them; `records()` flattens one for a run log.
+    `on_after_backward` and, every `every` steps, queues the pending steps there in the step's host copy (the
+    update ratio follows at `on_pack`; decoded at `on_step_end`). Without TrainStep call `collect()` after your
+    own backward. After each copy `latest` holds the newest StepStats and `history` all of them; `records()`
+    flattens one for a run log.
 
     groups: a ParamGroups, a mapping of group name -> pattern(s) for `groups_from_patterns`, or None for
     `default_groups(model)`. update_ratio: also record per group ||w_after - w_before|| / ||w_before|| across
