@@ -1,7 +1,9 @@
 """The contract every instrument follows: an observer of at most one TrainStep at a time, removable.
 
 An instrument reacts to some of TrainStep's events (`on_step_start`, `on_losses`, `on_after_backward`,
-`on_step_end`) and may offer what a run's recorder reads after each step: `row(step)`, the flat per-step values
+`on_pack`, `on_step_end`); what it needs on the host it queues in the step's `ctx.packet` (at `on_after_backward`
+when it is known by then, else at `on_pack`) and reads at `on_step_end`, so the step makes one host copy for
+all of them. It may offer what a run's recorder reads after each step: `row(step)`, the flat per-step values
 it measured for that step (empty when it measured nothing there), and `events(step)`, the (table, row) event
 records it produced at that step. Adding an instrument is one class here in `instrument/` with these methods.
 """
