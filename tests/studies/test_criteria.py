@@ -5,7 +5,7 @@ import math
 from workbench.records import RunRecord
 from workbench.run.settings import RunSettings
 from workbench.studies.criteria import (
-    Rule, attach_step, explosion, format_table, run_summary, stability_map, verdict,
+    AXES, Rule, attach_step, explosion, format_table, run_summary, stability_map, verdict,
 )
 
 
@@ -112,3 +112,16 @@ def test_the_stability_map_keeps_the_seeds_of_a_point_in_one_cell():
 def test_format_table():
     text = format_table([{"a": 1.23456, "b": None, "c": True}], ["a", "b", "c"])
     assert text.splitlines()[2].split() == ["1.235", "-", "yes"]
+
+
+def test_median_final_per_by_n_is_set_against_controls_of_the_same_length():
+    from workbench.studies.criteria import conclusions
+
+    recs = {"n0": record(STEADY, policy="none", val_per=0.4), "n2": record(STEADY, events=UNFREEZE, val_per=0.2),
+            "c4": record(STEADY[:4], ctc_only=True, val_per=0.5), "c6": record(STEADY, ctc_only=True, val_per=0.1)}
+    summaries = {k: run_summary(r, Rule()) for k, r in recs.items()}
+    verdicts = {k: verdict(r, None, Rule()) for k, r in recs.items()}
+    cells = [{"axes": {**{a: None for a in AXES}, "freeze_steps": 0, "lr": 1e-3}, "run": "n0", "control": "c4"},
+             {"axes": {**{a: None for a in AXES}, "freeze_steps": 2, "lr": 1e-3}, "run": "n2", "control": "c6"}]
+    line = next(x for x in conclusions(cells, summaries, verdicts) if x.startswith("Median final"))
+    assert "N=0: 0.400 (control of the same length 0.500), N=2: 0.200 (control of the same length 0.100)" in line

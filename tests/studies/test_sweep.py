@@ -57,16 +57,26 @@ def test_grid_points_that_are_the_same_run_share_one_deterministic_id():
           if c["axes"]["freeze_steps"] == 3}
     assert n3[("freeze_params", True, 1e-3)] != n3[("freeze_params", False, 1e-3)]
     assert n3[("loss_ramp", True, 1e-3)] == n3[("loss_ramp", False, 1e-3)]
-    assert len(plan.controls) == 2 and all(plan.runs[c].ctc_only for c in plan.controls)
-    # every run trains the decoder for `steps` after its unfreeze; a control trains as long as the longest run
+    # one control per lr and run length (3 and 6 steps): a CTC-only run never depends on the decoder's axes
+    assert len(plan.controls) == 4 and all(plan.runs[c].ctc_only for c in plan.controls)
+    # every run trains the decoder for `steps` after its unfreeze, and its control exactly as many steps
     expected = {(True, "freeze_params", 3): 6, (True, "loss_ramp", 3): 3, (True, "none", 0): 3}
-    for s in plan.runs.values():
-        if s.ctc_only:
-            assert s.steps == 6
-        else:
-            assert s.steps == expected[(True, s.policy, s.freeze_steps)], s
+    for cell in plan.cells:
+        s = plan.runs[cell["run"]]
+        assert s.steps == expected[(True, s.policy, s.freeze_steps)], s
+        assert plan.runs[cell["control"]].steps == s.steps
     assert list(make_plan(grid).runs) == list(plan.runs)
     assert all(run_id(s) == rid and s.name == rid for rid, s in plan.runs.items())
+
+
+def test_the_control_measures_the_attach_step_of_its_run():
+    grid = SweepGrid(freeze_steps=[0, 3], fixed={"eval_after_attach": 2}, **{k: v for k, v in TINY.items()
+                                                                             if k != "lr"}, lr=1e-3)
+    plan = make_plan(grid)
+    for cell in plan.cells:
+        run, control = plan.runs[cell["run"]], plan.runs[cell["control"]]
+        # the run measures at step N + 2 (its attach step N + 1, plus 1); the control at that same step
+        assert control.eval_after_attach == run.freeze_steps + 2 and control.steps == run.steps
 
 
 def test_incomplete_log_is_redone_and_finished_log_kept(checkpoint, tmp_path):
@@ -254,3 +264,22 @@ def test_bad_sweep_arguments_exit_2_with_one_line(checkpoint, tmp_path, capsys, 
 def test_missing_checkpoint_exits_2(tmp_path, capsys):
     rc = main(["sweep", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(SAMPLE), "--out", str(tmp_path)])
     assert rc == 2 and capsys.readouterr().err.startswith("error: --checkpoint:")
+
+
+def test_freeze_length_rows_compare_each_run_with_its_step_matched_control():
+    from workbench.studies.freeze_lengths import aggregate, conclusions
+
+    def m(after, final):
+        return {"ctc_per_after_attach": after, "val_per": final, "val_rnnt_per": 1.0, "rnnt_loss_end": 1.0,
+                "steps_to_target": None, "diverged": False}
+
+    # N=100 looks better right after attaching (0.116 vs 0.138), but only as good as its control at step 105
+    measured = {"a0": m(0.138, 0.2), "a100": m(0.116, 0.2), "c5": m(0.14, 0.3), "c105": m(0.116, 0.25)}
+    axes = {"policy": "freeze_and_mute", "lr": 1e-5}
+    cells = [{"axes": {**axes, "freeze_steps": 0}, "run": "a0", "control": "c5"},
+             {"axes": {**axes, "freeze_steps": 100}, "run": "a100", "control": "c105"}]
+    rows = aggregate(cells, measured)
+    assert [r["ctc_per_after_attach_vs_control"]["median"] for r in rows] == pytest.approx([-0.002, 0.0])
+    assert [r["control_ctc_per_after_attach"]["median"] for r in rows] == [0.14, 0.116]
+    text = " ".join(conclusions(rows, "test"))
+    assert "N=100 0.116 (0.116)" in text and "final CTC PER (its control trained as many steps)" in text

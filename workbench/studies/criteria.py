@@ -35,7 +35,7 @@ CRITERIA: dict[str, str] = {
                              "(computed before the decoder's first update; filled up with the steps after it when "
                              "fewer came before, as with N = 0), never below `explode_floor`",
     "per_vs_control": "final validation PER (greedy CTC) no worse than the CTC-only control with the same lr, "
-                      "precision, clipping, optimizer, loop semantics and seed (PER <= control PER + tolerance, the "
+                      "precision, clipping, optimizer, loop semantics, seed and number of steps (PER <= control PER + tolerance, the "
                       "tolerance being the spread (max - min) of the controls' PER over the sweep's seeds; a "
                       "control whose parameters went non-finite has no PER and counts as worse)",
     "all_steps_complete": "all steps complete: the run log is finished, every step is logged, and the final "
@@ -461,14 +461,18 @@ def conclusions(cells: Sequence[Mapping[str, Any]], summaries: Mapping[str, Mapp
         for name in CRITERIA)
     lines.append(f"All five success criteria held in {len(passed)} of {len(runs)} runs; per criterion: "
                  f"{per_criterion}.")
-    pers = {n: [summaries[r]["val_per"] for r in {c['run'] for c in cells if c['axes']['freeze_steps'] == n}
-                if summaries[r]["val_per"] is not None] for n in freeze_lengths}
-    controls = sorted({c["control"] for c in cells if c.get("control")})
-    control_pers = [summaries[c]["val_per"] for c in controls if c in summaries and summaries[c]["val_per"] is not None]
-    per_parts = [f"N={n}: {statistics.median(v):.3f}" for n, v in pers.items() if v]
+    per_parts = []
+    for n in freeze_lengths:
+        members = [c for c in cells if c["axes"]["freeze_steps"] == n]
+        pers = [summaries[r]["val_per"] for r in {c["run"] for c in members} if summaries[r]["val_per"] is not None]
+        controls = {c["control"] for c in members if c.get("control") and c["control"] in summaries}
+        control_pers = [summaries[c]["val_per"] for c in controls if summaries[c]["val_per"] is not None]
+        if pers:
+            part = f"N={n}: {statistics.median(pers):.3f}"
+            if control_pers:
+                part += f" (control of the same length {statistics.median(control_pers):.3f})"
+            per_parts.append(part)
     if per_parts:
-        text = "Median final validation PER by N: " + ", ".join(per_parts)
-        if control_pers:
-            text += f"; CTC-only controls: {statistics.median(control_pers):.3f}"
-        lines.append(text + ".")
+        lines.append("Median final validation PER by N, each against CTC-only controls trained as many steps: "
+                     + ", ".join(per_parts) + ".")
     return lines

@@ -67,7 +67,8 @@ def _stats(values: Sequence[float | None]) -> dict[str, Any]:
 
 def aggregate(cells: Sequence[Mapping[str, Any]], measured: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per (policy, lr, N) over the seeds: each measure's median, min, max and count, the divergences,
-    and the CTC-only controls' validation PER at the same lr."""
+    the step-matched CTC-only controls' PER after attaching (at the same step N + k) and at the end (as many
+    steps), and each run's difference from its own control (same seed): `*_vs_control`."""
     rows: dict[tuple, dict[str, Any]] = {}
     for cell in cells:
         m = measured.get(cell["run"])
@@ -79,6 +80,7 @@ def aggregate(cells: Sequence[Mapping[str, Any]], measured: Mapping[str, Mapping
                                     "runs": [], "controls": []})
         if cell["run"] not in row["runs"]:
             row["runs"].append(cell["run"])
+            row.setdefault("pairs", []).append((cell["run"], cell.get("control")))
         if cell.get("control") and cell["control"] not in row["controls"]:
             row["controls"].append(cell["control"])
     out = []
@@ -89,8 +91,17 @@ def aggregate(cells: Sequence[Mapping[str, Any]], measured: Mapping[str, Mapping
         row["diverged"] = sum(m["diverged"] for m in ms)
         row["reached"] = sum(m["steps_to_target"] is not None for m in ms)
         row["control_val_per"] = _stats([measured[c]["val_per"] for c in row["controls"] if c in measured])
+        row["control_ctc_per_after_attach"] = _stats([measured[c]["ctc_per_after_attach"] for c in row["controls"]
+                                                      if c in measured])
+        pairs = [(measured[r], measured[c]) for r, c in row.pop("pairs") if c in measured]
+        for key in ("ctc_per_after_attach", "val_per"):
+            row[f"{key}_vs_control"] = _stats([_minus(m[key], c[key]) for m, c in pairs])
         out.append(row)
     return sorted(out, key=lambda r: (r["policy"], r["lr"], r["freeze_steps"]))
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def fmt_stats(stats: Mapping[str, Any], digits: int = 3) -> str:
@@ -126,11 +137,12 @@ def conclusions(rows: Sequence[Mapping[str, Any]], scope: str) -> list[str]:
             diverged = sum(r["diverged"] for r in group)
             head = f"{policy}, lr {lr:g} ({runs} runs):"
             parts = [f"{diverged}/{runs} diverged"]
-            parts.append("CTC val PER after the decoder attached: " + ", ".join(
-                f"N={r['freeze_steps']} {fmt_stats(r['ctc_per_after_attach'])}" for r in group))
-            control = group[0]["control_val_per"]
-            if control["median"] is not None:
-                parts.append(f"CTC-only control's final PER {fmt_stats(control)}")
+            parts.append("CTC val PER after the decoder attached (step N+k; its CTC-only control at the same step): "
+                         + ", ".join(f"N={r['freeze_steps']} {fmt_stats(r['ctc_per_after_attach'])} "
+                                     f"({fmt_stats(r['control_ctc_per_after_attach'])})" for r in group))
+            parts.append("final CTC PER (its control trained as many steps): " + ", ".join(
+                f"N={r['freeze_steps']} {fmt_stats(r['val_per'])} ({fmt_stats(r['control_val_per'])})"
+                for r in group))
             parts.append("final RNN-T greedy PER: " + ", ".join(
                 f"N={r['freeze_steps']} {fmt_stats(r['val_rnnt_per'])}" for r in group))
             parts.append("steps to halve the RNN-T loss: " + ", ".join(
@@ -139,14 +151,16 @@ def conclusions(rows: Sequence[Mapping[str, Any]], scope: str) -> list[str]:
             out.append(f"{head} " + "; ".join(parts) + ".")
             first, last = group[0], group[-1]
             effects = []
-            for key, what in (("ctc_per_after_attach", "the CTC PER right after the decoder attached"),
-                              ("val_rnnt_per", "the final RNN-T PER")):
+            for key, what in (("ctc_per_after_attach_vs_control", "the CTC PER right after the decoder attached, "
+                                                                  "minus its step-matched control's"),
+                              ("val_rnnt_per", "the final RNN-T PER (equal steps after the unfreeze)")):
                 sign = _apart(last[key], first[key])
                 if sign:
                     effects.append(f"{what} was {'higher' if sign > 0 else 'lower'} with N={last['freeze_steps']} "
                                    f"than with N={first['freeze_steps']} in every seed")
             out.append(f"{head} " + ("; ".join(effects) if effects else
                                      f"N={last['freeze_steps']} and N={first['freeze_steps']} differed by less than "
-                                     f"the seeds' spread in the CTC PER after attaching and the final RNN-T PER")
+                                     f"the seeds' spread in the CTC PER after attaching (against its step-matched "
+                                     f"control) and the final RNN-T PER")
                        + ".")
     return out

@@ -5,7 +5,7 @@ Every axis value is checked by the setting's own check (`workbench.run.settings`
 `workbench run` and the notebooks accept. Grid points that are the same run share one run id: with N = 0 every
 policy is the plain joint stage, and the rebuild-at-unfreeze switch exists only for a policy that freezes. Every
 run trains the decoder for the grid's `steps` after its first trainable step, so a run frozen for N steps has
-N + steps steps. A run id carries a stamp of the package's code, so a resumed sweep never mixes in logs that older
+N + steps steps, and its CTC-only control as many (equal budgets). A run id carries a stamp of the package's code, so a resumed sweep never mixes in logs that older
 code wrote.
 """
 
@@ -57,8 +57,8 @@ def _axis(name: str, values: Any) -> tuple:
 class SweepGrid:
     """The axes of a sweep: each sweepable run setting (`settings.axes()`) takes a value or a list; axes not
     given take `DEFAULT_AXES` or the setting's default. `steps` is the number of joint steps after the decoder's
-    first trainable step (a run frozen for N steps has N + steps); `controls` adds the CTC-only control runs, which
-    have as many steps as the longest run; `fixed` sets run settings that are not axes (e.g. eval_after_attach)."""
+    first trainable step (a run frozen for N steps has N + steps); `controls` adds the CTC-only control runs, one per
+    run length, each step-matched to its runs (`control_settings`); `fixed` sets run settings that are not axes (e.g. eval_after_attach)."""
 
     def __init__(self, *, steps: int = 20, batch_size: int = 4, controls: bool = True,
                  fixed: Mapping[str, Any] | None = None, **axis_values: Any) -> None:
@@ -87,11 +87,6 @@ class SweepGrid:
             return axes_[name]
         raise AttributeError(name)
 
-    @property
-    def total_steps(self) -> int:
-        """The steps of the longest run (and of every control)."""
-        return max(self.axes["freeze_steps"]) + self.steps
-
     def points(self) -> Iterator[dict[str, Any]]:
         """Grid points as axis dicts, slice axes outermost and N innermost (a family of N finishes together)."""
         for values in itertools.product(*(self.axes[a] for a in GRID_ORDER)):
@@ -115,11 +110,16 @@ def joint_settings(grid: SweepGrid, point: Mapping[str, Any]) -> RunSettings:
 
 
 def control_settings(grid: SweepGrid, point: Mapping[str, Any]) -> RunSettings:
-    """The CTC-only control of a grid point: the RNN-T decoder is never attached, so the decoder's axes do not
-    exist for it; everything else is the grid point's."""
+    """The CTC-only control of a grid point, step-matched to its run: the RNN-T decoder is never attached, so the
+    decoder's axes do not exist for it; it trains as many steps as the grid point's run (its final PER is compared
+    at an equal budget), and where the run measures the validation PER `eval_after_attach` steps after the
+    decoder's first trainable step (step N + k), the control measures it at the same step N + k."""
+    joint = joint_settings(grid, point)
     values = {k: v for k, v in point.items() if k not in DECODER_AXES}
-    fixed = {k: v for k, v in grid.fixed.items() if k not in ("eval_after_attach",)}
-    return RunSettings(steps=grid.total_steps, batch_size=grid.batch_size, ctc_only=True, **fixed, **values)
+    fixed = dict(grid.fixed)
+    if fixed.get("eval_after_attach"):
+        fixed["eval_after_attach"] += make_policy(joint.policy, joint.freeze_steps).attach_step - 1
+    return RunSettings(steps=joint.steps, batch_size=grid.batch_size, ctc_only=True, **fixed, **values)
 
 
 def _label(name: str, value: Any) -> str:
