@@ -111,3 +111,17 @@ def test_seed_faithful_cells_keep_the_optimizer_at_the_unfreeze():
     rebuilt = make_plan(grid(search, Cell("freeze_params", 2, "corrected"), 1e-3)).runs.values()
     assert [s.rebuild_at_unfreeze for s in kept] == [False] and [s.rebuild_at_unfreeze for s in rebuilt] == [True]
     assert "optimizer kept" in Cell("freeze_params", 2, "seed_faithful").label
+
+
+def test_the_frontier_figure_has_one_panel_per_semantics_precision_and_budget():
+    from workbench.views.plots import boundary_figure
+
+    results = []
+    for cell in (Cell("freeze_params", 0), Cell("freeze_and_mute", 6), Cell("freeze_params", 6, "seed_faithful"),
+                 Cell("freeze_params", 0, precision="fp32")):
+        state = CellState(cell)
+        state.probes = {1e-3: _runs("healthy", "healthy", "healthy"), 1.0: _runs("diverged", "stalled", "healthy")}
+        results.append(state.result())
+    fig = boundary_figure(results, title="t")
+    assert len(fig.axes) == 3
+    assert all(ax.get_yscale() == "log" for ax in fig.axes)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib
+import matplotlib.lines
 import matplotlib.patches
 # Figures are drawn on `Figure` objects with their own canvas: no global backend is chosen, so importing this
 # module leaves the user's pyplot (an inline notebook backend) as it was.
@@ -187,6 +188,58 @@ def chain_figure(record: RunRecord, chain: Sequence[Mapping], *, title: str = ""
     ax_text.axis("off")
     text = "\n".join(_wrap(link["line"], 170) for link in chain) or "nothing was non-finite"
     ax_text.text(0.0, 1.0, text, va="top", ha="left", fontsize=7, family="monospace", transform=ax_text.transAxes)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def boundary_figure(results: Sequence[Mapping], *, title: str = "") -> Figure:
+    """The stability boundary as a picture: freeze length N on the x axis, lr (log) on the y axis, one panel per
+    loop semantics, precision and budget, the policies side by side within each N.
+
+    `results` are `studies.boundary` cell results. Each probed lr shows one dot per seed in its outcome's colour;
+    a bar spans the cell's boundary interval, from the largest lr healthy in every seed to the smallest lr where
+    some seed was not (the seeds' spread plus the search's resolution); a line joins the bars' lower ends per
+    policy (the healthy frontier); a cross marks the smallest lr where some seed diverged.
+    """
+    keys = sorted({(r["semantics"], r["precision"], r["budget"]) for r in results})
+    fig = Figure(figsize=(5.2 * max(1, len(keys)), 4.6), layout="constrained")
+    axes = fig.subplots(1, max(1, len(keys)), squeeze=False)[0]
+    policies = sorted({r["policy"] for r in results})
+    markers = "os^Dv"
+    for ax, key in zip(axes, keys):
+        members = [r for r in results if (r["semantics"], r["precision"], r["budget"]) == key]
+        ns = sorted({r["freeze_steps"] for r in members})
+        for k, policy in enumerate(policies):
+            offset = (k - (len(policies) - 1) / 2) * 0.18
+            frontier = []
+            for r in sorted((r for r in members if r["policy"] == policy), key=lambda r: r["freeze_steps"]):
+                x = ns.index(r["freeze_steps"]) + offset
+                for probe in r["probes"]:
+                    for j, run in enumerate(probe["runs"]):
+                        ax.plot(x + (j - 1) * 0.04, probe["lr"], markers[k % len(markers)], ms=5,
+                                color=OUTCOME_COLORS.get(run["outcome"], "#000000"), mec="#333333", mew=0.4)
+                lo, hi = r["lr_healthy_max"], r["lr_unhealthy_min"]
+                if lo is not None and hi is not None:
+                    ax.plot([x, x], [lo, hi], "-", color="#333333", lw=2.5, alpha=0.5)
+                if lo is not None:
+                    frontier.append((x, lo))
+                if r["lr_diverged_min"] is not None:
+                    ax.plot(x, r["lr_diverged_min"], "x", color="#d7301f", ms=11, mew=2)
+            if frontier:
+                ax.plot(*zip(*frontier), "-", color="#333333", lw=1, label=f"{policy}: healthy in every seed up to")
+        ax.set_xticks(range(len(ns)), [f"N={n}" for n in ns])
+        ax.set_yscale("log")
+        ax.set_ylabel("learning rate")
+        semantics, precision, budget = key
+        loop = "seed_faithful (optimizer kept)" if semantics == "seed_faithful" else semantics
+        ax.set_title(f"{loop}, {precision}\n{budget.replace('_', ' ')} budget", fontsize=9)
+    handles = [matplotlib.lines.Line2D([], [], marker="o", ls="", color=c, label=k)
+               for k, c in OUTCOME_COLORS.items()]
+    handles += [matplotlib.lines.Line2D([], [], marker=markers[k % len(markers)], ls="", color="#777777", label=p)
+                for k, p in enumerate(policies)]
+    handles.append(matplotlib.lines.Line2D([], [], marker="x", ls="", color="#d7301f", label="smallest lr diverged"))
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     if title:
         fig.suptitle(title)
     return fig
