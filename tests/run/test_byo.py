@@ -90,7 +90,9 @@ def test_default_and_prefix_groups():
         assert list(session.probe.latest.group_norm) == ["encoder", "head"]
     with instrument(model, optimizer, ce_loss, groups=["encoder", "re:weight"], trace=False) as session:
         session.step(gru_batch(0))
-        assert list(session.probe.latest.group_norm) == ["encoder", "re:weight"]
+        # head.bias is in neither pattern: it still belongs to a group, so its updates are checked
+        assert list(session.probe.latest.group_norm) == ["encoder", "re:weight", "(other)"]
+        assert session.probe.groups["(other)"] == ["head.bias"]
     with pytest.raises(ValueError, match="matches no parameter"):
         instrument(model, optimizer, ce_loss, groups=["decoder"])
 
@@ -291,3 +293,63 @@ def test_own_loop_with_the_probe_alone():
     scaler.update()
     assert stats.scale == 256.0
     assert stats.group_norm["encoder"] == pytest.approx(expected["encoder"], rel=1e-5)
+
+
+class RootScaled(nn.Module):
+    """A head plus a temperature registered on the root itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+        self.temperature = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 4) -> logits (B, 3)."""
+        return self.head(x) / self.temperature
+
+
+def test_updates_are_measured_and_root_parameters_have_a_group():
+    from workbench.records.outcome import classify
+
+    model = RootScaled()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    with instrument(model, optimizer, ce_loss, trace=False) as session:
+        for _ in range(3):
+            session.step((torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)))
+    assert session.probe.groups["(root)"] == ["temperature"]
+    ratios = session.record.prefixed("update_ratio")
+    assert set(ratios) == {"head", "(root)"} and all(v > 0 for v in ratios["(root)"])
+    assert classify(session.record).kind != "unknown"
+
+
+def test_a_root_parameter_left_out_of_the_optimizer_is_not_updated():
+    model = RootScaled()
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-2)  # the temperature was forgotten
+    g = torch.Generator().manual_seed(0)
+    with instrument(model, optimizer, ce_loss, trace=False) as session:
+        for _ in range(3):
+            session.step((torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)))
+    assert session.record.values("not_updated/(root)") == [1, 1, 1]
+    assert session.record.values("update_ratio/(root)") == [0.0, 0.0, 0.0]
+
+
+def test_api_errors_say_what_was_wrong():
+    class Parameterless(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    with pytest.raises(ValueError, match="Parameterless has no parameters"):
+        instrument(Parameterless(), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), ce_loss)
+    with pytest.raises(TypeError, match=r"returned int 3: expected a 0-d floating tensor"):
+        loss_terms(3)
+    with pytest.raises(TypeError, match=r"returned NoneType None"):
+        loss_terms(None)
+    with pytest.raises(TypeError, match=r"dtype torch.int64: expected a floating dtype"):
+        loss_terms(torch.tensor(3))
+    with pytest.raises(TypeError, match=r"term 'ce' is str"):
+        loss_terms({"ce": "x"})
+    model = GRUClassifier()
+    with instrument(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: None, trace=False) as s:
+        with pytest.raises(TypeError, match="NoneType None"):
+            s.step(gru_batch(0))

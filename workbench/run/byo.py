@@ -19,7 +19,7 @@ the probes. Your loss function takes `(model, batch)` and returns a scalar tenso
             result = s.step((torch.randn(16, 8), torch.randint(0, 3, (16,))))
     print(s.probe.latest.group_norm, s.summary()["first_nonfinite_loss_step"])
 
-Each step records the gradient norm, max |g| and non-finite count per group (before clipping, after
+Each step records the gradient norm, max |g|, non-finite count and update ratio per group (before clipping, after
 unscaling), checks that the optimizer holds every trainable parameter with a gradient, optionally records
 activation statistics, and on the first non-finite step replays it and names the first non-finite tensor and
 the op that produced it. Everything goes to `s.record` (a `workbench.records.RunRecord`) and, with `log_path`,
@@ -101,13 +101,21 @@ def loss_terms(value: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, to
 
     A tensor is the total. A dict's terms are summed into "total" unless it has one (then it is used as is).
     """
+    if not isinstance(value, (torch.Tensor, Mapping)):
+        raise TypeError(f"loss_fn returned {type(value).__name__} {value!r}: expected a 0-d floating tensor "
+                        f"or a dict of named 0-d floating tensors")
     terms = {"total": value} if isinstance(value, torch.Tensor) else dict(value)
     if not terms:
         raise ValueError("loss_fn returned an empty dict: expected a scalar tensor or named scalar terms")
     for name, term in terms.items():
-        if not (isinstance(term, torch.Tensor) and term.ndim == 0 and term.is_floating_point()):
-            shape = tuple(term.shape) if isinstance(term, torch.Tensor) else type(term).__name__
-            raise ValueError(f"loss_fn: term {name!r} must be a 0-d floating tensor, got {shape}")
+        if not isinstance(term, torch.Tensor):
+            raise TypeError(f"loss_fn: term {name!r} is {type(term).__name__} {term!r}: expected a 0-d floating "
+                            f"tensor")
+        if not term.is_floating_point():
+            raise TypeError(f"loss_fn: term {name!r} has dtype {term.dtype}: expected a floating dtype "
+                            f"(float32, bfloat16, float16 or float64)")
+        if term.ndim != 0:
+            raise ValueError(f"loss_fn: term {name!r} must be a 0-d floating tensor, got shape {tuple(term.shape)}")
     if "total" not in terms:
         terms = {"total": sum(terms.values()), **terms}
     return terms
@@ -125,9 +133,7 @@ class _LossAdapter:
         return loss_terms(self.loss_fn(model, batch.data))
 
 
-def _param_groups(model: nn.Module, groups: Groups) -> ParamGroups:
-    """None: the model's own groups (`param_groups()`) or one per top-level child; a list of name prefixes /
-    're:' patterns: one group each, named by the pattern; a mapping: group name -> pattern(s)."""
+def _named_groups(model: nn.Module, groups: Groups) -> ParamGroups:
     if groups is None:
         return default_groups(model)
     if isinstance(groups, ParamGroups):
@@ -137,6 +143,20 @@ def _param_groups(model: nn.Module, groups: Groups) -> ParamGroups:
     if isinstance(groups, str):
         raise TypeError("groups: expected a list of patterns or a mapping, got a single string")
     return groups_from_patterns(model, {pattern: pattern for pattern in groups})
+
+
+def _param_groups(model: nn.Module, groups: Groups) -> ParamGroups:
+    """None: the model's own groups (`param_groups()`) or one per top-level child; a list of name prefixes /
+    're:' patterns: one group each, named by the pattern; a mapping: group name -> pattern(s).
+
+    Every parameter belongs to a group, so every one is checked for updates: parameters registered on the root
+    form the group "(root)", any other parameter no group names the group "(other)".
+    """
+    named = _named_groups(model, groups)
+    grouped = {name for members in named.values() for name in members}
+    rest = [name for name, _ in model.named_parameters() if name not in grouped]
+    extra = {"(root)": [n for n in rest if "." not in n], "(other)": [n for n in rest if "." in n]}
+    return ParamGroups({**named, **{group: members for group, members in extra.items() if members}})
 
 
 class Session:
@@ -246,13 +266,16 @@ def instrument(
         per step until then).
     device: where batches go (default: the device of the model's first parameter).
     """
+    first = next(model.parameters(), None)
+    if first is None:
+        raise ValueError(f"instrument: {type(model).__qualname__} has no parameters: expected a model with at "
+                         f"least one parameter to train")
     if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
+        device = first.device
     device = torch.device(device)
     autocast_dtype(precision)  # an unknown precision fails here, not at the first step
     sem = semantics if isinstance(semantics, LoopSemantics) else get_semantics(semantics)
-    probe = GradNormProbe(model, _param_groups(model, groups))
+    probe = GradNormProbe(model, _param_groups(model, groups), update_ratio=True)
     instruments: list[Any] = [probe, OptimizerCoverage(model, probe=probe)]
     acts = None
     if activations:
