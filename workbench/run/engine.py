@@ -16,6 +16,7 @@ told of both changes (`on_change`), and both are recorded as "events".
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 from workbench.instrument.observer import StepObserver
@@ -65,6 +66,10 @@ class RunEngine:
         differs from the stage's."""
         set_trainable(self.model, stage.trainable, substring=self.train_step.config.semantics.substring_match)
         self.policy = policy or UnfreezePolicy()
+        if self.policy.active and self.policy.attach_step > stage.steps:
+            warnings.warn(f"{self.policy.name}: {', '.join(self.policy.modules)} would unfreeze at step "
+                          f"{self.policy.attach_step}, beyond the {stage.name} stage's {stage.steps} steps: "
+                          f"they never train", stacklevel=2)
         self.policy.start(self.model)
         optimizer, line = change_optimizer(self.train_step.optimizer, self.model, stage.lr,
                                            "rebuild" if rebuild else "keep")

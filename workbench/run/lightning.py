@@ -596,6 +596,12 @@ class StepUnfreeze(BaseFinetuning):
         self.unfrozen_at = state_dict.get("unfrozen_at")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "unfrozen_at"})
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.unfrozen_at is None and 0 < trainer.max_steps <= self.freeze_steps:
+            warnings.warn(f"StepUnfreeze: {', '.join(self.modules)} would unfreeze at step {self.freeze_steps + 1}, "
+                          f"beyond the run's max_steps={trainer.max_steps}: they never train", stacklevel=2)
+
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
         modules = self._submodules(pl_module)
         if self.unfrozen_at is None:
