@@ -10,7 +10,8 @@ import numpy as np
 import papermill as pm
 import pytest
 
-from workbench.records import RunLog, read_record
+from workbench.records import OUTCOMES, RunLog, read_record
+from workbench.studies import boundary
 from workbench.studies.criteria import CRITERIA, attach_step
 from workbench.studies.freeze_lengths import SIZES, measure
 
@@ -53,12 +54,14 @@ def test_grid_is_complete_and_every_n_trains_equally_long_after_its_unfreeze(exe
                       for p in ("freeze_params", "freeze_and_mute") for s in TINY["seed"]}
     for cell in data["cells"]:
         assert cell["run"] in runs and runs[cell["control"]]["settings"]["ctc_only"] is True
+        # step-matched: the control trains as many steps as its run
+        assert runs[cell["control"]]["settings"]["steps"] == runs[cell["run"]]["settings"]["steps"]
     for run in runs.values():
         s = run["settings"]
         if not s["ctc_only"]:
             assert s["steps"] - attach_step(s) + 1 == TINY["steps"]
         assert set(CRITERIA) <= set(run["verdict"])
-        assert run["summary"]["outcome"] in ("diverged", "stalled", "healthy")
+        assert run["summary"]["outcome"] in OUTCOMES
     assert data["conclusions"] and all(isinstance(line, str) for line in data["conclusions"])
     assert any(line.startswith("Scope: preset tiny") for line in data["conclusions"])
 
@@ -98,3 +101,37 @@ def test_table_numbers_match_the_run_logs(executed):
             events = [e for e in log.table("events") if e["event"] == "unfreeze"]
             if run["verdict"]["clean_unfreeze"] and run["settings"]["freeze_steps"] > 0:
                 assert [e["step"] for e in events] == [a]
+
+
+def test_the_boundary_cells_hold_their_ends_probes_and_first_failure(executed):
+    data, out, _ = executed
+    found = data["boundary"]
+    size = boundary.SIZES["tiny"]
+    main = {(c["policy"], c["freeze_steps"], c["semantics"]) for c in found["cells"]
+            if c["precision"] == "fp16" and c["budget"] == "after_unfreeze"}
+    assert main == {(p, n, s) for p in size["policies"] for n in TINY["freeze_steps"] for s in size["semantics"]}
+    assert {c["precision"] for c in found["cells"]} == {"fp16", *size["precisions"]}
+    assert {c["budget"] for c in found["cells"]} == {"after_unfreeze", "total"}
+    diverged = 0
+    for cell in found["cells"]:
+        assert {"lr_healthy_max", "lr_diverged_min", "lr_unhealthy_min", "first_failure"} <= set(cell)
+        lrs = [p["lr"] for p in cell["probes"]]
+        assert lrs == sorted(lrs) and lrs[0] == size["lo"]
+        for probe in cell["probes"]:
+            assert [r["seed"] for r in probe["runs"]] == data["seeds"]
+            assert all(r["outcome"] in OUTCOMES for r in probe["runs"])
+            # the ends follow from the seeds' outcomes
+            healthy = all(r["outcome"] == "healthy" for r in probe["runs"])
+            if healthy:
+                assert cell["lr_healthy_max"] >= probe["lr"]
+            else:
+                assert cell["lr_unhealthy_min"] <= probe["lr"]
+            if any(r["outcome"] == "diverged" for r in probe["runs"]):
+                assert cell["lr_diverged_min"] <= probe["lr"]
+                diverged += 1
+        if cell["first_failure"] is not None and cell["first_failure"]["outcome"] == "diverged":
+            assert cell["first_failure"]["decisive_link"]
+    assert diverged >= 1  # the tiny search finds at least one diverged run
+    assert found["answers"] and found["answers"][0].startswith("Scope: preset tiny")
+    assert any("equal total" in line or "the budget" in line for line in found["answers"])
+    assert (out / "02_boundary.png").stat().st_size > 0

@@ -38,10 +38,12 @@ BUDGETS = ("after_unfreeze", "total")
 # decoder's first trainable step (budget "after_unfreeze") or in all (budget "total"). The second comparison
 # (`precisions`, `budgets`) is smaller: one policy and semantics, the smallest and largest N.
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"steps": 12, "freeze_steps": [0, 6], "lo": 1e-3, "hi": 1.0, "rounds": 2, "seeds": 3,
-             "policies": ["freeze_params", "freeze_and_mute"], "semantics": ["corrected", "seed_faithful"]},
-    "small": {"steps": 40, "freeze_steps": [0, 1, 10, 30, 100], "lo": 1e-4, "hi": 1.0, "rounds": 3, "seeds": 3,
-              "policies": ["freeze_params", "freeze_and_mute"], "semantics": ["corrected", "seed_faithful"]},
+    "tiny": {"steps": 12, "freeze_steps": [0, 6], "lo": 1e-2, "hi": 1.0, "rounds": 1, "seeds": 3,
+             "policies": ["freeze_params", "freeze_and_mute"], "semantics": ["corrected", "seed_faithful"],
+             "precisions": ["fp32"]},
+    "small": {"steps": 30, "freeze_steps": [0, 1, 10, 30, 100], "lo": 1e-3, "hi": 1.0, "rounds": 2, "seeds": 3,
+              "policies": ["freeze_params", "freeze_and_mute"], "semantics": ["corrected", "seed_faithful"],
+              "precisions": ["fp32", "bf16"]},
 }
 
 
@@ -297,6 +299,24 @@ def answers(results: Sequence[Mapping[str, Any]], scope: str) -> list[str]:
             lines.append(f"Did {what} move the boundary (against {reference})? In {len(moved)} of {len(cmp)} "
                          f"comparisons beyond the seeds' spread ({examples}).")
     return lines
+
+
+def table(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per cell for `criteria.format_table`: the boundary's ends, the ceiling, the first failure."""
+    return [{"cell": r["label"], "healthy_max": r["lr_healthy_max"], "unhealthy_min": r["lr_unhealthy_min"],
+             "diverged_min": r["lr_diverged_min"], "lr_max": r["lr_max"],
+             "first_failure": (f"{r['first_failure']['outcome']} at lr {r['first_failure']['lr']:g}"
+                               if r["first_failure"] else None)} for r in results]
+
+
+TABLE_COLUMNS = ("cell", "healthy_max", "unhealthy_min", "diverged_min", "lr_max", "first_failure")
+
+
+def failure_lines(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per cell that failed somewhere: how its first failure looked (outcome, lr, seed, decisive link)."""
+    return [f"{r['label']}: first failure {f['outcome']} at lr {f['lr']:g} (seed {f['seed']}): "
+            f"{f['decisive_link'] or 'no causal chain (finite run)'}"
+            for r in results if (f := r["first_failure"]) is not None]
 
 
 def cells_for(size: Mapping[str, Any], *, precisions: Sequence[str] = ("fp32", "bf16"),
