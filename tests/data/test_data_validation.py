@@ -48,6 +48,12 @@ def set_ids(g, position, value):
     g["seq_class_ids"][position] = value
 
 
+def repeated_labels(g):
+    """26 labels with 5 repeats in 30 frames: 31 frames are needed (a blank between equal labels)."""
+    g["seq_class_ids"][:26] = [3] * 6 + list(range(4, 24))
+    g.attrs["seq_len"] = 26
+
+
 def long_labels(g):
     g["seq_class_ids"][:FRAMES + 5] = 3
     g.attrs["seq_len"] = FRAMES + 5
@@ -82,6 +88,8 @@ TRIAL_CASES = {
     "id 41": (lambda g: set_ids(g, 2, 41), "seq_class_ids", "got 41 at position 2"),
     "padding within seq_len": (lambda g: g.attrs.__setitem__("seq_len", 8), "seq_class_ids", "got 0 at position 6"),
     "seq_len > frames": (long_labels, "seq_len", "at most n_time_steps = 30 (CTC needs a frame per label), got 35"),
+    "no CTC alignment": (repeated_labels, "n_time_steps", "at least seq_len + repeated labels = 26 + 5 frames "
+                                                          "(fewer admit no CTC alignment), got 30"),
     "missing block_num": (lambda g: g.attrs.__delitem__("block_num"), "block_num", "no such attribute"),
     "session mismatch": (lambda g: g.attrs.__setitem__("session", "t15.2023.08.13"), "session",
                          f"expected '{SESSION}' (the folder name)"),
@@ -149,14 +157,14 @@ def test_trial_that_is_a_dataset(tmp_path):
 @pytest.mark.parametrize("folder", ["t15.2023.02.30", "t15.2023.8.11", "t15_2023_08_11", "t15.2023.08.11.b"])
 def test_bad_session_folder(tmp_path, folder):
     path = write_file(tmp_path / folder / "data_train.hdf5")
-    with error_at(tmp_path / folder, "session folder: expected t15.YYYY.MM.DD"):
+    with error_at(path, "session folder: expected a file inside a t15.YYYY.MM.DD session folder"):
         index_file(path)
     with pytest.raises(DataError, match="session folder"):
         list_sessions(tmp_path)
 
 
 def test_root_must_exist_and_unrelated_entries_are_ignored(tmp_path):
-    with error_at(tmp_path / "nope", "data root: expected an existing directory"):
+    with error_at(tmp_path / "nope", "data root: expected a folder of t15.YYYY.MM.DD session folders, got nothing"):
         list_sessions(tmp_path / "nope")
     write_file(tmp_path / SESSION / "data_train.hdf5")
     (tmp_path / "README.md").write_text("hi")
@@ -249,7 +257,7 @@ def test_summarize_good_root_and_bad_file(synth_root, tmp_path):
         del f["trial_0000"].attrs["n_time_steps"]
     with error_at(bad, "trial_0000: n_time_steps"):
         summarize(tmp_path)
-    with pytest.raises(DataError, match="no such file or directory"):
+    with pytest.raises(DataError, match="got nothing \(no such file or folder\)"):
         summarize(tmp_path / "missing.hdf5")
 
 
@@ -271,3 +279,21 @@ def test_session_folder_passed_as_the_root(tmp_path):
     with error_at(tmp_path / SESSION, "data root: expected t15.YYYY.MM.DD session folders .*got split files "
                                       "directly in this folder"):
         summarize(tmp_path / SESSION)
+
+
+def test_summarize_says_what_a_path_is(tmp_path):
+    (tmp_path / "notes").write_text("mine\n")
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with error_at(tmp_path / "notes", "path: expected an .hdf5 data file or a data root folder, got a file that is "
+                                      "not HDF5"):
+        summarize(tmp_path / "notes")
+    with error_at(tmp_path / "loopA", "path: .* got a symlink loop"):
+        summarize(tmp_path / "loopA")
+    with error_at(tmp_path / "dangling", f"path: .* got a dangling symlink to {re.escape(str(tmp_path))}/gone"):
+        summarize(tmp_path / "dangling")
+    loose = write_file(tmp_path / "data_train.hdf5")
+    with error_at(loose, f"session folder: expected a file inside a t15.YYYY.MM.DD session folder .*, got a file "
+                         f"in {re.escape(str(tmp_path))}"):
+        summarize(loose)

@@ -11,7 +11,8 @@ Building a dataset checks the structure of every trial (shapes and dtypes from H
 against the rows, attributes, and the label ids, which are small), so malformed files fail before training
 starts without reading the features (about 20 GB over the full release). Feature values are checked (finite)
 when a trial is read, so none reaches the model unchecked; `summarize` checks everything up front.
-Every problem is a `DataError` naming the file, the trial, the field and what was expected.
+Every problem is a `DataError` naming the file, the trial, the field and what was expected; a labelled trial
+with fewer frames than labels plus repeated labels (no CTC alignment exists) is one, so runs refuse it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
+from workbench.data.paths import describe_path
 from workbench.data.vocab import SIL
 
 SPLITS = ("train", "val", "test")
@@ -75,7 +77,7 @@ def list_sessions(root: str | Path, sessions: list[str] | None = None, max_sessi
     """
     root = Path(root)
     if not root.is_dir():
-        raise _error(root, "data root", "an existing directory of t15.YYYY.MM.DD session folders", "no such directory")
+        raise _error(root, "data root", "a folder of t15.YYYY.MM.DD session folders", describe_path(root))
     names = sorted(_session_name(p) for p in root.iterdir() if p.is_dir() and p.name.startswith("t15"))
     if sessions is not None:
         missing = sorted(set(sessions) - set(names))
@@ -202,6 +204,12 @@ def _check_labels(group: h5py.Group, n_frames: int, fail: Fail) -> int:
     if bad.size:
         raise fail("seq_class_ids", f"ids in 1..{SIL} within the first seq_len = {seq_len} entries",
                    f"{labels[bad[0]]} at position {bad[0]}")
+    # A CTC alignment puts a blank between two equal labels, so it needs seq_len + repeats frames; a trial with
+    # fewer has an infinite CTC loss, which zero_infinity would drop from training without a word.
+    repeats = int((labels[1:] == labels[:-1]).sum())
+    if seq_len + repeats > n_frames:
+        raise fail("n_time_steps", f"at least seq_len + repeated labels = {seq_len} + {repeats} frames (fewer admit "
+                   f"no CTC alignment)", n_frames)
     return seq_len
 
 
@@ -247,9 +255,13 @@ def index_file(path: str | Path, labelled: bool | None = None, session_index: in
     read (shapes and dtypes come from HDF5 metadata). Raises DataError on the first problem.
     """
     path = Path(path)
-    session = _session_name(path.parent)
     if not path.is_file():
-        raise _error(path, "file", "an existing HDF5 file", "no such file")
+        raise _error(path, "file", "an HDF5 file", describe_path(path))
+    try:
+        session = _session_name(path.absolute().parent)
+    except DataError:
+        raise _error(path, "session folder", "a file inside a t15.YYYY.MM.DD session folder (a valid calendar date)",
+                     f"a file in {path.absolute().parent}") from None
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
@@ -453,6 +465,9 @@ def summarize(path: str | Path) -> list[str]:
     """
     path = Path(path)
     if path.is_file():
+        if not h5py.is_hdf5(path):
+            raise _error(path, "path", "an .hdf5 data file or a data root folder", f"{describe_path(path)} that is "
+                         "not HDF5")
         files = [path]
     elif path.is_dir():
         misnamed = _misnamed_folders(path)
@@ -467,5 +482,5 @@ def summarize(path: str | Path) -> list[str]:
             raise _error(path, "data root", "t15.YYYY.MM.DD session folders holding data_{train,val,test}.hdf5",
                          got)
     else:
-        raise _error(path, "path", "an .hdf5 file or a data root directory", "no such file or directory")
+        raise _error(path, "path", "an .hdf5 data file or a data root folder", describe_path(path))
     return [_summary_line(file, index_file(file)) for file in files]
