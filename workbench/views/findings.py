@@ -1,48 +1,220 @@
-"""Regenerate the README's findings block from executed notebooks' JSON summaries and figures.
+"""Regenerate the README's findings block (short: per notebook a table, the one-line answers, scope and time,
+provenance, figures) and docs/findings.md (every generated conclusion) from executed notebooks' JSON summaries.
 
-`make demo` runs the notebooks, then `python -m workbench.views.findings --from runs/demo` copies their figures to
-`docs/figures/` and rewrites the text between the README's findings markers. Every sentence comes from the
-summaries; nothing is typed in.
+`python -m workbench.views.findings --from runs/demo` copies the figures to `docs/figures/` and rewrites, per
+notebook whose summary is in the source folder, that notebook's section of both files; a notebook that was not
+run there keeps its section as it was. Each section states the commit, date and machine it came from. Where a
+section is replaced by numbers from another machine or commit, the numbers that moved beyond `TOLERANCE` are
+listed in docs/findings.md and printed: never written over silently. Every sentence comes from the summaries.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import platform
+import re
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 START, END = "<!-- findings:start -->", "<!-- findings:end -->"
-FIGURES = {"01_reproduce_nan_explosion": ["01_outcomes.png", "01_seed_chain.png", "01_ctc_warmup.png"],
-           "02_compare_freeze_lengths": ["02_stability_map.png"]}
+NOTEBOOKS = {"01_reproduce_nan_explosion": "01_summary.json", "02_compare_freeze_lengths": "02_summary.json"}
+FIGURES = {"01_reproduce_nan_explosion": ["01_outcomes.png", "01_seed_chain.png"],
+           "02_compare_freeze_lengths": ["02_boundary.png", "02_stability_map.png"]}
+FINDINGS_DOC = "docs/findings.md"
+TOLERANCE = {"rel": 0.05, "abs": 1e-3}  # numbers closer than this are the same finding on another machine
+MAX_BLOCK_LINES = 60
+_LINK_CHARS = 90
 
 
-def render(source: Path, figures_dir: Path, readme_dir: Path) -> str:
-    """Markdown for the findings block, from `source/<notebook stem>/0N_summary.json` and figures."""
-    lines = []
-    nb01 = source / "01_reproduce_nan_explosion" / "01_summary.json"
-    if nb01.is_file():
-        s = json.loads(nb01.read_text())
-        lines += [f"From `notebooks/01_reproduce_nan_explosion.ipynb` ({s['scope']}; CTC warmup took the validation "
-                  f"PER from {s['ctc_val_per_initial']:.3f} to {s['ctc_val_per_final']:.3f}; {s['wall_s']:.0f} s):",
-                  ""]
-        lines += [f"- {c}" for c in s["conclusions"]]
-        lines.append("")
-    nb02 = source / "02_compare_freeze_lengths" / "02_summary.json"
-    if nb02.is_file():
-        s = json.loads(nb02.read_text())
-        lines += [f"From `notebooks/02_compare_freeze_lengths.ipynb` ({s['wall_s']:.0f} s):", ""]
-        lines += [f"- {c}" for c in s.get("conclusions", [])]
-        lines.append("")
+def _section_markers(stem: str) -> tuple[str, str]:
+    return f"<!-- section:{stem} -->", f"<!-- /section:{stem} -->"
+
+
+def sections(text: str) -> dict[str, str]:
+    """stem -> the section's text (markers included) found in `text`."""
+    out = {}
+    for stem in NOTEBOOKS:
+        begin, end = _section_markers(stem)
+        m = re.search(re.escape(begin) + r".*?" + re.escape(end), text, flags=re.S)
+        if m:
+            out[stem] = m.group(0)
+    return out
+
+
+def provenance(summary_path: Path, summary: Mapping[str, Any]) -> dict[str, str]:
+    """Where a summary came from: its own `provenance` when the notebook recorded one, else the checkout's commit,
+    the summary file's time and this machine (the findings are regenerated where the notebooks ran)."""
+    if isinstance(summary.get("provenance"), Mapping):
+        return dict(summary["provenance"])
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=summary_path.parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(summary_path.stat().st_mtime))
+    machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()})"
+    return {"commit": commit, "date": date, "machine": machine}
+
+
+def _counts(outcomes: Mapping[str, int]) -> str:
+    from workbench.records import OUTCOMES
+
+    total = sum(outcomes.values())
+    return ", ".join(f"{outcomes[k]}/{total} {k}" for k in OUTCOMES if outcomes.get(k))
+
+
+def _short(text: str | None) -> str:
+    text = (text or "-").replace("|", "/")
+    return text if len(text) <= _LINK_CHARS else text[:_LINK_CHARS - 1] + "…"
+
+
+def _median(values: Sequence[Any]) -> float | None:
+    present = sorted(v for v in values if isinstance(v, (int, float)) and math.isfinite(v))
+    if not present:
+        return None
+    mid = len(present) // 2
+    return present[mid] if len(present) % 2 else (present[mid - 1] + present[mid]) / 2
+
+
+def _g(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def digest_01(s: Mapping[str, Any]) -> dict[str, Any]:
+    """Notebook 01 at a glance: configuration -> outcomes over seeds, median final CTC PER, decisive link."""
+    rows, numbers = [], {}
+    for c in s.get("configs", []):
+        per = _median(c.get("val_per", []))
+        link = next((d for d in c.get("decisive", []) if d), None)
+        rows.append(f"| {c['name']} | {_counts(c['outcomes'])} | {_g(per)} | {_short(link)} |")
+        numbers[f"{c['name']}: healthy seeds"] = c["outcomes"].get("healthy", 0)
+        numbers[f"{c['name']}: diverged seeds"] = c["outcomes"].get("diverged", 0)
+        if per is not None:
+            numbers[f"{c['name']}: median final CTC PER"] = per
+    table = ["| configuration | outcomes over seeds | final CTC PER (median) | decisive link (first seed with one) |",
+             "|---|---|---|---|", *rows]
+    healthy = [c["name"] for c in s.get("configs", []) if c["outcomes"].get("healthy", 0) == sum(c["outcomes"].values())]
+    seeds = s.get("signature_by_seed", [])
+    answers = [f"Does the seed's NaN explosion reproduce? Its signature in {sum(map(bool, seeds))} of {len(seeds)} "
+               f"seeds. Healthy in every seed: {', '.join(healthy) if healthy else 'no configuration'}."]
+    return {"question": "Does the seed's NaN explosion reproduce, and which single change makes training healthy?",
+            "table": table, "answers": answers, "numbers": numbers, "scope": s.get("scope", "")}
+
+
+def digest_02(s: Mapping[str, Any]) -> dict[str, Any]:
+    """Notebook 02 at a glance: the boundary per policy, loop and N (interval healthy-in-every-seed .. first
+    failure, smallest diverged lr) and the answers the boundary search computed."""
+    found = s.get("boundary") or {}
+    cells = found.get("cells", [])
+    ns = sorted({c["freeze_steps"] for c in cells})
+    groups: dict[tuple, dict[int, Mapping[str, Any]]] = {}
+    numbers: dict[str, Any] = {}
+    for c in cells:
+        groups.setdefault((c["policy"], c["semantics"], c["precision"], c["budget"]), {})[c["freeze_steps"]] = c
+        for key in ("lr_healthy_max", "lr_unhealthy_min", "lr_diverged_min"):
+            numbers[f"{c['label']}: {key}"] = c[key]
+    table = ["| policy, loop, precision, budget | " + " | ".join(f"N={n}" for n in ns) + " |",
+             "|---|" + "---|" * len(ns)]
+    for (policy, semantics, precision, budget), members in sorted(groups.items()):
+        loop = "seed_faithful (optimizer kept)" if semantics == "seed_faithful" else semantics
+        row = []
+        for n in ns:
+            c = members.get(n)
+            if c is None:
+                row.append("")
+                continue
+            text = f"{_g(c['lr_healthy_max'])} .. {_g(c['lr_unhealthy_min'])}"
+            text += f", diverged {_g(c['lr_diverged_min'])}" if c["lr_diverged_min"] is not None else ""
+            row.append(text)
+        table.append(f"| {policy}, {loop}, {precision}, {budget.replace('_', ' ')} | " + " | ".join(row) + " |")
+    first = next((c["first_failure"] for c in cells if c["first_failure"] and c["first_failure"]["decisive_link"]),
+                 None)
+    answers = list(found.get("answers", [])[1:])
+    if first:
+        answers.append(f"First failure with a causal chain: {first['outcome']} at lr {first['lr']:g}: "
+                       f"{_short(first['decisive_link'])}")
+    return {"question": "Does the freeze length N move the stability boundary (lr at which the joint stage stops "
+                        "being healthy) by more than the seeds' spread?",
+            "table": table + ["", "Each cell: largest lr healthy in every seed .. smallest lr where some seed was "
+                                  "not; '-' none probed."],
+            "answers": answers, "numbers": numbers, "scope": found.get("scope", s.get("scope", ""))}
+
+
+DIGESTS = {"01_reproduce_nan_explosion": digest_01, "02_compare_freeze_lengths": digest_02}
+
+
+def compare_numbers(old: Mapping[str, Any], new: Mapping[str, Any],
+                    tolerance: Mapping[str, float] = TOLERANCE) -> list[str]:
+    """The numbers that differ between two sections beyond `tolerance` (relative or absolute), one line each."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a is None or b is None:
+            if a != b:
+                out.append(f"{key}: {a} -> {b}")
+            continue
+        if not math.isclose(a, b, rel_tol=tolerance["rel"], abs_tol=tolerance["abs"]):
+            out.append(f"{key}: {a:g} -> {b:g}")
+    return out
+
+
+def _numbers_of(section: str) -> tuple[dict[str, Any], dict[str, str]]:
+    m = re.search(r"<!-- numbers (\{.*?\}) -->", section, flags=re.S)
+    if not m:
+        return {}, {}
+    data = json.loads(m.group(1))
+    return data.get("numbers", {}), data.get("provenance", {})
+
+
+def render(source: Path, figures_dir: Path, readme_dir: Path, doc_dir: Path,
+           old_readme: Mapping[str, str], old_doc: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """(README sections, docs/findings.md sections, changes) by notebook stem: new ones for the notebooks whose
+    summary is in `source`, the old ones kept for the rest; `changes` lists the numbers that moved."""
+    readme, doc, changes = dict(old_readme), dict(old_doc), []
     figures_dir.mkdir(parents=True, exist_ok=True)
-    for stem, names in FIGURES.items():
-        for name in names:
-            src = source / stem / name
-            if src.is_file():
-                shutil.copyfile(src, figures_dir / name)
-                lines.append(f"![{name}]({(figures_dir / name).relative_to(readme_dir)})")
-    return "\n".join(lines).rstrip() + "\n"
+    for stem, name in NOTEBOOKS.items():
+        path = source / stem / name
+        if not path.is_file():
+            continue
+        s = json.loads(path.read_text())
+        where = provenance(path, s)
+        d = DIGESTS[stem](s)
+        old_numbers, old_where = _numbers_of(old_doc.get(stem, ""))
+        moved = compare_numbers(old_numbers, d["numbers"]) if old_numbers else []
+        origin = f"commit {where['commit']}, {where['date']}, {where['machine']}"
+        if moved:
+            changes += [f"{stem}: {line}" for line in moved]
+        figures = []
+        for fig in FIGURES[stem]:
+            if (source / stem / fig).is_file():
+                shutil.copyfile(source / stem / fig, figures_dir / fig)
+                figures.append(fig)
+        begin, end = _section_markers(stem)
+        doc_link = os.path.relpath(doc_dir / "findings.md", readme_dir)
+        wall = s.get("wall_s")
+        lines = [begin, f"**`notebooks/{stem}.ipynb`**: {d['question']}", "",
+                 f"Scope: {d['scope']}" + (f"; {wall:.0f} s" if isinstance(wall, (int, float)) else "") + ".",
+                 f"From {origin}.", "", *d["table"], "", *[f"- {a}" for a in d["answers"]], "",
+                 " ".join(f"![{fig}]({os.path.relpath(figures_dir / fig, readme_dir)})" for fig in figures),
+                 f"All conclusions: [{doc_link}]({doc_link}#{stem.replace('_', '-')}).", end]
+        readme[stem] = "\n".join(lines)
+        numbers = json.dumps({"numbers": d["numbers"], "provenance": where}, sort_keys=True)
+        doc_lines = [begin, f"## {stem}", "", f"From {origin}. Scope: {d['scope']}.", ""]
+        if moved:
+            doc_lines += [f"Numbers that moved beyond the tolerance ({TOLERANCE}) against the previous section (commit "
+                          f"{old_where.get('commit')}, {old_where.get('date')}, {old_where.get('machine')}):", "",
+                          *[f"- {line}" for line in moved], ""]
+        doc_lines += [f"- {c}" for c in s.get("conclusions", [])]
+        doc_lines += ["", f"<!-- numbers {numbers} -->", end]
+        doc[stem] = "\n".join(doc_lines)
+    return readme, doc, changes
 
 
 def update_readme(readme: Path, block: str) -> None:
@@ -54,18 +226,44 @@ def update_readme(readme: Path, block: str) -> None:
     readme.write_text(f"{head}{START}\n{block}{END}{tail}")
 
 
+def current_block(readme: Path) -> str:
+    text = readme.read_text()
+    return text.split(START, 1)[1].split(END, 1)[0] if START in text and END in text else ""
+
+
+def regenerate(source: Path, readme: Path, figures: Path, doc: Path) -> list[str]:
+    """Rewrite the README block and `doc` from `source`; returns the numbers that moved (also written to `doc`)."""
+    old_doc_text = doc.read_text() if doc.is_file() else ""
+    readme_sections, doc_sections, changes = render(
+        source, figures.resolve(), readme.resolve().parent, doc.resolve().parent, sections(current_block(readme)),
+        sections(old_doc_text))
+    ordered = [stem for stem in NOTEBOOKS if stem in readme_sections]
+    block = "\n\n".join(readme_sections[s] for s in ordered) + "\n"
+    if len(block.splitlines()) > MAX_BLOCK_LINES:
+        raise ValueError(f"findings block: expected at most {MAX_BLOCK_LINES} lines, got {len(block.splitlines())}")
+    update_readme(readme, block)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("# What the notebooks found: every generated conclusion\n\nRegenerated by "
+                   "`python -m workbench.views.findings`; the README's block is the short form.\n\n"
+                   + "\n\n".join(doc_sections[s] for s in NOTEBOOKS if s in doc_sections) + "\n")
+    return changes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", default="runs/demo", help="folder of executed notebooks")
     parser.add_argument("--readme", default="README.md")
     parser.add_argument("--figures", default="docs/figures")
+    parser.add_argument("--doc", default=FINDINGS_DOC)
     args = parser.parse_args(argv)
     source, readme = Path(args.source), Path(args.readme)
     if not source.is_dir():
         print(f"error: {source}: no executed notebooks here (run `make demo` first)", file=sys.stderr)
         return 2
-    update_readme(readme, render(source, Path(args.figures).resolve(), readme.resolve().parent))
-    print(f"updated {readme} from {source}")
+    changes = regenerate(source, readme, Path(args.figures), Path(args.doc))
+    for line in changes:
+        print(f"moved beyond tolerance: {line}")
+    print(f"updated {readme} and {args.doc} from {source}")
     return 0
 
 
