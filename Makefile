@@ -40,8 +40,11 @@ demo: install
 	$(PY) -m workbench notebooks --only 01 --preset small --seed 0 --out $(OUT) --overwrite
 	$(PY) -m workbench.views.findings --from $(OUT)
 
-# The second study: notebook 02 (when does the freeze length N matter?) at the small preset with 3 seeds, into
-# $(OUT) beside make demo's notebook 01, then the README's findings block with both.
+# The second study: notebook 02 (when does the freeze length N matter?) at the small preset with 3 seeds: the
+# fixed grid of measures with step-matched CTC-only controls and the fp16 stability-boundary search (bisection over
+# lr per policy x N x loop semantics, resumable: rerun after an interruption and finished probes are reused), into
+# $(OUT) beside make demo's notebook 01, then the README's findings block (notebook 01's section is kept when only
+# 02 ran) and docs/findings.md.
 study: install
 	$(PY) -m workbench notebooks --only 02 --preset small --seed 0 --out $(OUT) --overwrite
 	$(PY) -m workbench.views.findings --from $(OUT)
