@@ -3,7 +3,8 @@
 The flags of `train`, `pretrain`, `run` and `sweep` are derived from the settings schema
 (`workbench.run.settings`): one flag per setting, checked by the setting's own rules. Every failure ends with one
 line on stderr: exit status 2 for bad input (checked before any work starts), 1 for a failure during a run, 130
-for Ctrl-C and 143 for SIGTERM (a run log then closes as "failed"); `--debug` shows the traceback instead.
+for Ctrl-C and 143 for SIGTERM (a run log then closes as "failed"), 141 quietly when the reader of the output
+went away (`| head`); `--debug` shows the traceback instead.
 Nothing that exists is overwritten without `--overwrite`, and replacements go through a temporary file and a
 rename, so a failed write leaves the old file as it was.
 """
@@ -28,6 +29,7 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a tool killed by the signal reports
 
 
 class CliError(Exception):
@@ -159,6 +161,27 @@ def _writable(flag: str, folder: Path) -> None:
                        f"({exc.strerror or exc})") from None
 
 
+def _input(flag: str, path: str | Path, what: str, *, folder: bool = False) -> Path:
+    """`path` when it is a regular file (or a folder, with `folder`), else CliError saying what is there instead
+    (a folder, a symlink loop, a dangling symlink, nothing, a folder this user cannot enter)."""
+    from workbench.data.paths import require
+
+    try:
+        return require(path, what, folder=folder)
+    except ValueError as exc:
+        raise CliError(f"{flag} {exc}") from None
+
+
+def _output_file(flag: str, path: Path) -> None:
+    """An output file path must be new, a file, or a symlink to one: a symlink loop or a dangling symlink is
+    refused, also with --overwrite (writing through it would fail or land somewhere unexpected)."""
+    from workbench.data.paths import describe_path
+
+    what = describe_path(path)
+    if path.is_symlink() and what not in ("a file", "an empty file"):
+        raise CliError(f"{flag} {path}: expected a new file or a run log to replace, got {what}")
+
+
 def _refuse_existing(flag: str, paths: Sequence[Path], overwrite: bool) -> None:
     """Refuse to write over files that exist unless `--overwrite` was given."""
     existing = [str(p) for p in paths if p.exists()]
@@ -226,6 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_device("--device", cfg.device)
     done: tuple[str, ...] = ()
     if cfg.resume_from:
+        _input("--resume-from", cfg.resume_from, "a checkpoint file (.pt)")
         state = check_checkpoint(cfg.resume_from, get_config(cfg.preset), stages=STAGE_NAMES)
         done = STAGE_NAMES[: STAGE_NAMES.index(state["stage"]) + 1]
     check_data(cfg.data, [cfg.batch_size], cfg.max_sessions)
@@ -267,9 +291,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = settings_from(RunSettings, args)
     device = check_device("--device", args.device)
-    check_checkpoint(args.checkpoint)
-    check_data(args.data, [settings.batch_size])
+    check_checkpoint(_input("--checkpoint", args.checkpoint, "a checkpoint file (.pt)"))
+    check_data(_input("--data", args.data, "a data root folder (t15.YYYY.MM.DD session folders)", folder=True),
+               [settings.batch_size])
     out = Path(args.out)
+    _output_file("--out", out)
     if out.is_dir():
         raise CliError(f"--out: expected a run log file (.h5), got {out}, which is a folder")
     _existing_log(out, args.overwrite)
@@ -321,16 +347,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     backend, address = _sweep_backend(args.backend, args.address)
     ctc_steps = _positive("--ctc-steps", args.ctc_steps)
     device = check_device("--device", args.device)
-    if not Path(args.data).is_dir():
-        raise CliError(f"--data: {args.data} is not a directory")
-    check_data(args.data, [grid.batch_size])
+    check_data(_input("--data", args.data, "a data root folder (t15.YYYY.MM.DD session folders)", folder=True),
+               [grid.batch_size])
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out: expected a sweep folder, got {out}, which is a file")
     if args.checkpoint is not None:
-        if not Path(args.checkpoint).is_file():
-            raise CliError(f"--checkpoint: {args.checkpoint} does not exist")
-        checkpoint = Path(args.checkpoint)
+        checkpoint = _input("--checkpoint", args.checkpoint, "a checkpoint file (.pt)")
     else:
         _writable("--cache-dir", Path(args.cache_dir))
         checkpoint, _ = ctc_warm_checkpoint(args.data, args.preset, seed=grid.seed[0], steps=ctc_steps,
@@ -369,7 +392,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from workbench.records import read_record, summarize
 
     limit = _positive("--limit", args.limit)
-    record = read_record(args.runlog)
+    record = read_record(_input("runlog", args.runlog, "a run log file (.h5)"))
     summary = summarize(record)
     verdicts = record.tables.get("tracer", [])
     coverage = record.tables.get("coverage", [])
@@ -446,37 +469,72 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _parameter(text: str) -> tuple[str, object]:
-    """`name=value` with value parsed as JSON when it parses (numbers, lists, true/false), else kept as text."""
+    """`name=value` with value parsed as JSON when it parses (numbers, lists, true/false), else kept as text;
+    text that starts like a JSON list, object or string must parse."""
     name, sep, value = text.partition("=")
     if not sep or not name.isidentifier():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     try:
         return name, json.loads(value)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as exc:
+        if value.lstrip()[:1] in ('[', '{', '"'):
+            raise argparse.ArgumentTypeError(f"{name}: expected a JSON value, got {value!r} ({exc.msg} at "
+                                             f"character {exc.pos})") from None
         return name, value
 
 
 def cmd_notebooks(args: argparse.Namespace) -> int:
-    from workbench.views.notebook import REPO_ROOT
+    """Every notebook's parameters are checked before the first cell of any runs; each executes into a hidden
+    file renamed into place once it finished (a failed one is kept as NAME.failed.ipynb, which blocks no retry)."""
+    from workbench.views.notebook import REPO_ROOT, NotebookError, check_parameters, declared_parameters, \
+        notebook_kernel
 
     available = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if not available:
+        raise CliError(f"notebooks: expected the notebooks in {REPO_ROOT / 'notebooks'} (run from the repository's "
+                       f"folder), got none")
     chosen = [nb for nb in available if not args.only or nb.name[:2] in args.only.split(",")]
     if not chosen:
         raise CliError(f"--only {args.only}: no notebook matches; available: {', '.join(n.name for n in available)}")
     seed = _integer("--seed", args.seed, 0)
     out = Path(args.out).resolve()
-    _refuse_existing("--out", [out / nb.name for nb in chosen], args.overwrite)
-    _writable("--out", out)
+    runs = []
+    try:
+        for nb in chosen:
+            params = {"preset": args.preset, "seed": seed, "output_dir": str(out / nb.stem), **dict(args.param)}
+            if args.overwrite and "overwrite" in declared_parameters(nb):
+                params.setdefault("overwrite", True)  # the notebook's own switch for its artefacts
+            check_parameters(nb, params)
+            runs.append((nb, params))
+    except NotebookError as exc:
+        raise CliError(f"-p {exc}") from None
     import papermill as pm
 
-    for nb in chosen:
-        params = {"preset": args.preset, "seed": seed, "output_dir": str(out / nb.stem), **dict(args.param)}
-        if args.overwrite and "overwrite" in pm.inspect_notebook(str(nb)):
-            params.setdefault("overwrite", True)  # the notebook's own switch for its artefacts
-        args.at = nb.name
-        print(f"{nb.name} -> {out / nb.name}", flush=True)
-        pm.execute_notebook(str(nb), str(out / nb.name), parameters=params, kernel_name=args.kernel,
-                            cwd=str(REPO_ROOT), progress_bar=True)
+    from workbench.views.html import write_html
+
+    try:
+        with notebook_kernel(args.kernel) as (kernel, line):
+            _refuse_existing("--out", [out / nb.name for nb in chosen], args.overwrite)
+            _writable("--out", out)
+            print(line, flush=True)
+            for nb, params in runs:
+                args.at = nb.name
+                target, work = out / nb.name, out / f".{nb.name}.{os.getpid()}.tmp"
+                failed = target.with_suffix(".failed.ipynb")
+                print(f"{nb.name} -> {target}", flush=True)
+                try:
+                    pm.execute_notebook(str(nb), str(work), parameters=params, kernel_name=kernel,
+                                        cwd=str(REPO_ROOT), progress_bar=True)
+                except BaseException:
+                    if work.exists():
+                        os.replace(work, failed)
+                        args.note = f"the partial notebook is kept as {failed}"
+                    raise
+                os.replace(work, target)
+                print(f"{nb.name} -> {write_html(target)}", flush=True)  # a page to read without Jupyter
+                failed.unlink(missing_ok=True)
+    except NotebookError as exc:
+        raise CliError(str(exc)) from None
     return 0
 
 
@@ -577,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default="", help="comma-separated notebook numbers, e.g. 01,03")
     p.add_argument("-p", "--param", type=_parameter, action="append", default=[],
                    help="extra parameter NAME=VALUE (JSON values allowed), repeatable")
-    p.add_argument("--kernel", default="rnnt-workbench", help="Jupyter kernel (registered by `make install`)")
+    p.add_argument("--kernel", default=None, help="Jupyter kernel (default: rnnt-workbench, registered by `make "
+                                                  "install`, else this interpreter's)")
     p.add_argument("--overwrite", action="store_true", help="replace executed notebooks already in --out (and "
                                                             "pass overwrite=True to notebooks that take it)")
     p.set_defaults(func=cmd_notebooks)
@@ -621,6 +680,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseException as exc:
             if args.debug or isinstance(exc, SystemExit):
                 raise
+            if isinstance(exc, BrokenPipeError):
+                # The reader went away (`workbench trace log.h5 | head`): end quietly, as a Unix tool does.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return EXIT_BROKEN_PIPE
             code, line = _failure(args, exc)
             print(f"error: {line}", file=sys.stderr)
             return code

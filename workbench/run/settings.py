@@ -303,3 +303,64 @@ def validate_parameters(params: Mapping[str, Any], *, lists: Iterable[str] = (),
                 check(name, item, setting)
         else:
             check(name, value, setting)
+
+
+# Notebook parameters that are not settings, with the values they take (None, their default, means "the preset's").
+# Parameters whose default is None and that hold a list of a setting's values are named in NOTEBOOK_LISTS.
+NOTEBOOK_PARAMETERS: dict[str, Check] = {
+    "seeds": integer(1, "a number of seeds >= 1"),
+    "workers": integer(0, "a number of workers >= 0 (0: one per CPU core)"),
+    "boundary_lo": positive_number("a positive learning rate"),
+    "boundary_hi": positive_number("a positive learning rate"),
+    "boundary_rounds": integer(1, "an integer >= 1"),
+    "boundary_steps": integer(1, "an integer >= 1"),
+    "boundary_precisions": choice(lambda: PRECISIONS),
+    "configurations": TEXT,
+    "data": PATH,
+    "data_root": PATH,
+    "cache_dir": PATH,
+    "output_dir": PATH,
+}
+NOTEBOOK_LISTS = frozenset({"freeze_steps", "lr", "policy", "configurations", "boundary_precisions"})
+
+
+def _default_check(default: Any) -> Check | None:
+    """The check a declared default implies when the parameter is in no schema: its type (an int passes as a
+    float)."""
+    if isinstance(default, bool):
+        return BOOL
+    for kind, expected in ((int, "an integer"), (float, "a number"), (str, "a text")):
+        if isinstance(default, kind):
+            return Check(kind, expected)
+    return None
+
+
+def check_notebook_parameters(notebook: str, declared: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """Check `given` papermill parameters against the ones `notebook` declares (name -> default value) before any
+    cell runs: every name declared, every value of the type the settings schema, `NOTEBOOK_PARAMETERS` or the
+    declared default says (a list where the default is a list or the name is in `NOTEBOOK_LISTS`, each element
+    checked). Raises SettingsError "<name>: expected ..., got ..." naming the notebook."""
+    known = {**settings_of(TrainSettings), **settings_of(RunSettings)}
+    for name, value in given.items():
+        if name not in declared:
+            raise SettingsError(f"{name}: expected a parameter of {notebook} ({', '.join(declared)}), got "
+                                f"{name}={value!r}")
+        default = declared[name]
+        rule = known[name].check if name in known else NOTEBOOK_PARAMETERS.get(name)
+        many = isinstance(default, list) or (default is None and name in NOTEBOOK_LISTS)
+        if rule is None:
+            rule = _default_check(default[0] if isinstance(default, list) and default else default)
+        if value is None and default is None:
+            continue
+        label = f"{name} ({notebook})"
+        if many:
+            if not isinstance(value, list) or not value:
+                raise SettingsError(f"{label}: expected a non-empty JSON list, got {value!r}")
+            items = value
+        else:
+            items = [value]
+        for item in items:
+            if isinstance(item, list) or (rule is None and isinstance(item, dict)):
+                raise SettingsError(f"{label}: expected a single value, got {value!r}")
+            if rule is not None:
+                check(name, item, Setting("", rule), label=label)

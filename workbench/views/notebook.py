@@ -5,16 +5,31 @@ The notebooks call the package for every computation; this module only wires res
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
+import os
+import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
 from workbench.records import RunRecord, json_safe
 from workbench.views.plots import LiveFigure, save_figure, training_figure
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _repo_root() -> Path:
+    """The checkout the package is imported from (an editable install), else the current folder (a plain
+    `pip install .` leaves the notebooks and data_samples/ in the checkout it was run from)."""
+    checkout = Path(__file__).resolve().parents[2]
+    return checkout if (checkout / "notebooks").is_dir() else Path.cwd()
+
+
+REPO_ROOT = _repo_root()
+KERNEL = "rnnt-workbench"  # the kernel the notebooks name (registered by `make install`)
 
 
 def setup(output_dir: str | Path, *, summary: str | None = None, overwrite: bool = False,
@@ -98,3 +113,61 @@ def write_summary(output_dir: str | Path, name: str, summary: Mapping[str, Any])
     path = Path(output_dir) / name
     path.write_text(json.dumps(json_safe(dict(summary)), indent=2, default=str))
     return path
+
+
+class NotebookError(ValueError):
+    """A notebook's parameters or kernel are wrong; one line naming the parameter or kernel."""
+
+
+def declared_parameters(notebook: str | Path) -> dict[str, Any]:
+    """name -> default value of the parameters `notebook`'s `parameters` cell declares (papermill's reading)."""
+    import papermill as pm
+
+    return {name: ast.literal_eval(p["default"]) for name, p in pm.inspect_notebook(str(notebook)).items()}
+
+
+def check_parameters(notebook: str | Path, params: Mapping[str, Any]) -> None:
+    """Every parameter in `params` declared by `notebook` and of the type it takes; NotebookError otherwise."""
+    from workbench.run.settings import SettingsError, check_notebook_parameters
+
+    try:
+        check_notebook_parameters(Path(notebook).name, declared_parameters(notebook), params)
+    except SettingsError as exc:
+        raise NotebookError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def notebook_kernel(name: str | None = None) -> Iterator[tuple[str, str]]:
+    """(kernel name, a line saying which interpreter runs it) for executing the notebooks.
+
+    `name` must be an installed kernel. Without it the notebooks' own `rnnt-workbench` kernel is used where it is
+    registered; elsewhere (a plain `pip install`, conda) a kernelspec of that name for this interpreter is
+    written to a temporary folder on JUPYTER_PATH for the duration, so the notebooks run unchanged."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    manager = KernelSpecManager()
+    try:
+        spec = manager.get_kernel_spec(name or KERNEL)
+    except NoSuchKernel:
+        if name is not None:
+            installed = ", ".join(sorted(manager.find_kernel_specs()))
+            raise NotebookError(f"--kernel: expected an installed Jupyter kernel ({installed}), got {name!r}") from None
+    else:
+        yield name or KERNEL, f"kernel: {name or KERNEL} ({spec.argv[0]})"
+        return
+    previous = os.environ.get("JUPYTER_PATH")
+    with tempfile.TemporaryDirectory(prefix="workbench-kernel-") as folder:
+        spec_dir = Path(folder) / "kernels" / KERNEL
+        spec_dir.mkdir(parents=True)
+        (spec_dir / "kernel.json").write_text(json.dumps({
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": f"RNN-T workbench ({sys.executable})", "language": "python"}))
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, (folder, previous)))
+        try:
+            yield KERNEL, (f"kernel: this interpreter, {sys.executable} (no {KERNEL} kernel is registered; "
+                           f"`make install` registers one)")
+        finally:
+            if previous is None:
+                os.environ.pop("JUPYTER_PATH", None)
+            else:
+                os.environ["JUPYTER_PATH"] = previous

@@ -35,6 +35,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -104,6 +105,9 @@ def warm_up() -> None:
 
 def _init_worker(progress: Any, stop: Any, parent_pid: int) -> None:
     global _PROGRESS, _STOP
+    # Ctrl-C in a terminal goes to the whole process group: the sweep process stops its workers through the stop
+    # event (and says so in one line), so a worker ignores SIGINT rather than print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _PROGRESS, _STOP = progress, stop
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     warm_up()
@@ -432,6 +436,7 @@ class Sweep:
 
 BACKENDS: tuple[str, ...] = ("local", "ray")
 RAY_PORT = 6379
+RAY_HANDSHAKE_S = 5.0  # the pre-check's bound on a Ray head's answer
 
 
 def check_backend(backend: str, address: str | None) -> tuple[str, str | None]:
@@ -461,15 +466,33 @@ def check_backend(backend: str, address: str | None) -> tuple[str, str | None]:
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise SweepError(f"address: expected HOST:PORT of a Ray cluster's head (e.g. 10.0.0.5:{RAY_PORT}), 'auto' or "
                          f"ray://HOST:PORT, got {address!r}")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port_text)), timeout=3.0):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
+    reason = _ray_handshake(host.strip("[]"), int(port_text), RAY_HANDSHAKE_S)
+    if reason is not None:
         raise SweepError(f"address: no Ray cluster answers at {address} ({reason}); start one there with "
                          f"`ray start --head --port {port_text}`, or leave the address out to run Ray on this "
                          f"machine") from None
     return backend, address
+
+
+def _ray_handshake(host: str, port: int, timeout: float) -> str | None:
+    """None when a gRPC server (a Ray head's GCS, or a Ray Client server) completes the HTTP/2 handshake at
+    host:port within `timeout` seconds; else why not. An open port alone proves nothing: Ray's own connect
+    retries without limit against a server that speaks something else."""
+    import grpc
+
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, 3.0)):
+            pass
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        return f"something listens there but gave no gRPC handshake within {timeout:g} s: not a Ray head"
+    finally:
+        channel.close()
+    return None
 
 
 class _Executor:
@@ -540,7 +563,8 @@ class _PoolExecutor(_Executor):
             task = self._next()
             if task is None:
                 return
-            self.futures[self.pool.submit(_work, *task[1])] = task[0]
+            with _sigint_blocked():
+                self.futures[self.pool.submit(_work, *task[1])] = task[0]
 
     def _work_here(self) -> None:
         """The worker in this process: the same `_execute`, stopping at the next step once the sweep stops."""
@@ -612,6 +636,21 @@ class _PoolExecutor(_Executor):
         if self.thread is not None:
             self.thread.join()
         torch.set_num_threads(self.threads)
+
+
+@contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread while worker processes may be spawned: a spawned process inherits the mask,
+    so a Ctrl-C while it imports (before `_init_worker` ignores SIGINT) prints no traceback there. This process
+    still gets the signal: another thread takes it, or it is delivered when the mask is restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _progress_board(ray: Any) -> Any:
