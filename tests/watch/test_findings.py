@@ -1,0 +1,121 @@
+"""Every finding kind of `watch` on a hand-made loop that has the bug, and none on its clean twin."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loops import Net, batches, kinds, plain_step, run
+
+
+def test_a_clean_loop_has_no_finding_and_trains():
+    w = run(plain_step, steps=30)
+    assert w.findings == []
+    assert w.summary()["outcome"] == "healthy"
+
+
+def test_outside_optimizer_at_the_first_step():
+    w = run(plain_step, make_optimizer=lambda m: torch.optim.SGD(m.features.parameters(), lr=0.1))
+    assert kinds(w) == [("outside_optimizer", 1)]
+    assert w.findings[0]["tensors"] == ["head.weight", "head.bias"]
+    summary = w.summary()
+    assert summary["outcome"] == "stalled" and any(r.startswith("head got gradients") for r in
+                                                   summary["outcome_reasons"])
+
+
+def test_not_updated_when_a_group_has_no_learning_rate():
+    def zero_lr(m):
+        return torch.optim.SGD([{"params": m.features.parameters()}, {"params": m.head.parameters(), "lr": 0.0}],
+                               lr=0.1)
+
+    w = run(plain_step, make_optimizer=zero_lr)
+    assert kinds(w) == [("not_updated", 1)] and w.findings[0]["tensors"] == ["head.weight", "head.bias"]
+    assert w.summary()["outcome"] == "stalled"
+
+
+def test_frozen_changed_by_batchnorm_in_train_mode_and_not_in_eval():
+    def freeze(m):
+        m.features.requires_grad_(False)
+
+    w = run(plain_step, setup=freeze)
+    assert kinds(w) == [("frozen_changed", 1)]
+    assert set(w.findings[0]["tensors"]) == {"features.1.running_mean", "features.1.running_var",
+                                             "features.1.num_batches_tracked"}
+
+    def train_head_only(model, optimizer, batch, i, watcher):
+        model.features.eval()  # the fix: a frozen stage keeps its statistics
+        plain_step(model, optimizer, batch, i, watcher)
+
+    assert run(train_head_only, setup=freeze).findings == []
+
+
+def test_stale_grad_without_zero_grad_but_not_for_deliberate_accumulation():
+    def no_zero_grad(model, optimizer, batch, i, w):
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        w.loss(loss)
+        loss.backward()
+        optimizer.step()
+
+    w = run(no_zero_grad)
+    assert kinds(w) == [("stale_grad", 2)]  # the first step that could see an uncleared gradient
+
+    def accumulate(model, optimizer, batch, i, w):
+        x, y = batch
+        for half in (slice(0, 16), slice(16, 32)):
+            loss = F.cross_entropy(model(x[half]), y[half]) / 2
+            w.loss(loss)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    assert run(accumulate).findings == []
+
+
+def test_nonfinite_names_the_first_module_at_the_next_forward():
+    w = run(plain_step, make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=1e38))
+    first = next(f for f in w.findings if f["kind"] == "nonfinite")
+    # features.0's weights are ~1e38 (their float32 norm overflows) yet its outputs stay finite, and BatchNorm
+    # rescales them: the first non-finite output is the head's, whose weights multiply them
+    assert first["step"] == 1 and first["module"] == "head"
+    assert "head.weight" in first["tensors"]
+    assert w.summary()["outcome"] == "diverged"
+
+
+def test_clip_collapse_when_the_clip_runs_over_scaled_gradients():
+    def amp_step(unscale_first):
+        def step(model, optimizer, batch, i, w):
+            x, y = batch
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            w.loss(loss)
+            SCALER.scale(loss).backward()
+            if unscale_first:
+                SCALER.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            SCALER.step(optimizer)
+            SCALER.update()
+        return step
+
+    global SCALER
+    SCALER = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    w = run(amp_step(False), scaler=SCALER)
+    assert kinds(w) == [("clip_collapse", 1)]
+    SCALER = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    w = run(amp_step(True), scaler=SCALER)
+    assert w.findings == [] and max(w.record.values("clip/coefficient")) <= 1.0
+
+
+def test_no_gradient_for_a_detached_branch():
+    def detached(model, optimizer, batch, i, w):
+        x, y = batch
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model.head(model.features(x).detach()), y)
+        w.loss(loss)
+        loss.backward()
+        optimizer.step()
+
+    w = run(detached)
+    assert kinds(w) == [("no_gradient", 1)]
+    assert w.findings[0]["tensors"] == ["features.0.weight", "features.0.bias", "features.1.weight",
+                                        "features.1.bias"]

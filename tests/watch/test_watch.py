@@ -1,0 +1,80 @@
+"""watch's mechanics: importable from the package, every hook removed on leaving, one host copy per optimizer
+step, the run log read back like any run's, one line per finding, clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from loops import Net, batches, plain_step, run
+from workbench.records import read_record
+from workbench.train import host
+
+
+def hook_count(model: nn.Module) -> int:
+    modules = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    return modules + sum(len(p._backward_hooks or {}) for p in model.parameters())
+
+
+def test_import_workbench_stays_light_and_exports_watch():
+    code = "import sys, workbench; assert 'torch' not in sys.modules; from workbench import watch; print(watch)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "function watch" in out.stdout
+
+
+def test_leaving_the_block_removes_every_hook():
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e38)  # diverges, so the module hooks go on too
+    from workbench import watch
+
+    w = watch(model, optimizer, say=lambda line: None)
+    with w:
+        for i, batch in enumerate(batches(3)):
+            plain_step(model, optimizer, batch, i, w)
+            assert hook_count(model) > 0
+    assert hook_count(model) == 0
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+
+
+def test_one_host_copy_per_optimizer_step_and_the_run_log(tmp_path):
+    before = host.HOST_COPIES
+    w = run(plain_step, steps=10, log_path=tmp_path / "mine.h5")
+    assert host.HOST_COPIES - before == 10
+    record = read_record(tmp_path / "mine.h5")
+    assert record.status == "finished" and record.steps == list(range(1, 11))
+    assert record.values("loss/total") == pytest.approx(w.record.values("loss/total"))
+    assert w.summary()["log_path"] == str(tmp_path / "mine.h5")
+
+
+def test_findings_print_once_in_one_line():
+    lines: list[str] = []
+    run(plain_step, make_optimizer=lambda m: torch.optim.SGD(m.features.parameters(), lr=0.1), say=lines.append)
+    assert lines == [line for line in lines if "\n" not in line] and len(lines) == 1
+    assert lines[0].startswith("watch: step 1: outside_optimizer: 2 trainable tensors")
+
+
+def test_same_seed_same_numbers():
+    a, b = run(plain_step), run(plain_step)
+    assert {k: v for k, v in a.record.series.items() if k != "step_ms"} == \
+        {k: v for k, v in b.record.series.items() if k != "step_ms"}
+
+
+def test_errors_name_what_was_wrong():
+    from workbench import watch
+
+    class Parameterless(nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match="Parameterless has no parameters"):
+        watch(Parameterless(), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+    with pytest.raises(TypeError, match="expected a torch.optim.Optimizer, got list"):
+        watch(Net(), [])
+    with pytest.raises(AttributeError, match="nosuch"):
+        watch(Net(), torch.optim.SGD(Net().parameters(), lr=0.1), frozen=["nosuch"])
+    w = watch(Net(), torch.optim.SGD(Net().parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="got int 3: expected a scalar tensor"):
+        w.loss(3)

@@ -1,0 +1,465 @@
+"""Watch your own training loop: `watch(model, optimizer)` observes an unchanged loop and reports silent bugs.
+
+    from workbench import watch
+
+    with watch(model, optimizer, scaler=scaler, log_path="runs/mine.h5") as w:
+        for x, y in loader:                      # your loop, as it was
+            loss = F.cross_entropy(model(x), y)
+            w.loss(loss)                         # optional: gives watch the loss trend
+            optimizer.zero_grad(); loss.backward(); optimizer.step()
+    print(w.summary()["outcome"], w.findings)
+
+Watch wraps nothing you call. It uses the optimizer's step hooks (`register_step_pre_hook` /
+`register_step_post_hook`), one gradient pre-hook per trainable parameter (to see whether a gradient was cleared
+since the last step) and, only after a non-finite value was seen, forward hooks on every module (to name the first
+module whose output goes non-finite on the next forward). Leaving the block removes every one of them.
+
+Per optimizer step everything it measures moves to the host in ONE `to_host` copy (`HostPacket`): per-group
+gradient norm, max |g| and non-finite count (as the optimizer sees them: after unscale_ and your clip), the clip
+coefficient (the gradient norm at the step over the norm at the end of the last backward, divided by the
+GradScaler's scale), the update ratio per group (||w_after - w_before|| / ||w_before||), the tensors that got a
+non-zero gradient but did not change, the parameters and buffers of frozen modules that changed, the loss and the
+scale. A step the GradScaler skips never reaches the optimizer (no hook fires); watch counts it from the scale's
+backoff at the next step.
+
+Findings (a dict each: kind, step, tensors, message; printed once, in one line, when first seen):
+    outside_optimizer  trainable tensors that received a gradient but are in no optimizer group
+    not_updated        tensors in the optimizer that received a non-zero gradient but did not change at the step
+    frozen_changed     parameters or buffers of a frozen module (every parameter requires_grad=False, or named in
+                       `frozen=`) that changed across a step (a BatchNorm left in train mode updates its statistics)
+    stale_grad         gradients not cleared since the previous optimizer step (several backwards then one step
+                       then a clear is accumulation, not stale)
+    nonfinite          the first non-finite loss, gradient or parameter; the first module (in forward order) whose
+                       output went non-finite is added on the next forward
+    clip_collapse      the clip coefficient below `rules.clip_floor` on more than `rules.clip_share` of the steps
+    no_gradient        a trainable group in the optimizer that got no gradient at a step (a detached branch)
+
+What watch cannot see: a step the GradScaler skipped (its gradients never reach the optimizer), gradients that a
+loop clears between backward and step (they read as not updated), anything outside `model`, and with
+torch.compile'd optimizers or several processes, whatever the hooks are not called for.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from workbench.instrument.host import HostPacket, Slot
+from workbench.records import Recorder, RunRecord
+from workbench.records.outcome import OutcomeRules, classify
+from workbench.run.byo import Groups, _param_groups
+
+__all__ = ["FINDINGS", "Watch", "watch"]
+
+FINDINGS = ("outside_optimizer", "not_updated", "frozen_changed", "stale_grad", "nonfinite", "clip_collapse",
+            "no_gradient")
+
+
+def _frozen_modules(model: nn.Module, named: Sequence[str]) -> dict[str, nn.Module]:
+    """The outermost modules meant to be frozen: those named, and those with parameters, none trainable."""
+    found = {name: model.get_submodule(name) for name in named}
+    for name, module in model.named_modules():
+        if name and not any(name == f or name.startswith(f + ".") for f in found):
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                found[name] = module
+    return found
+
+
+class _Snapshot:
+    """What the pre-step hook saw, still on the device: the tensors to compare after the step and their names."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, torch.Tensor]] = []    # (name, param) with a gradient: inside, then outside
+        self.inside: list[tuple[str, torch.Tensor]] = []      # those in the optimizer
+        self.before: list[torch.Tensor] = []
+        self.before_norm: torch.Tensor | None = None
+        self.grad_norm: torch.Tensor | None = None             # (k,) float32
+        self.frozen: list[str] = []                             # frozen tensors compared with the last copy
+        self.packet = HostPacket()
+        self.slots: dict[str, Slot] = {}
+        self.names: dict[str, list[str]] = {}
+
+
+class Watch:
+    """Observes `model` trained by `optimizer` in your own loop; build it with `watch`. See the module docstring.
+
+    Attributes: `record` (the RunRecord, one row per optimizer step), `findings` (list of dicts), `step` (optimizer
+    steps seen), `groups` (ParamGroups: every parameter belongs to one, the root's in "(root)").
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 scaler: torch.amp.GradScaler | None = None, groups: Groups = None,
+                 frozen: Sequence[str] | None = None, log_path: str | Path | None = None, overwrite: bool = False,
+                 trace: bool = True, rules: OutcomeRules = OutcomeRules(),
+                 say: Callable[[str], None] = print) -> None:
+        if next(model.parameters(), None) is None:
+            raise ValueError(f"watch: {type(model).__qualname__} has no parameters: expected a model with at least "
+                             f"one parameter to train")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"watch: optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.groups = _param_groups(model, groups)
+        self.frozen_names = list(frozen or [])
+        for name in self.frozen_names:
+            model.get_submodule(name)  # a typo fails here, naming the module
+        self.log_path, self.overwrite, self.trace, self.rules, self.say = log_path, overwrite, trace, rules, say
+        self.named = dict(model.named_parameters())
+        self.group_of = {n: g for g, members in self.groups.items() for n in members}
+        self.record = RunRecord({"model": type(model).__qualname__, "optimizer": type(optimizer).__qualname__,
+                                 "loop": "watch", "groups": dict(self.groups.items())})
+        self.findings: list[dict[str, Any]] = []
+        self.step = 0
+        self.recorder: Recorder | None = None
+        self._handles: list[Any] = []
+        self._grad_hooks: dict[str, Any] = {}
+        self._module_hooks: list[Any] = []
+        self._outputs: list[tuple[str, torch.Tensor]] = []
+        self._seen: set[tuple[str, str]] = set()
+        self._mark: dict[str, tuple[int, int]] = {}   # name -> (id, version) of its .grad after the last step
+        self._stale: set[str] = set()
+        self._checked: set[str] = set()
+        self._backward_norm: torch.Tensor | None = None
+        self._callback_queued = False
+        self._losses: list[dict[str, torch.Tensor]] = []
+        self._snap: _Snapshot | None = None
+        self._prev_scale: float | None = None
+        self._low_clip = 0
+        self._frozen_base: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._t0 = 0.0
+
+    # ------------------------------------------------------------------------------------------- attaching
+
+    def attach(self) -> Watch:
+        """Install the hooks and open the run log. Attaching twice does nothing."""
+        if self._handles:
+            return self
+        if self.log_path is not None:
+            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+        self.recorder = Recorder(self.record, log_path=self.log_path, overwrite=self.overwrite,
+                                 attrs={"torch": torch.__version__})
+        self._handles = [self.optimizer.register_step_pre_hook(self._pre_step),
+                         self.optimizer.register_step_post_hook(self._post_step)]
+        self._hook_gradients()
+        self._frozen_base = {n: (t, t.detach().clone()) for n, t in self._frozen_tensors().items()}
+        self._t0 = time.perf_counter()
+        return self
+
+    def _frozen_tensors(self) -> dict[str, torch.Tensor]:
+        """Name -> parameter or buffer of every module meant to be frozen now."""
+        found: dict[str, torch.Tensor] = {}
+        for mname, module in _frozen_modules(self.model, self.frozen_names).items():
+            found.update(module.named_parameters(prefix=mname))
+            found.update(module.named_buffers(prefix=mname))
+        return found
+
+    def detach(self, status: str = "finished", **attrs: Any) -> None:
+        """Remove every hook and close the run log with `status`. Detaching twice does nothing."""
+        for handle in [*self._handles, *self._grad_hooks.values(), *self._module_hooks]:
+            handle.remove()
+        self._handles, self._grad_hooks, self._module_hooks = [], {}, []
+        if self.recorder is not None:
+            self.recorder.close(status, **attrs)
+
+    def __enter__(self) -> Watch:
+        return self.attach()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is None:
+            self.detach()
+        else:
+            self.detach("failed", error=repr(exc).replace("\n", " "))
+
+    def _hook_gradients(self) -> None:
+        """A gradient pre-hook on every trainable parameter not yet hooked (a module unfrozen later included)."""
+        for name, p in self.named.items():
+            if p.requires_grad and name not in self._grad_hooks:
+                self._grad_hooks[name] = p.register_hook(self._gradient_hook(name, p))
+
+    def _gradient_hook(self, name: str, p: nn.Parameter) -> Callable[[torch.Tensor], None]:
+        def hook(_: torch.Tensor) -> None:
+            # Runs before autograd accumulates into p.grad: the first time after a step, p.grad still being the
+            # very tensor the step saw, unchanged, means nothing cleared it.
+            if name not in self._checked:
+                self._checked.add(name)
+                g = p.grad
+                if g is not None and self._mark.get(name) == (id(g), g._version):
+                    self._stale.add(name)
+            if not self._callback_queued:
+                self._callback_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+        return hook
+
+    def _after_backward(self) -> None:
+        """End of a backward: the norm of the optimizer's gradients before anything (unscale_, a clip) touched them."""
+        self._callback_queued = False
+        grads = [p.grad for p in self._optimizer_params() if p.grad is not None]
+        if grads:
+            self._backward_norm = torch.linalg.vector_norm(
+                torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+
+    def _optimizer_params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    # ------------------------------------------------------------------------------------------- the loop's side
+
+    def loss(self, loss: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
+        """Give watch this iteration's loss (a scalar tensor, or a dict of terms logged one by one; their sum is
+        the total unless the dict has a "total"). Call it any time before the optimizer step."""
+        if not isinstance(loss, (torch.Tensor, Mapping)):
+            raise TypeError(f"watch.loss: got {type(loss).__name__} {loss!r}: expected a scalar tensor or a dict of "
+                            f"named scalar tensors")
+        terms = {"total": loss} if isinstance(loss, torch.Tensor) else dict(loss)
+        for name, value in terms.items():
+            if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+                raise TypeError(f"watch.loss: term {name!r}: expected a scalar tensor, got "
+                                f"{type(value).__name__}{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}")
+        if "total" not in terms:
+            terms = {"total": sum(terms.values()), **terms}
+        self._losses.append({k: v.detach().float().reshape(()) for k, v in terms.items()})
+        self._hook_gradients()
+
+    # ------------------------------------------------------------------------------------------- the step
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._hook_gradients()
+        snap = _Snapshot()
+        packet = snap.packet
+        held = {id(p) for p in self._optimizer_params()}
+        received = [(n, p) for n, p in self.named.items() if p.grad is not None]
+        inside = [(n, p) for n, p in received if id(p) in held]
+        outside = [(n, p) for n, p in received if id(p) not in held and p.requires_grad]
+        snap.inside, snap.received = inside, inside + outside
+        snap.names["outside"] = [n for n, _ in outside]
+        snap.names["no_grad"] = [n for n, p in self.named.items() if id(p) in held and p.requires_grad
+                                 and p.grad is None]
+        snap.names["stale"] = sorted(n for n in self._stale if n in dict(inside))
+        if snap.received:
+            grads = [p.grad.detach() for _, p in snap.received]
+            norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+            snap.grad_norm = norms
+            snap.slots["grad_norm"] = packet.add(norms)
+            snap.slots["grad_max"] = packet.add(torch.stack(
+                [m.float() for m in torch._foreach_max(torch._foreach_abs(grads))]))
+            snap.slots["grad_nonfinite"] = packet.add((~torch.isfinite(norms)).float())
+        if inside:
+            snap.before = [p.detach().clone() for _, p in inside]
+            snap.before_norm = torch.stack(torch._foreach_norm(snap.before, 2, dtype=torch.float32))
+            if self._backward_norm is not None:
+                snap.slots["backward_norm"] = packet.add(self._backward_norm.reshape(1))
+        # Frozen tensors are compared with their copy from the previous step (or the attach), so a change made by
+        # the forward (BatchNorm statistics) counts as well as one made by the update.
+        current = self._frozen_tensors()
+        kept = [(n, t, self._frozen_base[n][1]) for n, t in current.items() if n in self._frozen_base]
+        if kept:
+            snap.frozen = [n for n, _, _ in kept]
+            snap.slots["frozen"] = packet.add(torch.stack([(t.detach() != b).any().float() for _, t, b in kept]))
+        self._frozen_base = {n: (t, t.detach().clone()) for n, t in current.items()}
+        scale = getattr(self.scaler, "_scale", None) if self.scaler is not None and self.scaler.is_enabled() else None
+        if isinstance(scale, torch.Tensor):
+            snap.slots["scale"] = packet.add(scale.detach().float().reshape(1))
+        if self._losses:
+            last = self._losses[-1]
+            snap.names["loss"] = list(last)
+            snap.slots["loss"] = packet.add(torch.stack([last[k] for k in last]))
+            snap.slots["loss_nonfinite"] = packet.add(torch.stack(
+                [(~torch.isfinite(t["total"])).float() for t in self._losses]).sum().reshape(1))
+            self._losses = []
+        self._snap = snap
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        snap, self._snap = self._snap, None
+        if snap is None:
+            return
+        packet = snap.packet
+        self.step += 1
+        if snap.inside:
+            after = [p.detach() for _, p in snap.inside]
+            diff = torch.stack(torch._foreach_norm(torch._foreach_sub(after, snap.before), 2, dtype=torch.float32))
+            snap.slots["diff"] = packet.add(diff)
+        snap.slots["params_nonfinite"] = packet.params_nonfinite(self.model)
+        outputs, self._outputs = self._outputs, []
+        if outputs:
+            snap.slots["outputs"] = packet.add(torch.stack([flag for _, flag in outputs]))
+        packet.read()  # the step's one host copy
+        self._record(snap, outputs)
+        for name, p in self.named.items():
+            if p.grad is not None:
+                self._mark[name] = (id(p.grad), p.grad._version)
+            else:
+                self._mark.pop(name, None)
+        self._stale, self._checked = set(), set()
+
+    # ------------------------------------------------------------------------------------------- the host side
+
+    def _record(self, snap: _Snapshot, outputs: list[tuple[str, torch.Tensor]]) -> None:
+        step, v = self.step, {k: s.value for k, s in snap.slots.items()}
+        row: dict[str, Any] = {"step_ms": (time.perf_counter() - self._t0) * 1e3}
+        self._t0 = time.perf_counter()
+        names = [n for n, _ in snap.received]
+        norm = dict(zip(names, v["grad_norm"].tolist())) if names else {}
+        gmax = dict(zip(names, v["grad_max"].tolist())) if names else {}
+        bad = dict(zip(names, v["grad_nonfinite"].tolist())) if names else {}
+        inside = [n for n, _ in snap.inside]
+        diff = dict(zip(inside, v["diff"].tolist())) if inside else {}
+        before = dict(zip(inside, snap.before_norm.tolist())) if inside else {}  # type: ignore[union-attr]
+        received = set(self._received(norm))
+        for group, members in self.groups.items():
+            got = [n for n in members if n in norm]
+            outside = [n for n in members if n in snap.names["outside"]]
+            if not got:
+                continue
+            row[f"grad_norm/{group}"] = math.sqrt(sum(norm[n] ** 2 for n in got)) if got else 0.0
+            row[f"grad_max/{group}"] = max((gmax[n] for n in got), default=0.0)
+            row[f"grad_nonfinite/{group}"] = int(sum(bad[n] for n in got))
+            base = math.sqrt(sum(before.get(n, 0.0) ** 2 for n in got))
+            moved = math.sqrt(sum(diff.get(n, 0.0) ** 2 for n in got))
+            row[f"update_ratio/{group}"] = moved / base if base > 0 else (0.0 if moved == 0 else math.inf)
+            row[f"not_updated/{group}"] = sum(1 for n in got if n in received and diff.get(n) == 0) + len(outside)
+            row[f"outside_optimizer/{group}"] = len(outside)
+        row["grad_norm/global"] = math.sqrt(sum(x ** 2 for x in norm.values()))
+        row["nonfinite_grad"] = any(bad.values())
+        skipped = 0
+        if "scale" in v:
+            scale = float(v["scale"][0])
+            row["scaler/scale_before"] = scale
+            if self._prev_scale is not None and scale < self._prev_scale:
+                skipped = round(math.log(self._prev_scale / scale) / math.log(1 / self.scaler.get_backoff_factor()))
+            self._prev_scale = scale
+        row["skipped"] = False
+        row["skipped_before"] = skipped
+        coef = None
+        if "backward_norm" in v and norm:
+            unscaled = float(v["backward_norm"][0]) / (row.get("scaler/scale_before") or 1.0)
+            if unscaled > 0 and math.isfinite(unscaled):
+                coef = min(1.0, row["grad_norm/global"] / unscaled)
+                row["clip/coefficient"] = coef
+                row["clip/total_norm"] = unscaled
+        if "loss" in v:
+            row.update({f"loss/{k}": float(x) for k, x in zip(snap.names["loss"], v["loss"].tolist())})
+        flags = v["params_nonfinite"]
+        nonfinite_params = [n for n, f in zip(self.named, flags.tolist()) if f]
+        row["params_finite"] = not nonfinite_params
+        row["params_nonfinite/tensors"] = len(nonfinite_params)
+        assert self.recorder is not None
+        self.recorder.record_step(step, row)
+        self._find(snap, row, norm, diff, v, nonfinite_params, coef, outputs)
+
+    def _find(self, snap: _Snapshot, row: dict[str, Any], norm: dict[str, float], diff: dict[str, float],
+              v: dict[str, Any], nonfinite_params: list[str], coef: float | None,
+              outputs: list[tuple[str, torch.Tensor]]) -> None:
+        step = self.step
+        outside = snap.names["outside"]
+        if outside:
+            self._report("outside_optimizer", outside, f"{len(outside)} trainable tensors received a gradient but "
+                         f"are in no optimizer group ({_some(outside)}): they never train")
+        stuck = [n for n in self._received(norm) if diff.get(n) == 0]
+        if stuck:
+            self._report("not_updated", stuck, f"{len(stuck)} tensors in the optimizer got a non-zero gradient but "
+                         f"did not change at the step ({_some(stuck)})")
+        if "frozen" in v:
+            changed = [n for n, f in zip(snap.frozen, v["frozen"].tolist()) if f]
+            if changed:
+                self._report("frozen_changed", changed, f"{len(changed)} parameters or buffers of frozen modules "
+                             f"changed across the step ({_some(changed)})")
+        if snap.names["stale"]:
+            stale = snap.names["stale"]
+            self._report("stale_grad", stale, f"{len(stale)} gradients were not cleared since the previous optimizer "
+                         f"step ({_some(stale)}): they accumulate across steps")
+        if snap.names["no_grad"]:
+            idle = snap.names["no_grad"]
+            groups = sorted({self.group_of.get(n, n) for n in idle})
+            self._report("no_gradient", idle, f"trainable tensors in the optimizer got no gradient "
+                         f"({_some(idle)}; groups {', '.join(groups)}): detached from the loss?", key=",".join(groups))
+        bad_loss = int(v["loss_nonfinite"][0]) if "loss_nonfinite" in v else 0
+        bad_grads = [n for n in norm if not math.isfinite(norm[n])]
+        if bad_loss or bad_grads or nonfinite_params:
+            what = (["a loss"] if bad_loss else []) + ([f"gradients of {_some(bad_grads)}"] if bad_grads else []) + \
+                ([f"parameters {_some(nonfinite_params)}"] if nonfinite_params else [])
+            if self._report("nonfinite", bad_grads + nonfinite_params,
+                            f"non-finite {' and '.join(what)}; the first module with a non-finite output is named "
+                            f"at the next forward") and self.trace:
+                self._hook_modules()
+        if outputs:
+            first = next((n for (n, _), f in zip(outputs, v["outputs"].tolist()) if f), None)
+            if first is not None:
+                for finding in self.findings:
+                    if finding["kind"] == "nonfinite" and "module" not in finding:
+                        finding["module"] = first
+                        finding["message"] += f"; first non-finite module output (forward order): {first}"
+                        self.say(f"watch: step {step}: first non-finite module output: {first}")
+                for handle in self._module_hooks:
+                    handle.remove()
+                self._module_hooks = []
+        if coef is not None:
+            self._low_clip += coef < self.rules.clip_floor
+            if coef < self.rules.clip_floor and self._low_clip / step > self.rules.clip_share:
+                self._report("clip_collapse", [], f"the clip coefficient was {coef:.2g} (below "
+                             f"{self.rules.clip_floor:g} on {self._low_clip} of {step} steps): a clip over still-"
+                             f"scaled gradients, or a max norm far below the gradient norm")
+
+    @staticmethod
+    def _received(norm: dict[str, float]) -> list[str]:
+        """Tensors whose gradient could move them: finite and above 1e-6 of the step's largest gradient norm (a
+        bias right before a BatchNorm gets ~1e-9, which no float32 update represents)."""
+        top = max((x for x in norm.values() if math.isfinite(x)), default=0.0)
+        return [n for n, x in norm.items() if math.isfinite(x) and x > 1e-6 * top]
+
+    def _report(self, kind: str, tensors: list[str], message: str, key: str | None = None) -> bool:
+        """Record a finding the first time its kind (and key) is seen; True when it is new."""
+        if (kind, key or "") in self._seen:
+            return False
+        self._seen.add((kind, key or ""))
+        finding = {"kind": kind, "step": self.step, "tensors": list(tensors), "message": message}
+        self.findings.append(finding)
+        self.say(f"watch: step {self.step}: {kind}: {message}")
+        if self.recorder is not None:
+            self.recorder.event("watch", {"step": self.step, "kind": kind, "tensors": ", ".join(tensors),
+                                          "message": message})
+        return True
+
+    def _hook_modules(self) -> None:
+        """Forward hooks on every module that queue a non-finite flag of its output for the next step's copy."""
+        for name, module in self.model.named_modules():
+            self._module_hooks.append(module.register_forward_hook(self._output_hook(name or "(root)")))
+
+    def _output_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            tensors = [t for t in (output if isinstance(output, (tuple, list)) else [output])
+                       if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            if tensors:
+                flags = [(~torch.isfinite(t.detach())).any() for t in tensors]
+                self._outputs.append((name, torch.stack(flags).any().float()))
+        return hook
+
+    # ------------------------------------------------------------------------------------------- results
+
+    def summary(self) -> dict[str, Any]:
+        """outcome (by `classify` under `rules`), outcome_reasons, outcome_warnings, findings, steps, log path."""
+        outcome = classify(self.record, self.rules)
+        return {"outcome": outcome.kind, "outcome_reasons": outcome.reasons, "outcome_warnings": outcome.warnings,
+                "findings": [dict(f) for f in self.findings], "steps": self.step, "log_path": self.record.path}
+
+
+def _some(names: Sequence[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f", ... ({len(names)} in all)" if len(names) > k else "")
+
+
+def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, scaler: torch.amp.GradScaler | None = None,
+          groups: Groups = None, frozen: Sequence[str] | None = None, log_path: str | Path | None = None,
+          overwrite: bool = False, trace: bool = True, rules: OutcomeRules = OutcomeRules(),
+          say: Callable[[str], None] = print) -> Watch:
+    """A `Watch` over your own loop: use it as a context manager (`with watch(model, optimizer) as w:`) or call
+    `attach()` / `detach()`. groups: as `workbench.run.byo.instrument` takes them; frozen: names of modules meant to
+    stay frozen (modules whose every parameter has requires_grad=False are frozen anyway); log_path: an HDF5 run
+    log (`workbench report` / `trace` / `export` read it); trace: name the first non-finite module output after a
+    non-finite value was seen; say: where the one-line findings go."""
+    return Watch(model, optimizer, scaler=scaler, groups=groups, frozen=frozen, log_path=log_path,
+                 overwrite=overwrite, trace=trace, rules=rules, say=say)
