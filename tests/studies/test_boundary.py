@@ -41,6 +41,10 @@ def test_bisection_brackets_between_healthy_and_not_healthy():
     state.probes[0.01] = _runs("healthy", "stalled", "healthy")  # one seed not healthy: the boundary is below
     assert state.next_lr(search) == 0.001
     state.probes[0.001] = _runs("healthy", "healthy", "healthy")
+    assert state.next_lr(search) == 0.0032
+    state.probes[0.0032] = _runs("diverged", "healthy", "healthy")
+    assert state.next_lr(search) is None and "after 3 bisection round(s)" in state.ended
+    del state.probes[0.0032]
     result = state.result()
     assert (result["lr_healthy_max"], result["lr_unhealthy_min"], result["lr_diverged_min"]) == (0.001, 0.01, 1.0)
     assert result["first_failure"]["lr"] == 0.01 and result["first_failure"]["outcome"] == "stalled"

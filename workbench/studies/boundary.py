@@ -148,6 +148,9 @@ class CellState:
         if lo is None:
             self.ended = f"not healthy in every seed already at the lowest lr {search.lo:g}"
             return None
+        if len(self.probes) - 2 >= search.rounds:
+            self.ended = f"bracket [{lo:g}, {hi:g}] after {search.rounds} bisection round(s)"
+            return None
         mid = midpoint(lo, hi)
         if mid in self.probes or not lo < mid < hi:
             self.ended = f"bracket [{lo:g}, {hi:g}] at the search's resolution"
