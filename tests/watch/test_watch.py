@@ -37,7 +37,9 @@ def test_leaving_the_block_removes_every_hook():
             plain_step(model, optimizer, batch, i, w)
             assert hook_count(model) > 0
     assert hook_count(model) == 0
-    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+    assert not _global_optimizer_pre_hooks and not _global_optimizer_post_hooks
 
 
 def test_one_host_copy_per_optimizer_step_and_the_run_log(tmp_path):

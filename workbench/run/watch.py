@@ -9,8 +9,8 @@
             optimizer.zero_grad(); loss.backward(); optimizer.step()
     print(w.summary()["outcome"], w.findings)
 
-Watch wraps nothing you call. It uses the optimizer's step hooks (`register_step_pre_hook` /
-`register_step_post_hook`), one gradient pre-hook per trainable parameter (to see whether a gradient was cleared
+Watch wraps nothing you call. It uses torch's optimizer step hooks (`register_optimizer_step_pre_hook` /
+`..._post_hook`: the optimizer you pass and any the loop builds later over the model's parameters), one gradient pre-hook per trainable parameter (to see whether a gradient was cleared
 since the last step) and, only after a non-finite value was seen, forward hooks on every module (to name the first
 module whose output goes non-finite on the next forward). Leaving the block removes every one of them.
 
@@ -49,6 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from workbench.instrument.host import HostPacket, Slot
 from workbench.records import Recorder, RunRecord
@@ -131,6 +132,7 @@ class Watch:
         self._snap: _Snapshot | None = None
         self._prev_scale: float | None = None
         self._low_clip = 0
+        self._weights: dict[str, float] = {}
         self._frozen_base: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._t0 = 0.0
 
@@ -144,8 +146,10 @@ class Watch:
             Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         self.recorder = Recorder(self.record, log_path=self.log_path, overwrite=self.overwrite,
                                  attrs={"torch": torch.__version__})
-        self._handles = [self.optimizer.register_step_pre_hook(self._pre_step),
-                         self.optimizer.register_step_post_hook(self._post_step)]
+        # Global step hooks, so an optimizer the loop rebuilds (a new stage, an unfreeze) is watched as well;
+        # steps of optimizers that hold none of the model's parameters are ignored.
+        self._handles = [register_optimizer_step_pre_hook(self._pre_step),
+                         register_optimizer_step_post_hook(self._post_step)]
         self._hook_gradients()
         self._frozen_base = {n: (t, t.detach().clone()) for n, t in self._frozen_tensors().items()}
         self._t0 = time.perf_counter()
@@ -210,25 +214,34 @@ class Watch:
 
     # ------------------------------------------------------------------------------------------- the loop's side
 
-    def loss(self, loss: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
+    def loss(self, loss: torch.Tensor | Mapping[str, torch.Tensor],
+             weights: Mapping[str, float] | None = None) -> None:
         """Give watch this iteration's loss (a scalar tensor, or a dict of terms logged one by one; their sum is
-        the total unless the dict has a "total"). Call it any time before the optimizer step."""
+        the total unless the dict has a "total"). Call it any time before the optimizer step. `weights`: the loss
+        weights of a curriculum (recorded as `weight/<term>`), so the loss trend is judged at the final ones."""
         if not isinstance(loss, (torch.Tensor, Mapping)):
             raise TypeError(f"watch.loss: got {type(loss).__name__} {loss!r}: expected a scalar tensor or a dict of "
                             f"named scalar tensors")
         terms = {"total": loss} if isinstance(loss, torch.Tensor) else dict(loss)
         for name, value in terms.items():
             if not (isinstance(value, torch.Tensor) and value.numel() == 1):
-                raise TypeError(f"watch.loss: term {name!r}: expected a scalar tensor, got "
-                                f"{type(value).__name__}{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}")
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ""
+                raise TypeError(f"watch.loss: term {name!r}: expected a scalar tensor, got {type(value).__name__}"
+                                f"{shape}")
         if "total" not in terms:
             terms = {"total": sum(terms.values()), **terms}
         self._losses.append({k: v.detach().float().reshape(()) for k, v in terms.items()})
+        self._weights = dict(weights or {})
         self._hook_gradients()
 
     # ------------------------------------------------------------------------------------------- the step
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if optimizer is not self.optimizer:
+            mine = {id(p) for p in self.named.values()}
+            if not any(id(p) in mine for group in optimizer.param_groups for p in group["params"]):
+                return
+            self.optimizer = optimizer
         self._hook_gradients()
         snap = _Snapshot()
         packet = snap.packet
@@ -275,6 +288,8 @@ class Watch:
         self._snap = snap
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if optimizer is not self.optimizer:
+            return
         snap, self._snap = self._snap, None
         if snap is None:
             return
@@ -342,6 +357,7 @@ class Watch:
                 coef = min(1.0, row["grad_norm/global"] / unscaled)
                 row["clip/coefficient"] = coef
                 row["clip/total_norm"] = unscaled
+        row.update({f"weight/{k}": float(x) for k, x in self._weights.items()})
         if "loss" in v:
             row.update({f"loss/{k}": float(x) for k, x in zip(snap.names["loss"], v["loss"].tolist())})
         flags = v["params_nonfinite"]
