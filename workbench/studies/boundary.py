@@ -267,20 +267,21 @@ def _fmt_interval(interval: Sequence[float]) -> str:
 
 
 def answers(results: Sequence[Mapping[str, Any]], scope: str) -> list[str]:
-    """The answers, computed from the cells: per policy and semantics (fp16, budget as run) whether N moved the
-    boundary beyond the seeds' spread, with counts; where nothing diverged, up to which lr; whether precision or
+    """The answers, computed from the cells: per policy, semantics, precision and budget (each line says which
+    budget its comparison of N uses) whether N moved the boundary beyond the seeds' spread, with counts; where nothing diverged, up to which lr; whether precision or
     the budget moved it, where the search ran that comparison."""
     lines = [f"Scope: {scope}. A boundary is the interval (largest lr healthy in every seed, smallest lr where some "
              f"seed was not healthy]; N moves it only where two intervals do not overlap."]
-    base = [r for r in results if r["budget"] == "after_unfreeze"]
-    for (policy, semantics, precision) in sorted({(r["policy"], r["semantics"], r["precision"]) for r in base}):
-        members = sorted((r for r in base if (r["policy"], r["semantics"], r["precision"]) ==
-                          (policy, semantics, precision)), key=lambda r: r["freeze_steps"])
-        head = f"{policy}, {semantics}, {precision}"
+    for key in sorted({(r["policy"], r["semantics"], r["precision"], r["budget"]) for r in results}):
+        members = sorted((r for r in results if (r["policy"], r["semantics"], r["precision"], r["budget"]) == key),
+                         key=lambda r: r["freeze_steps"])
+        policy, semantics, precision, budget = key
+        budget_text = "equal steps after the unfreeze" if budget == "after_unfreeze" else "equal total joint steps"
+        head = f"{policy}, {semantics}, {precision}, {budget_text}"
         table = ", ".join(f"N={r['freeze_steps']} {_fmt_interval(_interval(r))}" for r in members)
         if len(members) > 1:
             n0 = members[0]["freeze_steps"]
-            cmp = [c for c in compare(members, "freeze_steps", n0)]
+            cmp = compare(members, "freeze_steps", n0)
             moved = [c for c in cmp if c["moved"] != "within spread"]
             verdict = (f"N moved the boundary beyond the seeds' spread in {len(moved)} of {len(cmp)} comparisons "
                        f"with N={n0}" + (" (" + ", ".join(f"N={c['freeze_steps']} {c['moved']}" for c in moved) + ")"
