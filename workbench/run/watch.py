@@ -82,7 +82,8 @@ class _Snapshot:
         self.before: list[torch.Tensor] = []
         self.before_norm: torch.Tensor | None = None
         self.grad_norm: torch.Tensor | None = None             # (k,) float32
-        self.frozen: list[str] = []                             # frozen tensors compared with the last copy
+        self.frozen: list[str] = []                             # frozen parameters written since the last step
+        self.buffers: list[str] = []                            # frozen buffers compared with their last copy
         self.packet = HostPacket()
         self.slots: dict[str, Slot] = {}
         self.names: dict[str, list[str]] = {}
@@ -133,7 +134,8 @@ class Watch:
         self._prev_scale: float | None = None
         self._low_clip = 0
         self._weights: dict[str, float] = {}
-        self._frozen_base: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._frozen_base: dict[str, tuple[torch.Tensor, Any]] = {}  # name -> (tensor, version or copy)
+        self._frozen_cache: tuple[tuple[bool, ...], dict[str, torch.Tensor]] | None = None
         self._t0 = 0.0
 
     # ------------------------------------------------------------------------------------------- attaching
@@ -151,17 +153,22 @@ class Watch:
         self._handles = [register_optimizer_step_pre_hook(self._pre_step),
                          register_optimizer_step_post_hook(self._post_step)]
         self._hook_gradients()
-        self._frozen_base = {n: (t, t.detach().clone()) for n, t in self._frozen_tensors().items()}
+        self._frozen_base = {n: (t, t._version if isinstance(t, nn.Parameter) else t.detach().clone())
+                             for n, t in self._frozen_tensors().items()}
         self._t0 = time.perf_counter()
         return self
 
     def _frozen_tensors(self) -> dict[str, torch.Tensor]:
-        """Name -> parameter or buffer of every module meant to be frozen now."""
-        found: dict[str, torch.Tensor] = {}
-        for mname, module in _frozen_modules(self.model, self.frozen_names).items():
-            found.update(module.named_parameters(prefix=mname))
-            found.update(module.named_buffers(prefix=mname))
-        return found
+        """Name -> parameter or buffer of every module meant to be frozen now (recomputed only when some
+        parameter's requires_grad changed)."""
+        key = tuple(p.requires_grad for p in self.named.values())
+        if self._frozen_cache is None or self._frozen_cache[0] != key:
+            found: dict[str, torch.Tensor] = {}
+            for mname, module in _frozen_modules(self.model, self.frozen_names).items():
+                found.update(module.named_parameters(prefix=mname))
+                found.update(module.named_buffers(prefix=mname))
+            self._frozen_cache = (key, found)
+        return self._frozen_cache[1]
 
     def detach(self, status: str = "finished", **attrs: Any) -> None:
         """Remove every hook and close the run log with `status`. Detaching twice does nothing."""
@@ -267,14 +274,21 @@ class Watch:
             snap.before_norm = torch.stack(torch._foreach_norm(snap.before, 2, dtype=torch.float32))
             if self._backward_norm is not None:
                 snap.slots["backward_norm"] = packet.add(self._backward_norm.reshape(1))
-        # Frozen tensors are compared with their copy from the previous step (or the attach), so a change made by
-        # the forward (BatchNorm statistics) counts as well as one made by the update.
+        # Since the previous step (or the attach): a frozen parameter changed when autograd's version counter
+        # moved (every in-place write bumps it, an optimizer's update included; a write through `.data` does not
+        # and is not seen), at no device cost; a frozen buffer is compared with its copy, since kernels such as
+        # BatchNorm's write running statistics without bumping it. Buffers are small.
         current = self._frozen_tensors()
-        kept = [(n, t, self._frozen_base[n][1]) for n, t in current.items() if n in self._frozen_base]
-        if kept:
-            snap.frozen = [n for n, _, _ in kept]
-            snap.slots["frozen"] = packet.add(torch.stack([(t.detach() != b).any().float() for _, t, b in kept]))
-        self._frozen_base = {n: (t, t.detach().clone()) for n, t in current.items()}
+        base = self._frozen_base
+        snap.frozen = [n for n, t in current.items() if n in base and isinstance(t, nn.Parameter)
+                       and (base[n][0] is not t or base[n][1] != t._version)]
+        buffers = [(n, t) for n, t in current.items() if n in base and not isinstance(t, nn.Parameter)]
+        if buffers:
+            snap.buffers = [n for n, _ in buffers]
+            snap.slots["buffers"] = packet.add(torch.stack(
+                [(t.detach() != base[n][1]).any().float() for n, t in buffers]))
+        self._frozen_base = {n: (t, t._version if isinstance(t, nn.Parameter) else t.detach().clone())
+                             for n, t in current.items()}
         scale = getattr(self.scaler, "_scale", None) if self.scaler is not None and self.scaler.is_enabled() else None
         if isinstance(scale, torch.Tensor):
             snap.slots["scale"] = packet.add(scale.detach().float().reshape(1))
@@ -380,11 +394,10 @@ class Watch:
         if stuck:
             self._report("not_updated", stuck, f"{len(stuck)} tensors in the optimizer got a non-zero gradient but "
                          f"did not change at the step ({_some(stuck)})")
-        if "frozen" in v:
-            changed = [n for n, f in zip(snap.frozen, v["frozen"].tolist()) if f]
-            if changed:
-                self._report("frozen_changed", changed, f"{len(changed)} parameters or buffers of frozen modules "
-                             f"changed across the step ({_some(changed)})")
+        changed = snap.frozen + [n for n, f in zip(snap.buffers, v.get("buffers", [])) if f]
+        if changed:
+            self._report("frozen_changed", changed, f"{len(changed)} parameters or buffers of frozen modules changed "
+                         f"since the previous step ({_some(changed)})")
         if snap.names["stale"]:
             stale = snap.names["stale"]
             self._report("stale_grad", stale, f"{len(stale)} gradients were not cleared since the previous optimizer "

@@ -1,0 +1,105 @@
+"""Overhead of `workbench.watch` on a plain training loop over the reference model.
+
+The same plain-PyTorch loop (forward, CTC loss, zero_grad, backward, clip, AdamW step) runs with and without
+`watch` around it, on the same model, optimizer and batches, interleaved round by round (the order alternating) so
+drift in machine load hits both alike. Prints the median ms/step of each and the median per-round ratio; the last
+line is `watch overhead ratio: X.XXX`.
+
+    python benchmarks/bench_watch.py --preset small --rounds 10 --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from workbench import watch
+from workbench.data import B2TDataset, Batch, DataError, collate, write_dataset
+from workbench.model import HybridModel, get_config
+from workbench.model.losses import LossWeights, compute_losses
+from workbench.train.device import pick_device, seed_everything
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = LossWeights(ctc=1.0, rnnt=0.0, mode=0.0)
+
+
+def load_batches(root: Path, n: int, batch_size: int, device: torch.device, scratch: Path) -> list[Batch]:
+    """n batches of the train split under `root`; a small synthetic set when `root` holds no data."""
+    try:
+        dataset = B2TDataset(root, "train")
+    except DataError:
+        write_dataset(scratch, sessions=1, trials=n * batch_size)
+        dataset = B2TDataset(scratch, "train")
+    trials = [dataset[i % len(dataset)] for i in range(n * batch_size)]
+    return [collate(trials[i * batch_size:(i + 1) * batch_size]).to(device) for i in range(n)]
+
+
+def loop(model: HybridModel, optimizer: torch.optim.Optimizer, batches: list[Batch], w=None) -> None:
+    """The user's loop; `w` (a Watch) only receives the loss."""
+    for b in batches:
+        out = model(b.features, b.feature_lengths, b.targets, b.target_lengths, rnnt=False)
+        losses = compute_losses(out, b.feature_lengths, b.targets, b.target_lengths, None, WEIGHTS)
+        if w is not None:
+            w.loss(losses["total"])
+        optimizer.zero_grad()
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=4, help="training steps per configuration per round")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--data", default=str(ROOT / "data_samples"))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    seed_everything(0)
+    device = pick_device(args.device)
+    model = HybridModel(get_config(args.preset)).to(device)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(("rnnt_decoder", "mode_head")))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    with tempfile.TemporaryDirectory() as scratch:
+        batches = load_batches(Path(args.data), args.steps, args.batch_size, device, Path(scratch))
+
+    def plain() -> None:
+        loop(model, optimizer, batches)
+
+    def watched() -> None:
+        with watch(model, optimizer, say=lambda line: None) as w:
+            loop(model, optimizer, batches, w)
+
+    plain(), watched()  # warm-up
+    times: dict[str, list[float]] = {"plain": [], "watch": []}
+    for r in range(args.rounds):
+        order = [("plain", plain), ("watch", watched)]
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            times[name].append(timed(fn, device) / args.steps)
+    ratios = [w / p for w, p in zip(times["watch"], times["plain"])]
+    print(f"preset {args.preset} | device {device} | {args.rounds} rounds x {args.steps} steps | batch "
+          f"{args.batch_size} | torch threads {torch.get_num_threads()}")
+    for name, values in times.items():
+        print(f"{name:6s} median {statistics.median(values) * 1e3:8.1f} ms/step")
+    print(f"watch overhead ratio: {statistics.median(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()
