@@ -132,3 +132,16 @@ def test_numbers_from_another_machine_are_compared_with_tolerance_and_never_over
     assert any("median final CTC PER: 0.301 -> 0.4" in m for m in moved)
     assert "Numbers that moved beyond the tolerance" in doc.read_text()
     assert fv.compare_numbers({"x": 1.0}, {"x": 1.04}) == [] and fv.compare_numbers({"x": 1.0}, {"x": 1.2})
+
+
+def test_a_block_from_before_sections_keeps_each_notebooks_findings_until_it_is_rerun(tmp_path):
+    readme, figures, doc = _paths(tmp_path)
+    readme.write_text(README.replace("old\n", "From `notebooks/01_reproduce_nan_explosion.ipynb` (x):\n\n- old 01\n\n"
+                                              "From `notebooks/02_compare_freeze_lengths.ipynb` (1002 s):\n\n"
+                                              "- old 02\n"))
+    _nb02(tmp_path / "only02")
+    fv.regenerate(tmp_path / "only02", readme, figures, doc)
+    kept = fv.sections(fv.current_block(readme))
+    assert "- old 01" in kept["01_reproduce_nan_explosion"] and "earlier regeneration" in \
+        kept["01_reproduce_nan_explosion"]
+    assert "old 02" not in fv.current_block(readme)

@@ -29,7 +29,7 @@ from workbench.studies.criteria import attach_step
 
 # What a preset's notebook-02 study runs: steps after the unfreeze, freeze lengths, learning rates, seeds.
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"steps": 12, "freeze_steps": [0, 2, 6], "lr": [1e-4, 1e-3], "seed": [0, 1, 2]},
+    "tiny": {"steps": 12, "freeze_steps": [0, 2, 6], "lr": [1e-3], "seed": [0, 1, 2]},
     "small": {"steps": 60, "freeze_steps": [0, 1, 10, 30, 100], "lr": [1e-3], "seed": [0, 1, 2]},
 }
 

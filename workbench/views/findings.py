@@ -38,24 +38,36 @@ def _section_markers(stem: str) -> tuple[str, str]:
 
 
 def sections(text: str) -> dict[str, str]:
-    """stem -> the section's text (markers included) found in `text`."""
+    """stem -> the section's text (markers included) found in `text`. A block written before sections had markers
+    (paragraphs opening "From `notebooks/<stem>.ipynb`") is split at those openings, so its notebooks' findings
+    are kept, marked as older, until each notebook is re-run."""
     out = {}
     for stem in NOTEBOOKS:
         begin, end = _section_markers(stem)
         m = re.search(re.escape(begin) + r".*?" + re.escape(end), text, flags=re.S)
         if m:
             out[stem] = m.group(0)
+    if not out:
+        parts = re.split(r"(?m)^(?=From `notebooks/\d\d_\w+\.ipynb`)", text)
+        for part in parts:
+            m = re.match(r"From `notebooks/(\d\d_\w+)\.ipynb`", part)
+            if m and m.group(1) in NOTEBOOKS:
+                begin, end = _section_markers(m.group(1))
+                out[m.group(1)] = (f"{begin}\n(Kept from an earlier regeneration without provenance: commit, date "
+                                   f"and machine unknown; re-run the notebook to replace it.)\n\n"
+                                   f"{part.strip()}\n{end}")
     return out
 
 
 def provenance(summary_path: Path, summary: Mapping[str, Any]) -> dict[str, str]:
-    """Where a summary came from: its own `provenance` when the notebook recorded one, else the checkout's commit,
-    the summary file's time and this machine (the findings are regenerated where the notebooks ran)."""
+    """Where a summary came from: its own `provenance` when the notebook recorded one, else the commit of the
+    checkout this package runs from, the summary file's time and this machine (the findings are regenerated where
+    the notebooks ran)."""
     if isinstance(summary.get("provenance"), Mapping):
         return dict(summary["provenance"])
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=summary_path.parent, timeout=10).stdout.strip() or "unknown"
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(summary_path.stat().st_mtime))
@@ -143,7 +155,7 @@ def digest_02(s: Mapping[str, Any]) -> dict[str, Any]:
     return {"question": "Does the freeze length N move the stability boundary (lr at which the joint stage stops "
                         "being healthy) by more than the seeds' spread?",
             "table": table + ["", "Each cell: largest lr healthy in every seed .. smallest lr where some seed was "
-                                  "not; '-' none probed."],
+                                  "not; '-' where the search found none."],
             "answers": answers, "numbers": numbers, "scope": found.get("scope", s.get("scope", ""))}
 
 
@@ -200,7 +212,7 @@ def render(source: Path, figures_dir: Path, readme_dir: Path, doc_dir: Path,
         doc_link = os.path.relpath(doc_dir / "findings.md", readme_dir)
         wall = s.get("wall_s")
         lines = [begin, f"**`notebooks/{stem}.ipynb`**: {d['question']}", "",
-                 f"Scope: {d['scope']}" + (f"; {wall:.0f} s" if isinstance(wall, (int, float)) else "") + ".",
+                 f"Scope: {d['scope']}" + (f"; the notebook took {wall:.0f} s" if isinstance(wall, (int, float)) else "") + ".",
                  f"From {origin}.", "", *d["table"], "", *[f"- {a}" for a in d["answers"]], "",
                  " ".join(f"![{fig}]({os.path.relpath(figures_dir / fig, readme_dir)})" for fig in figures),
                  f"All conclusions: [{doc_link}]({doc_link}#{stem.replace('_', '-')}).", end]
