@@ -15,7 +15,7 @@ since the last step) and, only after a non-finite value was seen, forward hooks 
 module whose output goes non-finite on the next forward). Leaving the block removes every one of them.
 
 Per optimizer step everything it measures moves to the host in ONE `to_host` copy (`HostPacket`): per-group
-gradient norm, max |g| and non-finite count (as the optimizer sees them: after unscale_ and your clip), the clip
+gradient norm and non-finite count (as the optimizer sees them: after unscale_ and your clip), the clip
 coefficient (the gradient norm at the step over the norm at the end of the last backward, divided by the
 GradScaler's scale), the update ratio per group (||w_after - w_before|| / ||w_before||), the tensors that got a
 non-zero gradient but did not change, the parameters and buffers of frozen modules that changed, the loss and the
@@ -266,8 +266,6 @@ class Watch:
             norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
             snap.grad_norm = norms
             snap.slots["grad_norm"] = packet.add(norms)
-            snap.slots["grad_max"] = packet.add(torch.stack(
-                [m.float() for m in torch._foreach_max(torch._foreach_abs(grads))]))
             snap.slots["grad_nonfinite"] = packet.add((~torch.isfinite(norms)).float())
         if inside:
             snap.before = [p.detach().clone() for _, p in inside]
@@ -334,7 +332,6 @@ class Watch:
         self._t0 = time.perf_counter()
         names = [n for n, _ in snap.received]
         norm = dict(zip(names, v["grad_norm"].tolist())) if names else {}
-        gmax = dict(zip(names, v["grad_max"].tolist())) if names else {}
         bad = dict(zip(names, v["grad_nonfinite"].tolist())) if names else {}
         inside = [n for n, _ in snap.inside]
         diff = dict(zip(inside, v["diff"].tolist())) if inside else {}
@@ -346,7 +343,6 @@ class Watch:
             if not got:
                 continue
             row[f"grad_norm/{group}"] = math.sqrt(sum(norm[n] ** 2 for n in got)) if got else 0.0
-            row[f"grad_max/{group}"] = max((gmax[n] for n in got), default=0.0)
             row[f"grad_nonfinite/{group}"] = int(sum(bad[n] for n in got))
             base = math.sqrt(sum(before.get(n, 0.0) ** 2 for n in got))
             moved = math.sqrt(sum(diff.get(n, 0.0) ** 2 for n in got))
