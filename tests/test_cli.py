@@ -2,6 +2,7 @@
 a failure during a run, --debug, and checkpoint errors. The fault-injection cases are in test_faults.py."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,3 +139,45 @@ def test_checkpoint_errors_name_the_file_in_one_line(ctc_checkpoint, tmp_path):
         check_checkpoint(ctc_checkpoint, get_config("small"))
     with pytest.raises(CheckpointError, match="stage: expected one of joint, got 'ctc_warmup'"):
         check_checkpoint(ctc_checkpoint, stages=("joint",))
+
+
+@pytest.mark.slow
+def test_notebooks_run_where_the_package_is_installed_without_make(tmp_path):
+    """The conda route as far as this machine allows: a fresh venv, the package installed by a plain
+    `pip install .` from a copy of the checkout (no `make`, so no `rnnt-workbench` kernel), its dependencies
+    seen through a .pth line that puts .venv's site-packages on the path (torch is not downloaded again; .venv's
+    own .pth hooks, its editable install among them, are not run), then `workbench notebooks --only 03`."""
+    import sysconfig
+
+    root = Path(__file__).resolve().parents[1]
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        (checkout / name).write_bytes((root / name).read_bytes())
+    for name in ("workbench", "notebooks", "data_samples"):
+        shutil.copytree(root / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # ahead of the venv's own packages, whose bundled setuptools is too old to build a wheel (no network here)
+    (Path(site) / "dot_venv.pth").write_text(f"import sys; sys.path.insert(1, {sysconfig.get_paths()['purelib']!r})\n")
+    # the data files pip would have put in the venv's share/jupyter (nbconvert's templates), but not .venv's
+    # kernels: the rnnt-workbench kernel stays unregistered here
+    (venv / "share" / "jupyter").mkdir(parents=True)
+    (venv / "share" / "jupyter" / "nbconvert").symlink_to(Path(sys.prefix) / "share" / "jupyter" / "nbconvert")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PIP_NO_INDEX": "1"}
+    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "."],
+                             cwd=checkout, capture_output=True, text=True, timeout=300, env=env)
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    where = subprocess.run([str(python), "-c", "import workbench; print(workbench.__file__)"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120, env=env).stdout
+    assert where.startswith(site), where
+    proc = subprocess.run([str(venv / "bin" / "workbench"), "notebooks", "--only", "03", "--preset", "tiny",
+                           "--out", "nb"], cwd=checkout, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"kernel: this interpreter, {python}" in proc.stdout, proc.stdout
+    assert (checkout / "nb" / "03_interactive_explorer.ipynb").is_file()
+    summary = checkout / "nb" / "03_interactive_explorer" / "03_summary.json"
+    assert summary.is_file(), sorted(p.name for p in (checkout / "nb").rglob("*"))

@@ -14,11 +14,17 @@ import concurrent.futures as cf
 import dataclasses
 import fnmatch
 import hashlib
+import http.server
 import json
+import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -57,7 +63,8 @@ class Case:
     """One fault: `args` after `python -m workbench` ({ck}: the session's CTC-warm checkpoint, {data}: the
     committed sample), run in a folder that `setup` fills; `expect`: texts the one error line must hold;
     `writes`: glob patterns of files the command may add or replace (checked by `check`); `drive`: a custom way
-    to run it (signals); `traceback`: the case expects the traceback (--debug) instead of one line."""
+    to run it (signals); `traceback`: the case expects the traceback (--debug) instead of one line; `quiet`: the
+    case expects nothing at all on stderr."""
 
     id: str
     what: str
@@ -69,6 +76,7 @@ class Case:
     check: Callable[[Path, Result], None] | None = None
     drive: Callable[[list[str], Path], Result] | None = None
     traceback: bool = False
+    quiet: bool = False
 
 
 # ------------------------------------------------------------------------------------------------------- inputs
@@ -129,6 +137,15 @@ def _make_inputs(folder: Path, checkpoint: Path) -> Inputs:
     shutil.copytree(SAMPLE, folder / "badtrial")
     with h5py.File(folder / "badtrial" / "t15.2023.08.13" / "data_train.hdf5", "a") as f:
         f["trial_0003/input_features"][5, 7] = np.nan
+    shutil.copytree(SAMPLE, folder / "noalign")
+    with h5py.File(folder / "noalign" / "t15.2023.08.13" / "data_train.hdf5", "a") as f:
+        # L equal labels need 2L - 1 frames (a blank between each two): T // 2 + 2 of them fit T frames one per
+        # frame, yet admit no alignment
+        labels = int(f["trial_0002"].attrs["n_time_steps"]) // 2 + 2
+        f["trial_0002/seq_class_ids"][:labels] = 3
+        f["trial_0002"].attrs["seq_len"] = labels
+    (folder / "notes").write_text("these are my notes, not data\n")
+    (folder / "afolder").mkdir()
     return Inputs(folder, checkpoint)
 
 
@@ -139,6 +156,14 @@ def _put(*names: str, **renamed: str) -> Callable[[Path, Inputs], None]:
             inputs.put(w, name)
         for target, name in renamed.items():
             inputs.put(w, name, target.replace("__", "/"))
+    return setup
+
+
+def _links(**links: str) -> Callable[[Path, Inputs], None]:
+    """A setup making symlinks (name -> target, relative); "loopA"/"loopB" pointing at each other make a loop."""
+    def setup(w: Path, inputs: Inputs) -> None:
+        for name, target in links.items():
+            (w / name).symlink_to(target)
     return setup
 
 
@@ -191,6 +216,60 @@ def _signalled(sig: int) -> Callable[[list[str], Path], Result]:
     return drive
 
 
+def _stderr_pump(proc: subprocess.Popen) -> bytearray:
+    """Collect `proc`'s stderr in a thread (a progress bar rewrites one line with carriage returns)."""
+    err = bytearray()
+
+    def pump() -> None:
+        while chunk := os.read(proc.stderr.fileno(), 4096):
+            err.extend(chunk)
+    threading.Thread(target=pump, daemon=True).start()
+    return err
+
+
+def _ctrl_c_to_group(cmd: list[str], w: Path) -> Result:
+    """Start a sweep in its own process group, wait until its two runs (one in a spawned worker) report steps,
+    then send SIGINT to the whole group, as a terminal's Ctrl-C does."""
+    before = _snapshot(w)
+    proc = subprocess.Popen(cmd, cwd=w, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    err = _stderr_pump(proc)
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None and \
+            len(re.findall(rb"#\d+ \d+/", bytes(err).split(b"\r")[-1])) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    time.sleep(1.0)  # the workers' last words, if any, arrive after the parent exits
+    return Result(proc.returncode, out.decode(), bytes(err).decode(), before, _snapshot(w))
+
+
+def _closed_pipe(cmd: list[str], w: Path) -> Result:
+    """The command's stdout is a pipe whose reader is gone (`... | head` after head exited)."""
+    before = _snapshot(w)
+    proc = subprocess.Popen(cmd, cwd=w, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=TIMEOUT)
+    return Result(proc.returncode, "", err, before, _snapshot(w))
+
+
+def _http_server(cmd: list[str], w: Path) -> Result:
+    """An HTTP server (not Ray) listening on a free port of 127.0.0.1, given as `{port}` in the command."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        return _plain([a.replace("{port}", str(server.server_address[1])) for a in cmd], w)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _rerun_after_failure(cmd: list[str], w: Path) -> Result:
+    """Run a command that fails, then run it again: the second run's result."""
+    subprocess.run(cmd, cwd=w, capture_output=True, text=True, timeout=TIMEOUT)
+    return _plain(cmd, w)
+
+
 def _rerun_after_sigkill(cmd: list[str], w: Path) -> Result:
     """SIGKILL the run after its first step (its log stays "running"), then run the same command again."""
     killed = _after_first_step(cmd, w, signal.SIGKILL)
@@ -225,6 +304,12 @@ def _bad_trial_logged(w: Path, r: Result) -> None:
 def _replaced(w: Path, r: Result) -> None:
     status, _ = _status(w / "failed.h5")
     assert status == "finished" and not list(w.glob(".*.tmp"))
+
+
+def _failed_notebook_kept(w: Path, r: Result) -> None:
+    assert not (w / "nb" / "03_interactive_explorer.ipynb").exists()
+    assert (w / "nb" / "03_interactive_explorer.failed.ipynb").is_file()
+    assert "already exist" not in r.stderr and not list((w / "nb").glob(".*.tmp"))
 
 
 def _two_rows(w: Path, r: Result) -> None:
@@ -268,10 +353,11 @@ def _run(*extra: str, checkpoint: str = "{ck}", data: str = "{data}", out: str =
             *extra]
 
 
-def _sweep(*extra: str, checkpoint: str = "{ck}", out: str = "sw") -> list[str]:
+def _sweep(*extra: str, checkpoint: str = "{ck}", out: str = "sw", steps: str = "1", workers: str = "1",
+           lr: str = "1e-4") -> list[str]:
     return ["sweep", "--checkpoint", checkpoint, "--data", "{data}", "--out", out, "--freeze-steps", "0", "--lr",
-            "1e-4", "--precision", "fp32", "--semantics", "corrected", "--steps", "1", "--no-controls", "--workers",
-            "1", *extra]
+            lr, "--precision", "fp32", "--semantics", "corrected", "--steps", steps, "--no-controls", "--workers",
+            workers, *extra]
 
 
 SWEEP = _sweep()
@@ -290,7 +376,9 @@ CASES = [
          _run(checkpoint="foreign.pt"), 2, ["foreign.pt", "without model, model_config"],
          _put("foreign.pt")),
     Case("ckpt-missing", "a checkpoint that does not exist", _run(checkpoint="none.pt"), 2,
-         ["none.pt", "not found"]),
+         ["--checkpoint none.pt", "got nothing (no such file or folder)"]),
+    Case("ckpt-folder", "a folder given as --checkpoint", _run(checkpoint="afolder"), 2,
+         ["--checkpoint afolder", "expected a checkpoint file", "got a folder"], _put("afolder")),
     Case("ckpt-mismatch", "weights that do not fit the checkpoint's model_config",
          _run(checkpoint="mixed.pt"), 2, ["mixed.pt", "expected weights of the 'small'"],
          _put("mixed.pt")),
@@ -370,6 +458,10 @@ CASES = [
          _put("empty.h5")),
     Case("trace-truncated", "trace a run log cut short", ["trace", "trunc.h5"], 2, ["trunc.h5", "truncated"],
          _put("trunc.h5")),
+    Case("trace-folder", "trace a folder", ["trace", "afolder"], 2,
+         ["runlog afolder", "expected a run log file", "got a folder"], _put("afolder")),
+    Case("trace-broken-pipe", "trace into a pipe whose reader is gone (| head)", ["trace", "finished.h5"], 141,
+         setup=_put("finished.h5"), drive=_closed_pipe, quiet=True),
     Case("trace-other-hdf5", "trace an HDF5 file that is not a run log", ["trace", "other.h5"], 2,
          ["other.h5", "no run-log attributes"], _put("other.h5")),
     Case("report-text", "report a text file", ["report", "finished.h5", "text.h5", "--out", "rep"], 2,
@@ -379,6 +471,19 @@ CASES = [
     Case("report-same-names", "report two runs both named `run`", ["report", "a.h5", "b.h5", "--out", "rep"], 0,
          setup=_put(**{"a.h5": "finished.h5", "b.h5": "finished.h5"}), writes=["rep/*"], check=_two_rows),
     # data
+    Case("validate-plain-file", "validate a plain file (not HDF5)", ["validate", "notes"], 2,
+         ["notes", "expected an .hdf5 data file or a data root folder", "a file that is not HDF5"], _put("notes")),
+    Case("validate-dangling", "validate a dangling symlink", ["validate", "gone"], 2,
+         ["gone", "a dangling symlink to nowhere"], _links(gone="nowhere")),
+    Case("validate-loop", "validate a symlink loop", ["validate", "loopA"], 2, ["loopA", "a symlink loop"],
+         _links(loopA="loopB", loopB="loopA")),
+    Case("run-data-file", "a plain file as --data", _run(data="notes"), 2,
+         ["--data notes", "expected a data root folder", "got a file"], _put("notes")),
+    Case("validate-no-alignment", "validate data with a trial no CTC alignment fits (T // 2 + 2 equal labels)",
+         ["validate", "noalign"], 2, ["data_train.hdf5", "trial_0002", "n_time_steps", "no CTC alignment"],
+         _put("noalign")),
+    Case("run-no-alignment", "run on data with a trial no CTC alignment fits", _run(data="noalign"), 2,
+         ["data_train.hdf5", "trial_0002", "no CTC alignment"], _put("noalign")),
     Case("validate-misnamed", "validate a root whose session folder is misnamed", ["validate", "misnamed"], 2,
          ["t15_2023_08_13", "t15.YYYY.MM.DD"], _put("misnamed")),
     Case("run-no-val", "run on data without a validation split", _run(data="noval"), 2,
@@ -387,6 +492,12 @@ CASES = [
          _run(data="badtrial", steps="20"), 2, ["data_train.hdf5", "trial_0003"], _put("badtrial"),
          writes=["r.h5"], check=_bad_trial_logged),
     # where the output cannot go
+    Case("run-out-loop", "run --out a symlink loop", _run(out="loopA"), 2, ["--out loopA", "a symlink loop"],
+         _links(loopA="loopB", loopB="loopA")),
+    Case("run-out-loop-overwrite", "run --out a symlink loop with --overwrite", _run("--overwrite", out="loopA"), 2,
+         ["--out loopA", "a symlink loop"], _links(loopA="loopB", loopB="loopA")),
+    Case("run-out-dangling", "run --out a dangling symlink", _run(out="gone.h5"), 2,
+         ["--out gone.h5", "a dangling symlink to nowhere"], _links(**{"gone.h5": "nowhere/r.h5"})),
     Case("run-out-readonly", "run --out on a read-only file system", _run(out="/sys/r.h5"), 2,
          ["--out", "/sys"]),
     Case("report-out-under-file", "report --out below a file", ["report", "finished.h5", "--out", "notes.txt/rep"],
@@ -398,6 +509,30 @@ CASES = [
          writes=["r.h5"], check=_failed_with("Terminated"), drive=_signalled(signal.SIGTERM)),
     Case("run-ctrl-c", "Ctrl-C (SIGINT) during a run", LONG_RUN, 130, ["interrupted by Ctrl-C", "closed as failed"],
          writes=["r.h5"], check=_failed_with("KeyboardInterrupt"), drive=_signalled(signal.SIGINT)),
+    Case("sweep-ctrl-c-group", "Ctrl-C to the process group of a sweep with a spawned worker",
+         _sweep(steps="400", workers="2", lr="1e-4,1e-3"), 130, ["sweep interrupted by Ctrl-C", "resume"],
+         writes=["sw/*"], drive=_ctrl_c_to_group),
+    Case("ray-not-ray", "sweep --backend ray --address of an HTTP server (hung before)",
+         _sweep("--backend", "ray", "--address", "127.0.0.1:{{port}}"), 2,
+         ["--address", "127.0.0.1:", "no gRPC handshake", "not a Ray head"], drive=_http_server),
+    # notebooks: parameters checked before any cell runs, a failure never blocks the retry
+    Case("notebooks-unknown-param", "notebooks -p nosuchparam=3",
+         ["notebooks", "--only", "03", "--out", "nb", "-p", "nosuchparam=3"], 2,
+         ["nosuchparam", "expected a parameter of 03_interactive_explorer.ipynb"]),
+    Case("notebooks-param-type", "notebooks -p seeds=\"zero\"",
+         ["notebooks", "--only", "01", "--out", "nb", "-p", 'seeds="zero"'], 2,
+         ["seeds (01_reproduce_nan_explosion.ipynb)", "expected a number of seeds >= 1", "'zero'"]),
+    Case("notebooks-bad-json", "notebooks -p freeze_steps=[1,2 (malformed JSON)",
+         ["notebooks", "--only", "01", "--out", "nb", "-p", "freeze_steps=[1,2"], 2,
+         ["freeze_steps", "expected a JSON value", "'[1,2'"]),
+    Case("notebooks-no-kernel", "notebooks --kernel that is not installed",
+         ["notebooks", "--only", "03", "--out", "nb", "--kernel", "nosuchkernel"], 2,
+         ["--kernel", "expected an installed Jupyter kernel", "'nosuchkernel'"]),
+    Case("notebooks-retry-after-failure", "notebooks run again after a run that failed in a cell",
+         ["notebooks", "--only", "03", "--out", "nb", "--preset", "tiny", "-p", "data=\"nodata\""], 1,
+         ["03_interactive_explorer.ipynb", "NotebookFailed: In [", "DataError", "nodata", "kept as",
+          "03_interactive_explorer.failed.ipynb"],
+         writes=["nb/*"], check=_failed_notebook_kept, drive=_rerun_after_failure),
     Case("usage-missing-out", "run without --out", ["run", "--checkpoint", "x.pt"], 2,
          ["the following arguments are required: --out"]),
     Case("debug-traceback", "--debug shows the traceback", ["--debug", "run", "--checkpoint", "text.pt", "--out",
@@ -406,24 +541,42 @@ CASES = [
 ]
 
 
+def _unreadable(w: Path, inputs: Inputs) -> None:
+    inputs.put(w, "ck.pt", "locked/ck.pt")
+    (w / "locked").chmod(0)
+
+
+if os.geteuid() != 0:  # root enters any folder: the case cannot happen there
+    CASES.append(Case("ckpt-unreadable-folder", "a checkpoint in a folder this user cannot enter",
+                      _run(checkpoint="locked/ck.pt"), 2, ["--checkpoint locked/ck.pt", "cannot enter"], _unreadable))
+
 # -------------------------------------------------------------------------------------------------------- tests
 
 @pytest.fixture(scope="session")
-def results(ctc_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Result]]:
+def results(ctc_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory,
+            request: pytest.FixtureRequest) -> dict[str, tuple[Path, Result]]:
     root = tmp_path_factory.mktemp("faults")
     inputs = _make_inputs(root / "inputs", ctc_checkpoint)
     folders = {}
-    for case in CASES:
+    # only the cases this session selected (`-k`), all when no test_fault case was selected
+    chosen = {item.callspec.params["case"].id for item in request.session.items
+              if hasattr(item, "callspec") and "case" in item.callspec.params}
+    cases = [case for case in CASES if case.id in chosen] or CASES
+    for case in cases:
         folders[case.id] = root / case.id
         folders[case.id].mkdir()
         if case.setup is not None:
             case.setup(folders[case.id], inputs)
     # The cases that run steps start first, so the pool's last minutes are not one long case alone.
-    order = sorted(CASES, key=lambda c: c.drive is None and not c.writes)
+    order = sorted(cases, key=lambda c: c.drive is None and not c.writes)
     with cf.ThreadPoolExecutor(WORKERS) as pool:
         futures = {case.id: pool.submit(case.drive or _plain, _command(case.args, inputs), folders[case.id])
                    for case in order}
         return {cid: (folders[cid], future.result()) for cid, future in futures.items()}
+
+
+# progress on stderr (a sweep's bar, papermill's bar rewritten in place) and the kernel's start-up notice
+PROGRESS_BAR = re.compile(r"(sweep|Executing): +\d+%\||\[IPKernelApp\] WARNING")
 
 
 def test_cases_are_distinct_and_at_least_forty():
@@ -436,8 +589,10 @@ def test_fault(case: Case, results: dict[str, tuple[Path, Result]]) -> None:
     assert r.rc == case.rc, f"stdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-4000:]}"
     if case.traceback:
         assert "Traceback" in r.stderr and all(text in r.stderr for text in case.expect), r.stderr
+    elif case.quiet:
+        assert r.stderr == "", r.stderr
     elif case.rc != 0:
-        lines = r.stderr.splitlines()
+        lines = [line for line in re.split(r"[\r\n]+", r.stderr) if line.strip() and not PROGRESS_BAR.match(line)]
         assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
         for text in case.expect:
             assert text in lines[0], lines[0]

@@ -36,6 +36,10 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+class NotebookFailed(Exception):
+    """A notebook's cell raised: the cell and its error, without the notebook's traceback."""
+
+
 class Terminated(BaseException):
     """Raised in the main thread on SIGTERM, so runs end as they do on Ctrl-C: their logs close as "failed"."""
 
@@ -519,16 +523,18 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
             print(line, flush=True)
             for nb, params in runs:
                 args.at = nb.name
-                target, work = out / nb.name, out / f".{nb.name}.{os.getpid()}.tmp"
+                target, work = out / nb.name, out / f".{nb.stem}.{os.getpid()}.tmp.ipynb"
                 failed = target.with_suffix(".failed.ipynb")
                 print(f"{nb.name} -> {target}", flush=True)
                 try:
                     pm.execute_notebook(str(nb), str(work), parameters=params, kernel_name=kernel,
                                         cwd=str(REPO_ROOT), progress_bar=True)
-                except BaseException:
+                except BaseException as exc:
                     if work.exists():
                         os.replace(work, failed)
                         args.note = f"the partial notebook is kept as {failed}"
+                    if isinstance(exc, pm.PapermillExecutionError):
+                        raise NotebookFailed(f"In [{exc.exec_count}]: {exc.ename}: {exc.evalue}") from None
                     raise
                 os.replace(work, target)
                 print(f"{nb.name} -> {write_html(target)}", flush=True)  # a page to read without Jupyter
