@@ -181,3 +181,36 @@ def test_notebooks_run_where_the_package_is_installed_without_make(tmp_path):
     assert (checkout / "nb" / "03_interactive_explorer.ipynb").is_file()
     summary = checkout / "nb" / "03_interactive_explorer" / "03_summary.json"
     assert summary.is_file(), sorted(p.name for p in (checkout / "nb").rglob("*"))
+
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.stem for nb in NOTEBOOKS])
+def test_notebook_parameters_accept_their_defaults_and_refuse_wrong_types(notebook):
+    from workbench.views.notebook import NotebookError, check_parameters, declared_parameters
+
+    declared = declared_parameters(notebook)
+    check_parameters(notebook, declared)  # every default passes its own check
+    check_parameters(notebook, {"preset": "tiny", "seed": 3, "output_dir": "runs/x"})
+    for wrong in ({"nosuchparam": 3}, {"seed": "zero"}, {"seed": -1}, {"preset": "huge"}, {"overwrite": 1},
+                  {"preset": ["tiny"]}):
+        with pytest.raises(NotebookError, match=f"^{next(iter(wrong))}"):
+            check_parameters(notebook, wrong)
+    if "seeds" in declared:
+        check_parameters(notebook, {"seeds": 2})
+        with pytest.raises(NotebookError, match=r"^seeds \(.*\): expected a number of seeds >= 1, got 'zero'"):
+            check_parameters(notebook, {"seeds": "zero"})
+    if declared.get("freeze_steps", 0) is None:  # a list of freeze lengths
+        check_parameters(notebook, {"freeze_steps": [0, 2]})
+        with pytest.raises(NotebookError, match="freeze_steps .*expected a non-empty JSON list"):
+            check_parameters(notebook, {"freeze_steps": "[1,2"})
+
+
+def test_malformed_json_parameter_is_refused():
+    import argparse
+
+    assert _parameter("freeze_steps=[1, 2]") == ("freeze_steps", [1, 2])
+    assert _parameter("data=/some/path") == ("data", "/some/path")
+    with pytest.raises(argparse.ArgumentTypeError, match="freeze_steps: expected a JSON value, got '\\[1,2'"):
+        _parameter("freeze_steps=[1,2")

@@ -120,10 +120,18 @@ class NotebookError(ValueError):
 
 
 def declared_parameters(notebook: str | Path) -> dict[str, Any]:
-    """name -> default value of the parameters `notebook`'s `parameters` cell declares (papermill's reading)."""
+    """name -> default value of the parameters `notebook`'s `parameters` cell declares (papermill's reading); a
+    default that is not a literal reads as None (any value)."""
     import papermill as pm
 
-    return {name: ast.literal_eval(p["default"]) for name, p in pm.inspect_notebook(str(notebook)).items()}
+    return {name: _literal(p["default"]) for name, p in pm.inspect_notebook(str(notebook)).items()}
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
 
 
 def check_parameters(notebook: str | Path, params: Mapping[str, Any]) -> None:
