@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -119,3 +121,24 @@ def test_no_gradient_for_a_detached_branch():
     assert kinds(w) == [("no_gradient", 1)]
     assert w.findings[0]["tensors"] == ["features.0.weight", "features.0.bias", "features.1.weight",
                                         "features.1.bias"]
+
+
+def test_steps_the_gradscaler_skipped_are_counted_from_its_backoff():
+    def amp_step(model, optimizer, batch, i, w):
+        x, y = batch
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y, reduction="sum")
+        w.loss(loss)
+        SCALER.scale(loss).backward()  # loss * 2**127 overflows float32: inf gradients, the step is skipped
+        SCALER.step(optimizer)
+        SCALER.update()
+
+    global SCALER
+    SCALER = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    w = run(amp_step, steps=12, scaler=SCALER)
+    skipped = w.record.values("skipped_before")
+    scales = w.record.values("scaler/scale_before")
+    # every skip halves the scale; the first applied step reports the skips before it
+    assert skipped[0] == round(math.log2(2.0 ** 127 / scales[0])) > 0
+    assert w.step + sum(skipped) == 12
+    assert not any(f["kind"] == "nonfinite" for f in w.findings)  # the skipped steps never reached the optimizer

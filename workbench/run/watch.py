@@ -10,9 +10,10 @@
     print(w.summary()["outcome"], w.findings)
 
 Watch wraps nothing you call. It uses torch's optimizer step hooks (`register_optimizer_step_pre_hook` /
-`..._post_hook`: the optimizer you pass and any the loop builds later over the model's parameters), one gradient pre-hook per trainable parameter (to see whether a gradient was cleared
-since the last step) and, only after a non-finite value was seen, forward hooks on every module (to name the first
-module whose output goes non-finite on the next forward). Leaving the block removes every one of them.
+`..._post_hook`: the optimizer you pass and any the loop builds later over the model's parameters), one gradient
+pre-hook per trainable parameter (to see whether a gradient was cleared since the last step) and, only after a
+non-finite value was seen, forward hooks on every module (to name the first module whose output goes non-finite on
+the next forward). Leaving the block removes every one of them.
 
 Per optimizer step everything it measures moves to the host in ONE `to_host` copy (`HostPacket`): per-group
 gradient norm and non-finite count (as the optimizer sees them: after unscale_ and your clip), the clip
@@ -153,6 +154,8 @@ class Watch:
         self._handles = [register_optimizer_step_pre_hook(self._pre_step),
                          register_optimizer_step_post_hook(self._post_step)]
         self._hook_gradients()
+        if self.scaler is not None and self.scaler.is_enabled():
+            self._prev_scale = self.scaler.get_scale()  # one read at the attach: skips before step 1 count too
         self._frozen_base = {n: (t, t._version if isinstance(t, nn.Parameter) else t.detach().clone())
                              for n, t in self._frozen_tensors().items()}
         self._t0 = time.perf_counter()
