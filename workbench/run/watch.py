@@ -37,7 +37,8 @@ Findings (a dict each: kind, step, tensors, message; printed once, in one line, 
 
 What watch cannot see: a step the GradScaler skipped (its gradients never reach the optimizer), gradients that a
 loop clears between backward and step (they read as not updated), anything outside `model`, and with
-torch.compile'd optimizers or several processes, whatever the hooks are not called for.
+torch.compile'd optimizers or several processes, whatever the hooks are not called for. With several optimizers over
+one model, each step is judged against the optimizer that is stepping (the other's tensors read as outside it).
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ class Watch:
         self._checked: set[str] = set()
         self._backward_norm: torch.Tensor | None = None
         self._callback_queued = False
-        self._losses: list[dict[str, torch.Tensor]] = []
+        self._loss: dict[str, torch.Tensor] | None = None   # the last loss given since the last step
+        self._bad_losses: torch.Tensor | None = None        # how many of those losses were non-finite (device)
         self._snap: _Snapshot | None = None
         self._prev_scale: float | None = None
         self._low_clip = 0
@@ -240,7 +242,10 @@ class Watch:
                                 f"{shape}")
         if "total" not in terms:
             terms = {"total": sum(terms.values()), **terms}
-        self._losses.append({k: v.detach().float().reshape(()) for k, v in terms.items()})
+        self._loss = {k: v.detach().float().reshape(()) for k, v in terms.items()}
+        # A running device count, so a loop that gives losses without stepping (evaluation) keeps nothing else.
+        bad = (~torch.isfinite(self._loss["total"])).float()
+        self._bad_losses = bad if self._bad_losses is None else self._bad_losses + bad
         self._weights = dict(weights or {})
         self._hook_gradients()
 
@@ -293,13 +298,11 @@ class Watch:
         scale = getattr(self.scaler, "_scale", None) if self.scaler is not None and self.scaler.is_enabled() else None
         if isinstance(scale, torch.Tensor):
             snap.slots["scale"] = packet.add(scale.detach().float().reshape(1))
-        if self._losses:
-            last = self._losses[-1]
-            snap.names["loss"] = list(last)
-            snap.slots["loss"] = packet.add(torch.stack([last[k] for k in last]))
-            snap.slots["loss_nonfinite"] = packet.add(torch.stack(
-                [(~torch.isfinite(t["total"])).float() for t in self._losses]).sum().reshape(1))
-            self._losses = []
+        if self._loss is not None and self._bad_losses is not None:
+            snap.names["loss"] = list(self._loss)
+            snap.slots["loss"] = packet.add(torch.stack(list(self._loss.values())))
+            snap.slots["loss_nonfinite"] = packet.add(self._bad_losses.reshape(1))
+            self._loss, self._bad_losses = None, None
         self._snap = snap
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
