@@ -80,3 +80,16 @@ def test_errors_name_what_was_wrong():
     w = watch(Net(), torch.optim.SGD(Net().parameters(), lr=0.1))
     with pytest.raises(TypeError, match="got int 3: expected a scalar tensor"):
         w.loss(3)
+
+
+def test_the_workbench_commands_read_a_watch_log(tmp_path, capsys):
+    from workbench.cli import main
+
+    run(plain_step, make_optimizer=lambda m: torch.optim.SGD(m.features.parameters(), lr=0.1),
+        log_path=tmp_path / "mine.h5")
+    main(["trace", str(tmp_path / "mine.h5")])
+    assert "outcome: stalled" in capsys.readouterr().out
+    main(["report", str(tmp_path / "mine.h5"), "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "summary.json").exists()
+    table = read_record(tmp_path / "mine.h5").tables["watch"]
+    assert [(r["kind"], r["step"]) for r in table] == [("outside_optimizer", 1)]
