@@ -93,3 +93,18 @@ def test_the_workbench_commands_read_a_watch_log(tmp_path, capsys):
     assert (tmp_path / "report" / "summary.json").exists()
     table = read_record(tmp_path / "mine.h5").tables["watch"]
     assert [(r["kind"], r["step"]) for r in table] == [("outside_optimizer", 1)]
+
+
+def test_the_readme_example_runs_as_written(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "from workbench import watch" in b]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("watch: step 1: outside_optimizer: 2 trainable tensors")
+    assert "(2.weight, 2.bias)" in lines[0]
+    assert lines[-1] == "stalled [('outside_optimizer', 1)]"
+    assert (tmp_path / "runs" / "mine.h5").is_file()
