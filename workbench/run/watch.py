@@ -20,7 +20,8 @@ gradient norm and non-finite count (as the optimizer sees them: after unscale_ a
 coefficient (the gradient norm at the step over the norm at the end of the last backward, divided by the
 GradScaler's scale), the update ratio per group (||w_after - w_before|| / ||w_before||), the tensors that got a
 non-zero gradient but did not change, the parameters and buffers of frozen modules that changed, the loss and the
-scale. A step the GradScaler skips never reaches the optimizer (no hook fires); watch counts it from the scale's
+scale. Memory: a copy of the parameters that got a gradient, held across the optimizer step (for the update
+ratio). A step the GradScaler skips never reaches the optimizer (no hook fires); watch counts it from the scale's
 backoff at the next step.
 
 Findings (a dict each: kind, step, tensors, message; printed once, in one line, when first seen):
@@ -83,7 +84,6 @@ class _Snapshot:
         self.inside: list[tuple[str, torch.Tensor]] = []      # those in the optimizer
         self.before: list[torch.Tensor] = []
         self.before_norm: torch.Tensor | None = None
-        self.grad_norm: torch.Tensor | None = None             # (k,) float32
         self.frozen: list[str] = []                             # frozen parameters written since the last step
         self.buffers: list[str] = []                            # frozen buffers compared with their last copy
         self.packet = HostPacket()
@@ -272,7 +272,6 @@ class Watch:
         if snap.received:
             grads = [p.grad.detach() for _, p in snap.received]
             norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-            snap.grad_norm = norms
             snap.slots["grad_norm"] = packet.add(norms)
             snap.slots["grad_nonfinite"] = packet.add((~torch.isfinite(norms)).float())
         if inside:
