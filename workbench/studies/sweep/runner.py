@@ -437,6 +437,7 @@ class Sweep:
 BACKENDS: tuple[str, ...] = ("local", "ray")
 RAY_PORT = 6379
 RAY_HANDSHAKE_S = 5.0  # the pre-check's bound on a Ray head's answer
+RAY_ANSWER_S = 60.0  # how long a sweep waits for its progress actor before it counts the cluster as lost
 
 
 def check_backend(backend: str, address: str | None) -> tuple[str, str | None]:
@@ -671,6 +672,10 @@ def _progress_board(ray: Any) -> Any:
     return ProgressBoard.remote()
 
 
+class ClusterLost(RuntimeError):
+    """The Ray cluster stopped answering during a sweep (exit 1: the sweep failed; its index keeps what finished)."""
+
+
 class _RayExecutor(_Executor):
     """Ray tasks (`_ray_run`), each with the sweep's `num_cpus` / `num_gpus`, at most `limit` in flight (default:
     all, and Ray schedules them as resources free up). Joins the Ray this process already joined, else starts a
@@ -684,6 +689,7 @@ class _RayExecutor(_Executor):
         import ray
 
         self.ray = ray
+        self.address = address
         self.started = not ray.is_initialized()
         if self.started:
             try:
@@ -721,7 +727,12 @@ class _RayExecutor(_Executor):
         ready, _ = ray.wait(list(self.refs), num_returns=1, timeout=timeout)
         if ready:
             ready, _ = ray.wait(list(self.refs), num_returns=len(self.refs), timeout=0)
-        reports = [(rid, "step", (i, n)) for rid, i, n in ray.get(self.board.drain.remote())]
+        try:
+            drained = ray.get(self.board.drain.remote(), timeout=RAY_ANSWER_S)
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterLost(f"the Ray cluster at {self.address or 'this machine'} gave no answer within "
+                              f"{RAY_ANSWER_S:g} s; finished runs are kept in the index") from None
+        reports = [(rid, "step", (i, n)) for rid, i, n in drained]
         for ref in ready:
             rid = self.refs.pop(ref)
             try:
