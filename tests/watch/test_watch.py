@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,9 +44,13 @@ def test_leaving_the_block_removes_every_hook():
 
 
 def test_one_host_copy_per_optimizer_step_and_the_run_log(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from host_reads import HostReads  # tests/host_reads.py: every read from workbench code
+
     before = host.HOST_COPIES
-    w = run(plain_step, steps=10, log_path=tmp_path / "mine.h5")
-    assert host.HOST_COPIES - before == 10
+    with HostReads() as reads:
+        w = run(plain_step, steps=10, log_path=tmp_path / "mine.h5")
+    assert host.HOST_COPIES - before == 10 and reads.outside == []
     record = read_record(tmp_path / "mine.h5")
     assert record.status == "finished" and record.steps == list(range(1, 11))
     assert record.values("loss/total") == pytest.approx(w.record.values("loss/total"))
@@ -97,7 +102,6 @@ def test_the_workbench_commands_read_a_watch_log(tmp_path, capsys):
 
 def test_the_readme_example_runs_as_written(tmp_path):
     import re
-    from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     (code,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "from workbench import watch" in b]

@@ -83,7 +83,6 @@ class _Snapshot:
         self.received: list[tuple[str, torch.Tensor]] = []    # (name, param) with a gradient: inside, then outside
         self.inside: list[tuple[str, torch.Tensor]] = []      # those in the optimizer
         self.before: list[torch.Tensor] = []
-        self.before_norm: torch.Tensor | None = None
         self.frozen: list[str] = []                             # frozen parameters written since the last step
         self.buffers: list[str] = []                            # frozen buffers compared with their last copy
         self.packet = HostPacket()
@@ -276,7 +275,8 @@ class Watch:
             snap.slots["grad_nonfinite"] = packet.add((~torch.isfinite(norms)).float())
         if inside:
             snap.before = [p.detach().clone() for _, p in inside]
-            snap.before_norm = torch.stack(torch._foreach_norm(snap.before, 2, dtype=torch.float32))
+            snap.slots["before_norm"] = packet.add(torch.stack(
+                torch._foreach_norm(snap.before, 2, dtype=torch.float32)))
             if self._backward_norm is not None:
                 snap.slots["backward_norm"] = packet.add(self._backward_norm.reshape(1))
         # Since the previous step (or the attach): a frozen parameter changed when autograd's version counter
@@ -340,7 +340,7 @@ class Watch:
         bad = dict(zip(names, v["grad_nonfinite"].tolist())) if names else {}
         inside = [n for n, _ in snap.inside]
         diff = dict(zip(inside, v["diff"].tolist())) if inside else {}
-        before = dict(zip(inside, snap.before_norm.tolist())) if inside else {}  # type: ignore[union-attr]
+        before = dict(zip(inside, v["before_norm"].tolist())) if inside else {}
         received = set(self._received(norm))
         for group, members in self.groups.items():
             got = [n for n in members if n in norm]
