@@ -52,6 +52,14 @@ def test_bisection_brackets_between_healthy_and_not_healthy():
     assert result["probes"][-1]["outcomes"] == {"diverged": 2, "overflow_skipped": 1}
 
 
+def test_a_cell_not_healthy_at_the_lowest_lr_never_probes_the_ceiling():
+    search = Search(lo=1e-3, hi=0.1)
+    state = CellState(Cell("freeze_params", 0, "seed_faithful"))
+    state.probes = {1e-3: _runs("diverged", "diverged")}
+    assert state.next_lr(search) is None and "already at the lowest lr 0.001" in state.ended
+    assert state.result()["lr_diverged_min"] == 1e-3 and state.result()["lr_healthy_max"] is None
+
+
 def test_search_ends_and_says_why_when_nothing_fails_up_to_the_ceiling():
     search = Search(lo=1e-3, hi=0.1)
     state = CellState(Cell("freeze_params", 0))
@@ -100,7 +108,8 @@ def test_real_search_on_tiny_resumes_from_its_finished_runs(ctc_checkpoint, tmp_
     ids = {r["run"] for c in first["cells"] for p in c["probes"] for r in p["runs"]}
     assert len(ids) <= 2 * 2 * 3
     for c in first["cells"]:
-        assert c["probes"][0]["lr"] == 1e-3 and c["lr_max"] == 1.0
+        healthy_lo = c["probes"][0]["verdict"] == "healthy"
+        assert c["probes"][0]["lr"] == 1e-3 and c["lr_max"] == (1.0 if healthy_lo else 1e-3)
         assert all(r["status"] == "finished" for p in c["probes"] for r in p["runs"])
     logs = sorted((tmp_path / "b" / "runs").glob("*.h5"))
     stamps = {p: p.stat().st_mtime_ns for p in logs}

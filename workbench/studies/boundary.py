@@ -6,9 +6,9 @@ Every probe is a `workbench.studies.sweep` run forked from one CTC-warm checkpoi
 search that is interrupted and started again reuses every run already finished (run ids are a function of the
 settings and the code) and, the probes being chosen from those runs' outcomes, probes the same learning rates.
 
-Per cell the search first probes `lo` and `hi` (the ceiling), then `rounds` times the geometric mean of the bracket
-(rounded to two significant digits): the largest lr healthy in every seed so far and the smallest lr where some
-seed was not healthy. What a cell reports:
+Per cell the search first probes `lo`, then (only where `lo` was healthy in every seed) `hi`, the ceiling, then
+`rounds` times the geometric mean of the bracket (rounded to two significant digits): the largest lr healthy in
+every seed so far and the smallest lr where some seed was not healthy. What a cell reports:
 
     lr_healthy_max    the largest probed lr healthy in every seed (None: none was)
     lr_unhealthy_min  the smallest probed lr where some seed was not healthy (the boundary lies in between)
@@ -138,15 +138,16 @@ class CellState:
 
     def next_lr(self, search: Search) -> float | None:
         """The next lr to probe, or None when the search of this cell has ended (`ended` says why)."""
-        for end in (search.lo, search.hi):
-            if end not in self.probes:
-                return end
+        if search.lo not in self.probes:
+            return search.lo
         lo, hi = self.bracket()
+        if lo is None:  # the ceiling would add nothing: the boundary lies below the search's range
+            self.ended = f"not healthy in every seed already at the lowest lr {search.lo:g}"
+            return None
+        if search.hi not in self.probes:
+            return search.hi
         if hi is None:
             self.ended = f"healthy in every seed up to the ceiling lr {search.hi:g}"
-            return None
-        if lo is None:
-            self.ended = f"not healthy in every seed already at the lowest lr {search.lo:g}"
             return None
         if len(self.probes) - 2 >= search.rounds:
             self.ended = f"bracket [{lo:g}, {hi:g}] after {search.rounds} bisection round(s)"
@@ -204,10 +205,9 @@ def search_boundaries(out: str | Path, checkpoint: str | Path, data: str | Path,
         for k, state in enumerate(states):
             if state.ended is not None:
                 continue
-            first = [lr for lr in (search.lo, search.hi) if lr not in state.probes]
             lr = state.next_lr(search)
             if lr is not None:
-                wanted[k] = first or [lr]
+                wanted[k] = [lr]
         if not wanted:
             break
         grids = [(k, lr, grid(search, states[k].cell, lr)) for k, lrs in wanted.items() for lr in lrs]
