@@ -313,8 +313,9 @@ class Watch:
         packet = snap.packet
         self.step += 1
         if snap.inside:
-            after = [p.detach() for _, p in snap.inside]
-            diff = torch.stack(torch._foreach_norm(torch._foreach_sub(after, snap.before), 2, dtype=torch.float32))
+            # In place on the copies: before - after, no new allocation
+            torch._foreach_sub_(snap.before, [p.detach() for _, p in snap.inside])
+            diff = torch.stack(torch._foreach_norm(snap.before, 2, dtype=torch.float32))
             snap.slots["diff"] = packet.add(diff)
         snap.slots["params_nonfinite"] = packet.params_nonfinite(self.model)
         outputs, self._outputs = self._outputs, []
@@ -341,7 +342,8 @@ class Watch:
         inside = [n for n, _ in snap.inside]
         diff = dict(zip(inside, v["diff"].tolist())) if inside else {}
         before = dict(zip(inside, v["before_norm"].tolist())) if inside else {}
-        received = set(self._received(norm))
+        received = self._received(norm)
+        movable = set(received)
         for group, members in self.groups.items():
             got = [n for n in members if n in norm]
             outside = [n for n in members if n in snap.names["outside"]]
@@ -352,7 +354,7 @@ class Watch:
             base = math.sqrt(sum(before.get(n, 0.0) ** 2 for n in got))
             moved = math.sqrt(sum(diff.get(n, 0.0) ** 2 for n in got))
             row[f"update_ratio/{group}"] = moved / base if base > 0 else (0.0 if moved == 0 else math.inf)
-            row[f"not_updated/{group}"] = sum(1 for n in got if n in received and diff.get(n) == 0) + len(outside)
+            row[f"not_updated/{group}"] = sum(1 for n in got if n in movable and diff.get(n) == 0) + len(outside)
             row[f"outside_optimizer/{group}"] = len(outside)
         row["grad_norm/global"] = math.sqrt(sum(x ** 2 for x in norm.values()))
         row["nonfinite_grad"] = any(bad.values())
@@ -381,9 +383,9 @@ class Watch:
         row["params_nonfinite/tensors"] = len(nonfinite_params)
         assert self.recorder is not None
         self.recorder.record_step(step, row)
-        self._find(snap, row, norm, diff, v, nonfinite_params, coef, outputs)
+        self._find(snap, norm, received, diff, v, nonfinite_params, coef, outputs)
 
-    def _find(self, snap: _Snapshot, row: dict[str, Any], norm: dict[str, float], diff: dict[str, float],
+    def _find(self, snap: _Snapshot, norm: dict[str, float], received: list[str], diff: dict[str, float],
               v: dict[str, Any], nonfinite_params: list[str], coef: float | None,
               outputs: list[tuple[str, torch.Tensor]]) -> None:
         step = self.step
@@ -391,7 +393,7 @@ class Watch:
         if outside:
             self._report("outside_optimizer", outside, f"{len(outside)} trainable tensors received a gradient but "
                          f"are in no optimizer group ({_some(outside)}): they never train")
-        stuck = [n for n in self._received(norm) if diff.get(n) == 0]
+        stuck = [n for n in received if diff.get(n) == 0]
         if stuck:
             self._report("not_updated", stuck, f"{len(stuck)} tensors in the optimizer got a non-zero gradient but "
                          f"did not change at the step ({_some(stuck)})")
