@@ -283,3 +283,5 @@ def test_freeze_length_rows_compare_each_run_with_its_step_matched_control():
     assert [r["control_ctc_per_after_attach"]["median"] for r in rows] == [0.14, 0.116]
     text = " ".join(conclusions(rows, "test"))
     assert "N=100 0.116 (0.116)" in text and "final CTC PER (its control trained as many steps)" in text
+    # the paired comparisons are counted, with what chance alone would give
+    assert "2 two-way comparisons across 1 seeds" in text

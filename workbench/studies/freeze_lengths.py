@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 from workbench.records import RunRecord
 from workbench.studies.criteria import attach_step
+from workbench.studies.stats import Tally
 
 # What a preset's notebook-02 study runs: steps after the unfreeze, freeze lengths, learning rates, seeds.
 SIZES: dict[str, dict[str, Any]] = {
@@ -80,7 +81,7 @@ def aggregate(cells: Sequence[Mapping[str, Any]], measured: Mapping[str, Mapping
                                     "runs": [], "controls": []})
         if cell["run"] not in row["runs"]:
             row["runs"].append(cell["run"])
-            row.setdefault("pairs", []).append((cell["run"], cell.get("control")))
+            row.setdefault("pairs", []).append((cell["run"], cell.get("control"), axes.get("seed")))
         if cell.get("control") and cell["control"] not in row["controls"]:
             row["controls"].append(cell["control"])
     out = []
@@ -93,9 +94,13 @@ def aggregate(cells: Sequence[Mapping[str, Any]], measured: Mapping[str, Mapping
         row["control_val_per"] = _stats([measured[c]["val_per"] for c in row["controls"] if c in measured])
         row["control_ctc_per_after_attach"] = _stats([measured[c]["ctc_per_after_attach"] for c in row["controls"]
                                                       if c in measured])
-        pairs = [(measured[r], measured[c]) for r, c in row.pop("pairs") if c in measured]
+        pairs = [(measured[r], measured[c], seed) for r, c, seed in row.pop("pairs") if c in measured]
         for key in ("ctc_per_after_attach", "val_per"):
-            row[f"{key}_vs_control"] = _stats([_minus(m[key], c[key]) for m, c in pairs])
+            row[f"{key}_vs_control"] = _stats([_minus(m[key], c[key]) for m, c, _ in pairs])
+        # per seed, for paired comparisons between rows (`conclusions` counts them in a stats.Tally)
+        row["per_seed"] = {seed: {"ctc_per_after_attach_vs_control": _minus(m["ctc_per_after_attach"],
+                                                                              c["ctc_per_after_attach"]),
+                                  "val_rnnt_per": m["val_rnnt_per"]} for m, c, seed in pairs}
         out.append(row)
     return sorted(out, key=lambda r: (r["policy"], r["lr"], r["freeze_steps"]))
 
@@ -127,6 +132,11 @@ def conclusions(rows: Sequence[Mapping[str, Any]], scope: str) -> list[str]:
     """Findings per policy and learning rate, each with its counts; `scope` says what was run."""
     out = [f"Scope: {scope}. Values are medians over the seeds with [min-max]; a difference counts only where the "
            f"seeds' ranges of the two settings do not overlap."]
+    measures = (("ctc_per_after_attach_vs_control", "the CTC PER right after the decoder attached, minus its "
+                                                    "step-matched control's"),
+                ("val_rnnt_per", "the final RNN-T PER (equal steps after the unfreeze)"))
+    seeds = sorted({seed for r in rows for seed in r.get("per_seed", {})}, key=str)
+    tally = Tally(len(seeds)) if seeds else None
     for policy in sorted({r["policy"] for r in rows}):
         for lr in sorted({r["lr"] for r in rows if r["policy"] == policy}):
             group = sorted((r for r in rows if r["policy"] == policy and r["lr"] == lr),
@@ -151,16 +161,28 @@ def conclusions(rows: Sequence[Mapping[str, Any]], scope: str) -> list[str]:
             out.append(f"{head} " + "; ".join(parts) + ".")
             first, last = group[0], group[-1]
             effects = []
-            for key, what in (("ctc_per_after_attach_vs_control", "the CTC PER right after the decoder attached, "
-                                                                  "minus its step-matched control's"),
-                              ("val_rnnt_per", "the final RNN-T PER (equal steps after the unfreeze)")):
+            for key, what in measures:
                 sign = _apart(last[key], first[key])
                 if sign:
                     effects.append(f"{what} was {'higher' if sign > 0 else 'lower'} with N={last['freeze_steps']} "
                                    f"than with N={first['freeze_steps']} in every seed")
+            for key, _ in measures:
+                diffs = _paired(first, last, key, seeds)
+                if diffs is not None and tally is not None:
+                    tally.add(f"{policy} lr {lr:g} {key}: N={last['freeze_steps']} vs N={first['freeze_steps']}",
+                              diffs)
             out.append(f"{head} " + ("; ".join(effects) if effects else
                                      f"N={last['freeze_steps']} and N={first['freeze_steps']} differed by less than "
                                      f"the seeds' spread in the CTC PER after attaching (against its step-matched "
                                      f"control) and the final RNN-T PER")
                        + ".")
+    if tally is not None and tally.made:
+        out.append("Paired over seeds (largest N minus smallest, same seed): " + tally.sentence())
     return out
+
+
+def _paired(first: Mapping[str, Any], last: Mapping[str, Any], key: str, seeds: Sequence[Any]) -> list[float] | None:
+    """Per seed, `last`'s value of `key` minus `first`'s; None unless every seed has both."""
+    a, b = first.get("per_seed", {}), last.get("per_seed", {})
+    diffs = [_minus(b.get(s, {}).get(key), a.get(s, {}).get(key)) for s in seeds]
+    return None if any(d is None for d in diffs) else diffs
