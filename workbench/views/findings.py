@@ -48,14 +48,18 @@ def sections(text: str) -> dict[str, str]:
         if m:
             out[stem] = m.group(0)
     if not out:
-        parts = re.split(r"(?m)^(?=From `notebooks/\d\d_\w+\.ipynb`)", text)
-        for part in parts:
+        lines = text.splitlines()
+        figures = [line for line in lines if line.startswith("![")]
+        prose = "\n".join(line for line in lines if not line.startswith("!["))
+        for part in re.split(r"(?m)^(?=From `notebooks/\d\d_\w+\.ipynb`)", prose):
             m = re.match(r"From `notebooks/(\d\d_\w+)\.ipynb`", part)
             if m and m.group(1) in NOTEBOOKS:
-                begin, end = _section_markers(m.group(1))
-                out[m.group(1)] = (f"{begin}\n(Kept from an earlier regeneration without provenance: commit, date "
-                                   f"and machine unknown; re-run the notebook to replace it.)\n\n"
-                                   f"{part.strip()}\n{end}")
+                stem = m.group(1)
+                begin, end = _section_markers(stem)
+                own = [f for f in figures if f.startswith(f"![{stem[:3]}")]
+                out[stem] = "\n".join([begin, "(Kept from an earlier regeneration without provenance: commit, date "
+                                        "and machine unknown; re-run the notebook to replace it.)", "", part.strip(),
+                                        *([""] + own if own else []), end])
     return out
 
 
