@@ -216,15 +216,17 @@ def _signalled(sig: int) -> Callable[[list[str], Path], Result]:
     return drive
 
 
-def _stderr_pump(proc: subprocess.Popen) -> bytearray:
-    """Collect `proc`'s stderr in a thread (a progress bar rewrites one line with carriage returns)."""
+def _stderr_pump(proc: subprocess.Popen) -> tuple[bytearray, threading.Thread]:
+    """Collect `proc`'s stderr in a thread (a progress bar rewrites one line with carriage returns); the only
+    reader of that pipe, so join the thread before reading the bytes."""
     err = bytearray()
 
     def pump() -> None:
         while chunk := os.read(proc.stderr.fileno(), 4096):
             err.extend(chunk)
-    threading.Thread(target=pump, daemon=True).start()
-    return err
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return err, thread
 
 
 def _ctrl_c_to_group(cmd: list[str], w: Path) -> Result:
@@ -232,14 +234,15 @@ def _ctrl_c_to_group(cmd: list[str], w: Path) -> Result:
     then send SIGINT to the whole group, as a terminal's Ctrl-C does."""
     before = _snapshot(w)
     proc = subprocess.Popen(cmd, cwd=w, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    err = _stderr_pump(proc)
+    err, pump = _stderr_pump(proc)
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline and proc.poll() is None and \
             len(re.findall(rb"#\d+ \d+/", bytes(err).split(b"\r")[-1])) < 2:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=TIMEOUT)
-    time.sleep(1.0)  # the workers' last words, if any, arrive after the parent exits
+    out = proc.stdout.read()
+    proc.wait(timeout=TIMEOUT)
+    pump.join(timeout=TIMEOUT)  # until every process holding the pipe (the workers too) has closed it
     return Result(proc.returncode, out.decode(), bytes(err).decode(), before, _snapshot(w))
 
 
