@@ -263,7 +263,8 @@ def test_bad_sweep_arguments_exit_2_with_one_line(checkpoint, tmp_path, capsys, 
 
 def test_missing_checkpoint_exits_2(tmp_path, capsys):
     rc = main(["sweep", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(SAMPLE), "--out", str(tmp_path)])
-    assert rc == 2 and capsys.readouterr().err.startswith("error: --checkpoint:")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --checkpoint ") and "expected a checkpoint file (.pt), got nothing" in err
 
 
 def test_freeze_length_rows_compare_each_run_with_its_step_matched_control():
