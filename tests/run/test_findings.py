@@ -79,7 +79,9 @@ def _nb02(tmp):
                                "decisive_link": "step 3 escape"}]}
         cells.append(state.result())
     s = {"scope": "grid", "wall_s": 100.0, "conclusions": ["c"], "boundary": {
-        "cells": cells, "answers": ["Scope: preset tiny", "freeze_params: N moved it in 0 of 1"], "scope": "tiny"}}
+        "cells": cells, "answers": ["Scope: preset tiny", "freeze_params, corrected, fp16, equal steps after the unfreeze: N "
+                                 "moved it in 0 of 1", "freeze_params, corrected, fp32, equal steps after the unfreeze: "
+                                 "N in 0 of 1"], "scope": "tiny"}}
     (tmp / "02_compare_freeze_lengths").mkdir(parents=True, exist_ok=True)
     (tmp / "02_compare_freeze_lengths" / "02_summary.json").write_text(json.dumps(s))
 
@@ -103,7 +105,9 @@ def test_block_is_short_with_tables_provenance_and_the_full_conclusions_in_the_d
     assert "commit abc1234, 2026-12-05 15:00 UTC, m1 (2 CPUs)" in block
     assert "| freeze_params, corrected, fp16, after unfreeze | 0.01 .. 1, diverged 1 | 0.01 .. 1, diverged 1 |" \
         in block
-    assert "freeze_params: N moved it in 0 of 1" in block and "docs/findings.md" in block
+    assert "freeze_params, corrected, fp16, equal steps after the unfreeze: N moved it" in block
+    assert "fp32, equal steps after the unfreeze: N" not in block  # that answer is in the table and the doc
+    assert "docs/findings.md" in block
     assert "one long generated sentence" not in block
     assert doc.read_text().count("one long generated sentence") == 30
 
