@@ -732,6 +732,9 @@ class _RayExecutor(_Executor):
         except ray.exceptions.GetTimeoutError:
             raise ClusterLost(f"the Ray cluster at {self.address or 'this machine'} gave no answer within "
                               f"{RAY_ANSWER_S:g} s; finished runs are kept in the index") from None
+        except ray.exceptions.RayError as exc:
+            raise ClusterLost(f"lost the Ray cluster at {self.address or 'this machine'} ({type(exc).__name__}); "
+                              f"finished runs are kept in the index") from None
         reports = [(rid, "step", (i, n)) for rid, i, n in drained]
         for ref in ready:
             rid = self.refs.pop(ref)
