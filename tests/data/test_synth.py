@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 from workbench.data import (
-    B2TDataset, b2t_lengths, index_file, real_length_dataset, sentence_to_ids, summarize, synth, write_dataset,
+    B2TDataset, b2t_lengths, index_file, large_val_dataset, real_length_dataset, sentence_to_ids, summarize, synth,
+    write_dataset,
 )
-from workbench.data.synth import B2T_FRAMES, B2T_MIN_FRAMES, B2T_PHONEMES_PER_FRAME, SENTENCES, session_names
+from workbench.data.synth import (
+    B2T_FRAMES, B2T_MIN_FRAMES, B2T_PHONEMES_PER_FRAME, SENTENCES, VAL_TRIALS, session_names,
+)
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data_samples"
 
@@ -227,3 +230,23 @@ def test_real_length_dataset_two_processes_race(tmp_path):
     assert outputs[0] == outputs[1] == str(tmp_path / "b2t_lengths_s1_t4_seed0")
     assert [p.name for p in tmp_path.iterdir()] == ["b2t_lengths_s1_t4_seed0"]
     assert len(summarize(outputs[0])) == 3
+
+
+def test_the_large_validation_set_keeps_the_samples_training_data(tmp_path):
+    root = large_val_dataset(tmp_path, val_trials=VAL_TRIALS)
+    assert root == tmp_path / f"sample_val{VAL_TRIALS}" and large_val_dataset(tmp_path) == root
+    for session in session_names(2):
+        assert (root / session / "data_train.hdf5").read_bytes() == (SAMPLE / session / "data_train.hdf5").read_bytes()
+    val, sample_val, train = B2TDataset(root, "val"), B2TDataset(SAMPLE, "val"), B2TDataset(root, "train")
+    assert len(val) == 2 * VAL_TRIALS and len(sample_val) == 10
+    assert {sample_val[i].sentence for i in range(10)} <= {val[i].sentence for i in range(len(val))}
+    for session in session_names(2):  # within a session, validation sentences are distinct and unseen in training
+        labels = [t.sentence for t in (val[i] for i in range(len(val))) if t.ref.session == session]
+        seen = {t.sentence for t in (train[i] for i in range(len(train))) if t.ref.session == session}
+        assert len(labels) == VAL_TRIALS == len(set(labels)) and not set(labels) & seen
+    assert sum(len(val[i].targets) for i in range(len(val))) > 1000  # one error is below 0.001 PER
+
+
+def test_a_fraction_beyond_the_limit_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="val_fraction: expected 0..5.0, got 6"):
+        write_dataset(tmp_path, sessions=1, trials=2, val_fraction=6)

@@ -14,7 +14,7 @@ from workbench.data.b2t import (
     make_loader,
     summarize,
 )
-from workbench.data.synth import SynthConfig, b2t_lengths, real_length_dataset, write_dataset
+from workbench.data.synth import SynthConfig, b2t_lengths, large_val_dataset, real_length_dataset, write_dataset
 from workbench.data.vocab import BLANK, PHONEMES, SIL, VOCAB_SIZE, ids_to_symbols, sentence_to_ids
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "find_session_files",
     "ids_to_symbols",
     "index_file",
+    "large_val_dataset",
     "list_sessions",
     "make_loader",
     "real_length_dataset",

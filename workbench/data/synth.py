@@ -23,7 +23,7 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -55,6 +55,10 @@ B2T_PHONEMES_PER_FRAME = 31947 / 1426 / 922.1
 # Log-sd of a trial's phonemes per frame around that rate: an assumption, no spread is published.
 _RATE_SPREAD = 0.25
 LENGTHS = ("sample", "b2t")
+MAX_FRACTION = 5.0
+# The validation split the studies score on: data_samples' training trials (byte-identical) with this many
+# validation trials per session instead of 5, so that the differences discussed are many errors, not one.
+VAL_TRIALS = 40
 
 
 @dataclass(frozen=True)
@@ -243,8 +247,10 @@ def write_dataset(out_dir: str | Path, sessions: int = 2, trials: int = 24, seed
                   config: SynthConfig = SynthConfig(), lengths: str = "sample", overwrite: bool = False) -> list[Path]:
     """Write `<out_dir>/t15.YYYY.MM.DD/data_{train,val,test}.hdf5` and `<out_dir>/SHA256SUMS`.
 
-    `trials` train trials per session; val and test get round(trials * fraction) each, and a split with
-    none gets no file (as in the real sessions without val/test). Speaking modes are always drawn;
+    `trials` train trials per session; val and test get round(trials * fraction) each (a fraction may exceed 1, up
+    to MAX_FRACTION, for a validation split larger than the training one), and a split with none gets no file (as
+    in the real sessions without val/test). The train split is drawn first, so it does not depend on the fractions.
+    Speaking modes are always drawn;
     `mode_labels=False` leaves the `speaking_mode` attribute out, as in the real release.
     `lengths="sample"`: one short sentence per trial, 5-9 frames per phoneme plus rest. `lengths="b2t"`:
     frames and phoneme counts drawn from the real release's statistics (`b2t_lengths`), several sentences
@@ -257,8 +263,8 @@ def write_dataset(out_dir: str | Path, sessions: int = 2, trials: int = 24, seed
     if sessions < 1 or trials < 1:
         raise ValueError(f"sessions and trials: expected at least 1 each, got {sessions} and {trials}")
     for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"{name}: expected 0..1, got {fraction}")
+        if not 0 <= fraction <= MAX_FRACTION:
+            raise ValueError(f"{name}: expected 0..{MAX_FRACTION}, got {fraction}")
     if lengths not in LENGTHS:
         raise ValueError(f"lengths: expected one of {', '.join(LENGTHS)}, got {lengths!r}")
     out_dir = Path(out_dir)
@@ -305,22 +311,16 @@ def write_dataset(out_dir: str | Path, sessions: int = 2, trials: int = 24, seed
     return written
 
 
-def real_length_dataset(cache_dir: str | Path = "runs/data", sessions: int = 2, trials: int = 40,
-                        seed: int = 0) -> Path:
-    """The root of a real-length synthetic set (`write_dataset(..., lengths="b2t")`), generated on first use.
-
-    The root is `<cache_dir>/b2t_lengths_s{sessions}_t{trials}_seed{seed}` and is reused when present. It is
-    written into a temporary folder unique to this call and renamed into place, so the root is always
-    complete; when two processes race, the loser discards its copy and returns the winner's folder.
-    """
-    cache_dir = Path(cache_dir)
-    root = cache_dir / f"b2t_lengths_s{sessions}_t{trials}_seed{seed}"
+def _cached(root: Path, write: Callable[[Path], object]) -> Path:
+    """`root`, written by `write(folder)` on first use. It is written into a temporary folder unique to this call
+    and renamed into place, so the root is always complete; when two processes race, the loser discards its copy
+    and returns the winner's folder."""
     if root.is_dir():
         return root
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=cache_dir))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        write_dataset(temporary, sessions=sessions, trials=trials, seed=seed, lengths="b2t")
+        write(temporary)
         try:
             # Atomic; fails when another process has already renamed its (complete) copy into place.
             os.rename(temporary, root)
@@ -330,3 +330,27 @@ def real_length_dataset(cache_dir: str | Path = "runs/data", sessions: int = 2, 
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return root
+
+
+def real_length_dataset(cache_dir: str | Path = "runs/data", sessions: int = 2, trials: int = 40,
+                        seed: int = 0) -> Path:
+    """The root of a real-length synthetic set (`write_dataset(..., lengths="b2t")`), generated on first use.
+
+    The root is `<cache_dir>/b2t_lengths_s{sessions}_t{trials}_seed{seed}` and is reused when present.
+    """
+    root = Path(cache_dir) / f"b2t_lengths_s{sessions}_t{trials}_seed{seed}"
+    return _cached(root, lambda folder: write_dataset(folder, sessions=sessions, trials=trials, seed=seed,
+                                                      lengths="b2t"))
+
+
+def large_val_dataset(cache_dir: str | Path = "runs/data", val_trials: int = VAL_TRIALS) -> Path:
+    """The committed sample's generation (`data_samples/`: 2 sessions, 20 training trials each, seed 0) with
+    `val_trials` validation trials per session, generated on first use into `<cache_dir>/sample_val{val_trials}`.
+
+    Its training files are byte-identical to `data_samples/`'s (the training trials are drawn first); its
+    validation trials are sentences the session's training split does not hold (while the session's sentences
+    last: 202 per session).
+    """
+    root = Path(cache_dir) / f"sample_val{val_trials}"
+    return _cached(root, lambda folder: write_dataset(folder, sessions=2, trials=20, seed=0,
+                                                      val_fraction=val_trials / 20))

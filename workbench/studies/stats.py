@@ -58,7 +58,8 @@ class Effect:
         return all(d > 0 for d in self.per_seed) or all(d < 0 for d in self.per_seed)
 
     def text(self, a: str = "a", b: str = "b") -> str:
-        """One phrase: `b - a: +5.3 errors (95% interval -1.0 to +11.7; per seed +4, +6, +6) of 550 reference tokens`."""
+        """One phrase: `b - a: +5.3 errors (95% interval -1.0 to +11.7; per seed +4, +6, +6) of 550 reference
+        tokens (+0.010 PER)`."""
         seeds = ", ".join(f"{d:+d}" for d in self.per_seed)
         return (f"{b} - {a}: {self.diff:+.1f} errors ({self.level:.0%} interval {self.low:+.1f} to {self.high:+.1f}; "
                 f"per seed {seeds}) of {self.ref_tokens} reference tokens ({self.rate:+.3f} PER)")
