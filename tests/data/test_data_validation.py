@@ -257,7 +257,7 @@ def test_summarize_good_root_and_bad_file(synth_root, tmp_path):
         del f["trial_0000"].attrs["n_time_steps"]
     with error_at(bad, "trial_0000: n_time_steps"):
         summarize(tmp_path)
-    with pytest.raises(DataError, match="got nothing \(no such file or folder\)"):
+    with pytest.raises(DataError, match=r"got nothing \(no such file or folder\)"):
         summarize(tmp_path / "missing.hdf5")
 
 
