@@ -563,7 +563,7 @@ def results(ctc_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory,
     folders = {}
     # only the cases this session selected (`-k`), all when no test_fault case was selected
     chosen = {item.callspec.params["case"].id for item in request.session.items
-              if hasattr(item, "callspec") and "case" in item.callspec.params}
+              if hasattr(item, "callspec") and isinstance(item.callspec.params.get("case"), Case)}
     cases = [case for case in CASES if case.id in chosen] or CASES
     for case in cases:
         folders[case.id] = root / case.id
