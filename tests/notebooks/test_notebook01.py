@@ -10,7 +10,7 @@ import numpy as np
 import papermill as pm
 import pytest
 
-from workbench.records import RunLog, read_record, summarize
+from workbench.records import OUTCOMES, RunLog, read_record, summarize
 from workbench.studies.reproduce import SIZES, SINGLE_CHANGES
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def test_every_configuration_runs_with_every_seed(summary):
     assert len(data["runs"]) == 3 * len(configs)
     for run in data["runs"]:
         assert REQUIRED <= set(run), run["name"]
-        assert run["outcome"] in ("diverged", "stalled", "healthy") and run["outcome_reasons"]
+        assert run["outcome"] in OUTCOMES and run["outcome_reasons"]
         assert all(link["kind"] in ("producer", "escape", "caught", "contamination", "loss")
                    for link in run["causal_chain"])
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from workbench.data import real_length_dataset
-from workbench.records import RunRecord, summarize
+from workbench.records import OUTCOMES, RunRecord, summarize
 from workbench.run.settings import RunSettings
 from workbench.studies.sweep.grid import Plan, code_stamp
 
@@ -22,6 +22,8 @@ ATTRIBUTION_GROUPS = ("encoder", "ctc_head", "rnnt_decoder.joint", "rnnt_decoder
 # The single changes to the seed's loop, in the notebook's order: the name says what each changes.
 SINGLE_CHANGES = ("rebuild_at_stage_change", "clip_optimizer_params", "zero_grad_model", "bf16", "fp32",
                   "init_scale_4096", "exact_component_match")
+# The seed's training log: the first NaN loss at joint batch 2.
+SEED_LOG_NAN_STEP = 2
 # A clearly separate comparison: the rebuilt run with a learning rate of its own for the fresh decoder.
 DECODER_LR = 1e-3
 
@@ -160,9 +162,9 @@ def config_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             agg[key].append(row[key])
     for agg in out.values():
         runs = sum(agg["outcomes"].values())
-        worst = next(k for k in ("diverged", "stalled", "healthy") if agg["outcomes"].get(k))
+        worst = next(k for k in OUTCOMES if agg["outcomes"].get(k))
         agg["note"] = _dominant_reason(agg, worst)
-        agg["label"] = " ".join(f"{agg['outcomes'][k]}/{runs} {k}" for k in ("healthy", "stalled", "diverged")
+        agg["label"] = " ".join(f"{agg['outcomes'][k]}/{runs} {k}" for k in reversed(OUTCOMES)
                                 if agg["outcomes"].get(k))
     return list(out.values())
 
@@ -198,16 +200,18 @@ def conclusions(rows: Sequence[Mapping[str, Any]], scope: str) -> list[str]:
     steps = sorted({s for s in seed["first_nonfinite_steps"] if s is not None})
     loss_steps = sorted({s for s in seed["first_nonfinite_loss_steps"] if s is not None})
     if all(sig):
+        timing = ("as in the seed's log (NaN from batch 2)" if loss_steps == [SEED_LOG_NAN_STEP] else
+                  f"where the seed's log shows NaN from batch {SEED_LOG_NAN_STEP}: the same mechanism, "
+                  f"{'later' if min(loss_steps) > SEED_LOG_NAN_STEP else 'earlier'} here")
         out.append(f"The seed's signature reproduced in {sum(sig)}/{n} seeds ({scope}): joint step 1 had a finite "
-                   f"loss, the parameters went non-finite at step {', '.join(map(str, steps))} and the loss at step "
-                   f"{', '.join(map(str, loss_steps))}.")
+                   f"loss, the parameters went non-finite first at step {', '.join(map(str, steps))} and the loss at "
+                   f"step {', '.join(map(str, loss_steps))}, {timing}.")
     elif _all(seed, "diverged"):
         out.append(f"The seed's run diverged in {n}/{n} seeds ({scope}), but its step-1 loss was finite in only "
                    f"{sum(sig)}/{n}, unlike the seed's log: first non-finite step {', '.join(map(str, steps))}.")
     else:
-        out.append(f"The seed's signature did not reproduce in every seed ({scope}): the seed_faithful run "
-                   f"diverged in {_count(seed, 'diverged')}, stalled in {_count(seed, 'stalled')} and was healthy "
-                   f"in {_count(seed, 'healthy')}.")
+        out.append(f"The seed's signature did not reproduce in every seed ({scope}): the seed_faithful run was "
+                   f"{seed['label']}.")
     decisive = [d for d in seed["decisive"] if d]
     if decisive:
         out.append(f"The decisive link of its causal chain (seed {seed['seeds'][0]}): {decisive[0]}.")
