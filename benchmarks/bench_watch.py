@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +22,8 @@ from workbench.data import B2TDataset, Batch, DataError, collate, write_dataset
 from workbench.model import HybridModel, get_config
 from workbench.model.losses import LossWeights, compute_losses
 from workbench.train.device import pick_device, seed_everything
+
+from bench_instrumentation import timed  # noqa: E402  (one timer for every benchmark; this folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = LossWeights(ctc=1.0, rnnt=0.0, mode=0.0)
@@ -50,16 +51,6 @@ def loop(model: HybridModel, optimizer: torch.optim.Optimizer, batches: list[Bat
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
