@@ -21,8 +21,13 @@ coefficient (the gradient norm at the step over the norm at the end of the last 
 GradScaler's scale), the update ratio per group (||w_after - w_before|| / ||w_before||), the tensors that got a
 non-zero gradient but did not change, the parameters and buffers of frozen modules that changed, the loss and the
 scale. Memory: a copy of the parameters that got a gradient, held across the optimizer step (for the update
-ratio). A step the GradScaler skips never reaches the optimizer (no hook fires); watch counts it from the scale's
-backoff at the next step.
+ratio).
+
+Steps are the loop's iterations, as a TrainStep counts them, so a watch log classifies like a TrainStep log of the
+same run. A step the GradScaler skips never reaches the optimizer (no step hook fires): watch tells iterations
+apart by the scaler's `update()` (it writes the scale in place once per iteration, moving the scale tensor's
+version counter: a host-side count, no device read) and records each skipped one as its own row (`skipped`, its
+loss and its gradient norms at the end of its backward, its scale from the backoff), in the next step's copy.
 
 Findings (a dict each: kind, step, tensors, message; printed once, in one line, when first seen):
     outside_optimizer  trainable tensors that received a gradient but are in no optimizer group
@@ -36,7 +41,8 @@ Findings (a dict each: kind, step, tensors, message; printed once, in one line, 
     clip_collapse      the clip coefficient below `rules.clip_floor` on more than `rules.clip_share` of the steps
     no_gradient        a trainable group in the optimizer that got no gradient at a step (a detached branch)
 
-What watch cannot see: a step the GradScaler skipped (its gradients never reach the optimizer), gradients that a
+What watch cannot see: a step skipped without a GradScaler passed to watch (the loop's own guard, or a scaler it
+was not given), the update of a skipped step (there is none: its row has no update ratio), gradients that a
 loop clears between backward and step (they read as not updated), anything outside `model`, and with
 torch.compile'd optimizers or several processes, whatever the hooks are not called for. With several optimizers over
 one model, each step is judged against the optimizer that is stepping (the other's tensors read as outside it).
@@ -57,9 +63,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from workbench.instrument.host import HostPacket, Slot
 from workbench.records import Recorder, RunRecord
 from workbench.records.outcome import OutcomeRules, classify
+from workbench.records.recorder import nonfinite_params as count_nonfinite
 from workbench.run.byo import Groups, _param_groups
 
 __all__ = ["FINDINGS", "Watch", "watch"]
+
+_HELD = 64   # skipped iterations held on the device before they are recorded in a copy of their own
 
 FINDINGS = ("outside_optimizer", "not_updated", "frozen_changed", "stale_grad", "nonfinite", "clip_collapse",
             "no_gradient")
@@ -76,6 +85,17 @@ def _frozen_modules(model: nn.Module, named: Sequence[str]) -> dict[str, nn.Modu
     return found
 
 
+class _Iteration:
+    """What one iteration of the loop gave watch before its optimizer step (or its skip), still on the device."""
+
+    def __init__(self) -> None:
+        self.loss: dict[str, torch.Tensor] | None = None   # the last loss given in the iteration
+        self.bad: torch.Tensor | None = None                # how many losses given in it were non-finite
+        self.weights: dict[str, float] = {}
+        self.names: list[str] = []                          # tensors with a gradient at the end of its last backward
+        self.norms: torch.Tensor | None = None              # (len(names),) their gradient norms there (scaled)
+
+
 class _Snapshot:
     """What the pre-step hook saw, still on the device: the tensors to compare after the step and their names."""
 
@@ -88,6 +108,7 @@ class _Snapshot:
         self.packet = HostPacket()
         self.slots: dict[str, Slot] = {}
         self.names: dict[str, list[str]] = {}
+        self.skipped: list[tuple[_Iteration, dict[str, Slot]]] = []   # iterations the GradScaler skipped before
 
 
 class Watch:
@@ -128,12 +149,12 @@ class Watch:
         self._mark: dict[str, tuple[int, int]] = {}   # name -> (id, version) of its .grad after the last step
         self._stale: set[str] = set()
         self._checked: set[str] = set()
-        self._backward_norm: torch.Tensor | None = None
         self._callback_queued = False
-        self._loss: dict[str, torch.Tensor] | None = None   # the last loss given since the last step
-        self._bad_losses: torch.Tensor | None = None        # how many of those losses were non-finite (device)
+        self._scaling = scaler is not None and scaler.is_enabled()
+        self._iterations: dict[int, _Iteration] = {}   # by the GradScaler's update count (0 without one)
+        self._next = 0                                 # update count of the first iteration not yet recorded
+        self._params_finite = (True, 0, 0)             # as of the last applied step: finite, bad tensors, elements
         self._snap: _Snapshot | None = None
-        self._prev_scale: float | None = None
         self._low_clip = 0
         self._weights: dict[str, float] = {}
         self._frozen_base: dict[str, tuple[torch.Tensor, Any]] = {}  # name -> (tensor, version or copy)
@@ -155,8 +176,13 @@ class Watch:
         self._handles = [register_optimizer_step_pre_hook(self._pre_step),
                          register_optimizer_step_post_hook(self._post_step)]
         self._hook_gradients()
-        if self.scaler is not None and self.scaler.is_enabled():
-            self._prev_scale = self.scaler.get_scale()  # one read at the attach: skips before step 1 count too
+        if self._scaling:
+            assert self.scaler is not None
+            self.recorder.note(scaler={"init_scale": self.scaler.get_scale(),
+                                       "growth_interval": self.scaler.get_growth_interval(),
+                                       "growth_factor": self.scaler.get_growth_factor(),
+                                       "backoff_factor": self.scaler.get_backoff_factor()})
+        self._next = self._updates()
         self._frozen_base = {n: (t, t._version if isinstance(t, nn.Parameter) else t.detach().clone())
                              for n, t in self._frozen_tensors().items()}
         self._t0 = time.perf_counter()
@@ -175,7 +201,10 @@ class Watch:
         return self._frozen_cache[1]
 
     def detach(self, status: str = "finished", **attrs: Any) -> None:
-        """Remove every hook and close the run log with `status`. Detaching twice does nothing."""
+        """Record the iterations the GradScaler skipped since the last step, remove every hook and close the run log
+        with `status`. Detaching twice does nothing."""
+        if self._handles and self._scaling:
+            self._flush(self._updates())
         for handle in [*self._handles, *self._grad_hooks.values(), *self._module_hooks]:
             handle.remove()
         self._handles, self._grad_hooks, self._module_hooks = [], {}, []
@@ -213,12 +242,27 @@ class Watch:
         return hook
 
     def _after_backward(self) -> None:
-        """End of a backward: the norm of the optimizer's gradients before anything (unscale_, a clip) touched them."""
+        """End of a backward: the gradient norms before anything (unscale_, a clip, a skip) touched them."""
         self._callback_queued = False
-        grads = [p.grad for p in self._optimizer_params() if p.grad is not None]
-        if grads:
-            self._backward_norm = torch.linalg.vector_norm(
-                torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+        received = [(n, p.grad) for n, p in self.named.items() if p.grad is not None]
+        if received:
+            it = self._iteration()
+            it.names = [n for n, _ in received]
+            it.norms = torch.stack(torch._foreach_norm([g for _, g in received], 2, dtype=torch.float32))
+
+    def _updates(self) -> int:
+        """How many times the GradScaler updated its scale (the version counter of its scale tensor, which
+        `update()` writes in place once per iteration): the index of the current iteration; 0 without one."""
+        scale = getattr(self.scaler, "_scale", None) if self._scaling else None
+        return scale._version if isinstance(scale, torch.Tensor) else 0
+
+    def _iteration(self) -> _Iteration:
+        """The current iteration's record; more than `_HELD` skipped iterations held are recorded first (a loop
+        whose every step is skipped keeps no more than that on the device)."""
+        now = self._updates()
+        if len(self._iterations) > _HELD:
+            self._flush(now)
+        return self._iterations.setdefault(now, _Iteration())
 
     def _optimizer_params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -241,11 +285,12 @@ class Watch:
                                 f"{shape}")
         if "total" not in terms:
             terms = {"total": sum(terms.values()), **terms}
-        self._loss = {k: v.detach().float().reshape(()) for k, v in terms.items()}
+        it = self._iteration()
+        it.loss = {k: v.detach().float().reshape(()) for k, v in terms.items()}
         # A running device count, so a loop that gives losses without stepping (evaluation) keeps nothing else.
-        bad = (~torch.isfinite(self._loss["total"])).float()
-        self._bad_losses = bad if self._bad_losses is None else self._bad_losses + bad
-        self._weights = dict(weights or {})
+        bad = (~torch.isfinite(it.loss["total"])).float()
+        it.bad = bad if it.bad is None else it.bad + bad
+        it.weights = self._weights = dict(weights or {})
         self._hook_gradients()
 
     # ------------------------------------------------------------------------------------------- the step
@@ -277,8 +322,6 @@ class Watch:
             snap.before = [p.detach().clone() for _, p in inside]
             snap.slots["before_norm"] = packet.add(torch.stack(
                 torch._foreach_norm(snap.before, 2, dtype=torch.float32)))
-            if self._backward_norm is not None:
-                snap.slots["backward_norm"] = packet.add(self._backward_norm.reshape(1))
         # Since the previous step (or the attach): a frozen parameter changed when autograd's version counter
         # moved (every in-place write bumps it, an optimizer's update included; a write through `.data` does not
         # and is not seen), at no device cost; a frozen buffer is compared with its copy, since kernels such as
@@ -294,15 +337,50 @@ class Watch:
                 [(t.detach() != base[n][1]).any().float() for n, t in buffers]))
         self._frozen_base = {n: (t, t._version if isinstance(t, nn.Parameter) else t.detach().clone())
                              for n, t in current.items()}
-        scale = getattr(self.scaler, "_scale", None) if self.scaler is not None and self.scaler.is_enabled() else None
+        scale = getattr(self.scaler, "_scale", None) if self._scaling else None
         if isinstance(scale, torch.Tensor):
             snap.slots["scale"] = packet.add(scale.detach().float().reshape(1))
-        if self._loss is not None and self._bad_losses is not None:
-            snap.names["loss"] = list(self._loss)
-            snap.slots["loss"] = packet.add(torch.stack(list(self._loss.values())))
-            snap.slots["loss_nonfinite"] = packet.add(self._bad_losses.reshape(1))
-            self._loss, self._bad_losses = None, None
+        now = self._updates()
+        snap.skipped = self._pack_skipped(now, packet)
+        it = self._iterations.pop(now, None) or _Iteration()
+        self._next = now + 1
+        if it.norms is not None:
+            snap.names["backward"] = it.names
+            snap.slots["backward_norm"] = packet.add(it.norms)
+        if it.loss is not None and it.bad is not None:
+            snap.names["loss"] = list(it.loss)
+            snap.slots["loss"] = packet.add(torch.stack(list(it.loss.values())))
+            snap.slots["loss_nonfinite"] = packet.add(it.bad.reshape(1))
         self._snap = snap
+
+    def _pack_skipped(self, upto: int, packet: HostPacket) -> list[tuple[_Iteration, dict[str, Slot]]]:
+        """Queue in `packet` what the iterations from `_next` to `upto` (exclusive) gave before the GradScaler
+        skipped their step (none without a GradScaler)."""
+        skipped = []
+        for version in range(self._next, upto):
+            it = self._iterations.pop(version, None) or _Iteration()
+            slots = {}
+            if it.loss is not None:
+                slots["loss"] = packet.add(torch.stack(list(it.loss.values())))
+            if it.norms is not None:
+                slots["norms"] = packet.add(it.norms)
+            skipped.append((it, slots))
+        for version in [v for v in self._iterations if v < upto]:
+            del self._iterations[version]
+        self._next = max(self._next, upto)
+        return skipped
+
+    def _flush(self, upto: int) -> None:
+        """Record the skipped iterations before `upto` now, in one copy of their own (at the detach, or when more
+        than `_HELD` are held)."""
+        packet = HostPacket()
+        skipped = self._pack_skipped(upto, packet)
+        if not skipped:
+            return
+        assert self.scaler is not None and isinstance(self.scaler._scale, torch.Tensor)
+        scale = packet.add(self.scaler._scale.detach().float().reshape(1))
+        packet.read()
+        self._record_skipped(skipped, float(scale.value[0]))
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if optimizer is not self.optimizer:
@@ -311,7 +389,6 @@ class Watch:
         if snap is None:
             return
         packet = snap.packet
-        self.step += 1
         if snap.inside:
             # In place on the copies: before - after, no new allocation
             torch._foreach_sub_(snap.before, [p.detach() for _, p in snap.inside])
@@ -322,6 +399,9 @@ class Watch:
         if outputs:
             snap.slots["outputs"] = packet.add(torch.stack([flag for _, flag in outputs]))
         packet.read()  # the step's one host copy
+        if snap.skipped:
+            self._record_skipped(snap.skipped, float(snap.slots["scale"].value[0]))
+        self.step += 1
         self._record(snap, outputs)
         for name, p in self.named.items():
             if p.grad is not None:
@@ -358,18 +438,13 @@ class Watch:
             row[f"outside_optimizer/{group}"] = len(outside)
         row["grad_norm/global"] = math.sqrt(sum(x ** 2 for x in norm.values()))
         row["nonfinite_grad"] = any(bad.values())
-        skipped = 0
         if "scale" in v:
-            scale = float(v["scale"][0])
-            row["scaler/scale_before"] = scale
-            if self._prev_scale is not None and scale < self._prev_scale:
-                skipped = round(math.log(self._prev_scale / scale) / math.log(1 / self.scaler.get_backoff_factor()))
-            self._prev_scale = scale
+            row["scaler/scale_before"] = float(v["scale"][0])
         row["skipped"] = False
-        row["skipped_before"] = skipped
         coef = None
         if "backward_norm" in v and norm:
-            unscaled = float(v["backward_norm"][0]) / (row.get("scaler/scale_before") or 1.0)
+            backward = math.sqrt(sum(x ** 2 for x in v["backward_norm"].tolist()))
+            unscaled = backward / (row.get("scaler/scale_before") or 1.0)
             if unscaled > 0 and math.isfinite(unscaled):
                 coef = min(1.0, row["grad_norm/global"] / unscaled)
                 row["clip/coefficient"] = coef
@@ -379,11 +454,47 @@ class Watch:
             row.update({f"loss/{k}": float(x) for k, x in zip(snap.names["loss"], v["loss"].tolist())})
         flags = v["params_nonfinite"]
         nonfinite_params = [n for n, f in zip(self.named, flags.tolist()) if f]
-        row["params_finite"] = not nonfinite_params
-        row["params_nonfinite/tensors"] = len(nonfinite_params)
+        tensors, elements = count_nonfinite(self.model, flags)  # a read per non-finite tensor, only when one is
+        row.update({"params_finite": tensors == 0, "params_nonfinite/tensors": tensors,
+                    "params_nonfinite/elements": elements})
+        self._params_finite = (tensors == 0, tensors, elements)
         assert self.recorder is not None
         self.recorder.record_step(step, row)
         self._find(snap, norm, received, diff, v, nonfinite_params, coef, outputs)
+
+    def _record_skipped(self, skipped: list[tuple[_Iteration, dict[str, Slot]]], scale: float) -> None:
+        """One row per iteration whose step the GradScaler skipped, in order, as a TrainStep records it: its loss,
+        its gradient norms at the end of its backward (unscaled by its scale), no update. `scale`: the scale after
+        the last of them (each skip multiplied it by the backoff factor)."""
+        assert self.scaler is not None and self.recorder is not None
+        backoff = self.scaler.get_backoff_factor()
+        held = {id(p) for p in self._optimizer_params()}
+        for k, (it, slots) in enumerate(skipped):
+            self.step += 1
+            before = scale / backoff ** (len(skipped) - k)
+            row: dict[str, Any] = {"skipped": True, "nonfinite_grad": True, "scaler/scale_before": before,
+                                   **dict(zip(("params_finite", "params_nonfinite/tensors",
+                                               "params_nonfinite/elements"), self._params_finite))}
+            norm = dict(zip(it.names, (x / before for x in slots["norms"].value.tolist()))) if "norms" in slots \
+                else {}
+            for group, members in self.groups.items():
+                got = [n for n in members if n in norm]
+                if got:
+                    row[f"grad_norm/{group}"] = math.sqrt(sum(norm[n] ** 2 for n in got))
+                    row[f"grad_nonfinite/{group}"] = sum(1 for n in got if not math.isfinite(norm[n]))
+                    row[f"update_ratio/{group}"] = 0.0
+                    row[f"not_updated/{group}"] = len(got)
+                    row[f"outside_optimizer/{group}"] = sum(1 for n in got if id(self.named[n]) not in held)
+            if norm:
+                row["grad_norm/global"] = math.sqrt(sum(x ** 2 for x in norm.values()))
+            row.update({f"weight/{k}": float(x) for k, x in it.weights.items()})
+            losses = dict(zip(it.loss or {}, slots["loss"].value.tolist())) if "loss" in slots else {}
+            row.update({f"loss/{k}": x for k, x in losses.items()})
+            self.recorder.record_step(self.step, row)
+            if not all(math.isfinite(x) for x in losses.values()) and \
+                    self._report("nonfinite", [], "a non-finite loss on a step the GradScaler skipped; the first "
+                                 "module with a non-finite output is named at the next forward") and self.trace:
+                self._hook_modules()
 
     def _find(self, snap: _Snapshot, norm: dict[str, float], received: list[str], diff: dict[str, float],
               v: dict[str, Any], nonfinite_params: list[str], coef: float | None,
