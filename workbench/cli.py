@@ -394,17 +394,23 @@ def _sweep_backend(backend: str, address: str | None) -> tuple[str, str | None]:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from workbench.records import read_record, summarize
+    from workbench.records.unjudged import no_outcome
+    from workbench.views.logstate import check_readable
 
     limit = _positive("--limit", args.limit)
-    record = read_record(_input("runlog", args.runlog, "a run log file (.h5)"))
+    path = _input("runlog", args.runlog, "a run log file (.h5)")
+    state = check_readable(path, partial=True)
+    record = read_record(path)
     summary = summarize(record)
     verdicts = record.tables.get("tracer", [])
     coverage = record.tables.get("coverage", [])
     print(f"{args.runlog}: status {record.status}, {len(record.steps)} steps")
     if record.status != "finished":
         print(f"  error: {record.attrs.get('error')}; last step: {record.attrs.get('last_step')}"
-              if record.status == "failed" else "  interrupted: the run's process was killed or is still writing")
-    print(f"outcome: {summary['outcome']}")
+              if record.status == "failed" else "  still being written: the steps flushed so far"
+              if state == "in_progress" else "  interrupted: the run's process was killed")
+    missing = no_outcome(record, in_progress=state == "in_progress")
+    print(f"outcome: {summary['outcome']}" if missing is None else missing)
     for reason in summary["outcome_reasons"] + summary["outcome_warnings"]:
         print(f"  {reason}")
     print(f"causal chain: {len(summary['causal_chain'])} link(s)")
@@ -425,10 +431,12 @@ REPORT_FILES = ("training.png", "outcomes.png", "summary.json", "summary.md")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from workbench.records import RunLog
+    from workbench.views.logstate import LogBusy, check_readable
 
-    for path in args.runlogs:
-        RunLog(path).close()
+    try:
+        states = [check_readable(path, partial=args.partial, verb="report") for path in args.runlogs]
+    except LogBusy as exc:
+        raise CliError(str(exc)) from None
     out = Path(args.out)
     _refuse_existing("--out", [out / name for name in REPORT_FILES], args.overwrite)
     _writable("--out", out)
@@ -437,7 +445,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     # Written into a folder of this process first, then renamed into place file by file.
     work = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
     try:
-        written = [out / Path(path).name for path in write_report(args.runlogs, work)]
+        busy = [path for path, state in zip(args.runlogs, states) if state == "in_progress"]
+        written = [out / Path(path).name for path in write_report(args.runlogs, work, in_progress=busy)]
         for path in written:
             os.replace(work / path.name, path)
     finally:
@@ -454,17 +463,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ImportError:
         raise CliError("--tensorboard: needs the tensorboard package, which is not installed; install it with "
                        "pip install 'rnnt-workbench[tensorboard]'") from None
-    from workbench.views.tensorboard import ExportError, check_exportable, export_tensorboard
+    from workbench.views.logstate import LogBusy, check_readable
+    from workbench.views.tensorboard import ExportError, export_tensorboard
 
     out = Path(args.tensorboard)
     try:
         for path in args.runlogs:
-            check_exportable(path, partial=args.partial)
+            check_readable(path, partial=args.partial)
         if out.exists() and not out.is_dir():
             raise CliError(f"--tensorboard: expected a folder, got {out}, which is a file")
         _writable("--tensorboard", out)
         exported = export_tensorboard(args.runlogs, out, partial=args.partial, overwrite=args.overwrite)
-    except ExportError as exc:
+    except (ExportError, LogBusy) as exc:
         raise CliError(str(exc)) from None
     for e in exported:
         print(f"{e.log} -> {e.folder}: {e.tags} scalar tags, {e.points} points, {e.texts} texts")
@@ -622,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runlogs", nargs="+", help="run logs (.h5) written by `run`, `sweep` or the notebooks")
     p.add_argument("--out", required=True, help="folder for training.png, outcomes.png, summary.json/.md")
     p.add_argument("--overwrite", action="store_true", help="replace report files already in --out")
+    p.add_argument("--partial", action="store_true", help="also report a run log still being written, as far as it "
+                                                          "was flushed (without an outcome)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export", help="write run logs as TensorBoard event files, one folder per run")

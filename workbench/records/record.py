@@ -115,8 +115,12 @@ class RunRecord:
 
 def read_record(path: str | Path) -> RunRecord:
     """Read a run log into a RunRecord: every scalar series aligned on the union of their steps, every table,
-    every root attribute (the run's settings from `settings`, its status, the rest in `attrs`)."""
+    every root attribute (the run's settings from `settings`, its status, the rest in `attrs`).
+
+    The whole log is verified against its manifest first (`RunLog.verify`): a damaged log, or one with a series
+    missing, is a `RunLogDamaged` naming the file and the series, never a record with that series left out."""
     with RunLog(path) as log:
+        log.verify()
         frame = log.scalar_frame()
         steps = sorted({int(s) for key_steps, _ in frame.values() for s in key_steps})
         position = {s: k for k, s in enumerate(steps)}

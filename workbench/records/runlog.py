@@ -17,20 +17,42 @@ Layout of a run log (``format`` = "workbench-runlog", ``format_version`` = 1):
   float64 for floats, int64 for ints, uint8 for bools.
   Every series has its own step axis, so a series may start at any step and no fill values are invented.
 - ``tables/<name>``: resizable (m,) dataset of variable-length UTF-8 strings, one JSON object per row.
+- ``manifest``: resizable uint8 dataset holding one JSON object, rewritten by the writer with every row, event and
+  attribute it writes, so it always describes what the file holds: ``series`` (key -> ``rows`` and ``sha256``
+  over its kind, labels, shape and the bytes of its first ``rows`` steps and values), ``tables`` (name -> ``rows``
+  and ``sha256`` over its rows) and ``attrs`` (name -> ``sha256`` of its decoded value). Every numeric dataset
+  also carries HDF5's fletcher32 checksum per chunk (HDF5 allows no filter on the tables' variable-length strings).
+
+When the writer closes the file it appends a checksum trailer after the HDF5 data (HDF5 ignores bytes past its end
+of allocation): JSON naming the byte range of every chunk of every series dataset and of the manifest with a
+sha256 of each, and a sha256 of every other byte (HDF5's metadata: the layout of groups, datasets, attributes and
+tables), then the JSON's length (8 bytes, little-endian) and ``TRAILER_MAGIC``. A reader checks those bytes before
+HDF5 parses any of them, so a damaged closed log is named, never parsed (damaged HDF5 metadata can crash the
+library). A log that is no longer "running" but has no trailer was changed after it was closed, or cut short.
+
+Readers check a log against its manifest before they use it (:meth:`RunLog.verify`; :meth:`RunLog.series` and
+:meth:`RunLog.table` check what they read): a series, table or attribute that the manifest declares and the file
+lacks, holds fewer rows, or whose bytes do not match, and anything the manifest does not declare in a log that is
+no longer running, is damage: :class:`RunLogDamaged`, one line naming the file and the series (or table, or
+attribute). A log still "running" may hold rows flushed after its manifest: readers keep only the declared ones.
+A log without a manifest was written by an older version of the workbench (before run logs carried checksums) and
+is refused rather than read unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
 import operator
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -49,6 +71,9 @@ _KIND_RANK = {"bool": 0, "int": 1, "float": 2}
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 # Every flush rewrites each dirty chunk, so chunks stay small (about 8 KiB of values).
 _CHUNK_VALUES = 1024
+MANIFEST = "manifest"
+TRAILER_MAGIC = b"WBRLSUM1"
+_DIGEST_CHARS = 32  # of a sha256 hex digest: 128 bits tell damage from data
 
 
 def to_json(obj: Any) -> str:
@@ -99,10 +124,35 @@ class _Series:
     steps: h5py.Dataset
     values: h5py.Dataset
     kind: str
+    steps_hash: Any  # hashlib sha256 over the bytes of every step written
+    values_hash: Any  # ... and of every row of values, as stored
 
 
 class RunLogError(ValueError):
     """A file that is not a readable run log; the message is one line naming the file and what was expected."""
+
+
+class RunLogDamaged(RunLogError):
+    """A run log whose content does not match its manifest (see the module docstring); one line naming the file
+    and the series, table or attribute."""
+
+
+def _series_digest(kind: str, labels: Sequence[str] | None, width: tuple[int, ...], steps: bytes,
+                   values: bytes) -> str:
+    """The manifest's digest of one series from the sha256 digests of its steps' and values' bytes."""
+    head = json.dumps([kind, None if labels is None else list(labels), list(width)]).encode()
+    return hashlib.sha256(head + b"\0" + steps + values).hexdigest()[:_DIGEST_CHARS]
+
+
+def _attr_digest(name: str, value: Any) -> str:
+    """The manifest's digest of a root attribute's decoded value."""
+    return hashlib.sha256(f"{name}\0{to_json(value)}".encode()).hexdigest()[:_DIGEST_CHARS]
+
+
+def _row_bytes(text: str) -> bytes:
+    """One table row as the table digest hashes it (length-prefixed, so rows cannot run into each other)."""
+    data = text.encode("utf-8")
+    return len(data).to_bytes(8, "little") + data
 
 
 class RunLogWriter:
@@ -130,6 +180,8 @@ class RunLogWriter:
         self._tables: dict[str, h5py.Dataset] = {}
         self._labels: dict[str, list[str]] = {}
         self._json_attrs: set[str] = set()
+        self._table_hashes: dict[str, Any] = {}
+        self._attr_digests: dict[str, str] = {}
         _check_user_attrs(attrs or {})
         try:
             # The default libver (not 'latest') keeps the superblock free of the "open for write" flag that
@@ -139,6 +191,8 @@ class RunLogWriter:
             self._file = h5py.File(self.path, "w" if overwrite else "x", locking=False)
         except FileExistsError:
             raise FileExistsError(f"run log {self.path} already exists; pass overwrite=True to replace it") from None
+        self._manifest = self._file.create_dataset(MANIFEST, shape=(0,), maxshape=(None,), chunks=(4096,),
+                                                   dtype=np.uint8, fletcher32=True)
         fixed = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": _now(), "status": "running"}
         self._write_attrs({**(attrs or {}), **fixed})
 
@@ -173,8 +227,10 @@ class RunLogWriter:
             if series.values.shape[1:] != (len(labels),):
                 raise ValueError(f"series {key!r} has shape {series.values.shape[1:]}, but {len(labels)} labels given")
             series.values.parent.attrs["labels"] = labels
-            self._h5.flush()
         self._labels[key] = labels
+        if series is not None:
+            self._write_manifest()
+            self._h5.flush()
 
     def log_step(self, step: int, values: Mapping[str, Value]) -> None:
         """Append one row at ``step`` to each series named in ``values`` (scalars or fixed-length vectors).
@@ -189,8 +245,12 @@ class RunLogWriter:
             n = series.steps.shape[0]
             series.steps.resize((n + 1,))
             series.values.resize((n + 1, *series.values.shape[1:]))
+            stored = row.astype(series.values.dtype)
             series.steps[n] = step
-            series.values[n] = row.astype(series.values.dtype)
+            series.values[n] = stored
+            series.steps_hash.update(np.int64(step).tobytes())
+            series.values_hash.update(np.ascontiguousarray(stored).tobytes())
+        self._write_manifest()
         self._last_step = step
         self._unflushed_steps += 1
         if self._unflushed_steps >= self._flush_every:
@@ -209,20 +269,23 @@ class RunLogWriter:
                 table, shape=(0,), maxshape=(None,), chunks=(64,), dtype=h5py.string_dtype("utf-8")
             )
             self._tables[table] = dataset
+            self._table_hashes[table] = hashlib.sha256()
         n = dataset.shape[0]
         dataset.resize((n + 1,))
         dataset[n] = text
+        self._table_hashes[table].update(_row_bytes(text))
+        self._write_manifest()
         h5.flush()
 
     def close(self, status: str = "finished") -> None:
         """Write ``status`` and the ``finished`` time (and, unless finished, the last step logged), then close the
         file; closing twice does nothing."""
         if self._file:
-            if status != "finished":
-                self._write_attrs({"last_step": self._last_step})
-            self._file.attrs["status"] = status
-            self._file.attrs["finished"] = _now()
+            last = {} if status == "finished" else {"last_step": self._last_step}
+            self._write_attrs({**last, "status": status, "finished": _now()})
+            regions = self._regions()
             self._file.close()
+            _append_trailer(self.path, regions)
 
     def _write_attrs(self, attrs: Mapping[str, Any]) -> None:
         h5 = self._h5
@@ -235,8 +298,33 @@ class RunLogWriter:
             else:
                 h5.attrs[name] = to_json(value)
                 self._json_attrs.add(name)
+            self._attr_digests[name] = _attr_digest(name, value)
         h5.attrs["json_attrs"] = json.dumps(sorted(self._json_attrs))
+        self._write_manifest()
         h5.flush()
+
+    def _regions(self) -> list[tuple[str, int, int]]:
+        """(what, byte offset, size) of every stored chunk of the series datasets and the manifest (flushed)."""
+        out = []
+        datasets = [(f"series {key}", d) for key, s in self._series.items() for d in (s.steps, s.values)]
+        for what, dataset in datasets + [(MANIFEST, self._manifest)]:
+            for k in range(dataset.id.get_num_chunks()):
+                info = dataset.id.get_chunk_info(k)
+                out.append((what, int(info.byte_offset), int(info.size)))
+        return out
+
+    def _write_manifest(self) -> None:
+        """Rewrite the manifest: what the file holds now (see the module docstring)."""
+        series = {key: {"rows": s.steps.shape[0],
+                        "sha256": _series_digest(s.kind, self._labels.get(key), s.values.shape[1:],
+                                                 s.steps_hash.digest(), s.values_hash.digest())}
+                  for key, s in self._series.items()}
+        tables = {name: {"rows": d.shape[0], "sha256": self._table_hashes[name].hexdigest()[:_DIGEST_CHARS]}
+                  for name, d in self._tables.items()}
+        data = np.frombuffer(json.dumps({"series": series, "tables": tables, "attrs": self._attr_digests},
+                                        sort_keys=True).encode(), dtype=np.uint8)
+        self._manifest.resize((data.size,))
+        self._manifest[:] = data
 
     def _check_row(self, key: str, value: Value, batch: Mapping[str, Value]) -> np.ndarray:
         row = np.asarray(value)
@@ -269,12 +357,69 @@ class RunLogWriter:
         if key in self._labels:
             group.attrs["labels"] = self._labels[key]
         rows = max(1, _CHUNK_VALUES // row.size)
-        steps = group.create_dataset("step", shape=(0,), maxshape=(None,), chunks=(rows,), dtype=np.int64)
+        steps = group.create_dataset("step", shape=(0,), maxshape=(None,), chunks=(rows,), dtype=np.int64,
+                                     fletcher32=True)
         values = group.create_dataset(
-            "value", shape=(0, *row.shape), maxshape=(None, *row.shape), chunks=(rows, *row.shape), dtype=dtype
+            "value", shape=(0, *row.shape), maxshape=(None, *row.shape), chunks=(rows, *row.shape), dtype=dtype,
+            fletcher32=True,
         )
-        self._series[key] = _Series(steps, values, kind)
+        self._series[key] = _Series(steps, values, kind, hashlib.sha256(), hashlib.sha256())
         return self._series[key]
+
+
+def _hex(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()[:_DIGEST_CHARS]
+
+
+def _rest_digest(data: bytes, regions: Sequence[Sequence[Any]]) -> str:
+    """sha256 of every byte of `data` outside `regions` ((what, offset, size), in any order)."""
+    view, rest, at = memoryview(data), hashlib.sha256(), 0
+    for offset, size in sorted((r[1], r[2]) for r in regions):
+        rest.update(view[at:max(at, offset)])
+        at = max(at, offset + size)
+    rest.update(view[at:])
+    return rest.hexdigest()[:_DIGEST_CHARS]
+
+
+def _append_trailer(path: Path, regions: Sequence[tuple[str, int, int]]) -> None:
+    """Append the checksum trailer (see the module docstring) to the closed file at `path`."""
+    data = path.read_bytes()
+    view = memoryview(data)
+    trailer = {"size": len(data), "rest": _rest_digest(data, regions),
+               "regions": [[what, offset, size, _hex(view[offset:offset + size])] for what, offset, size in regions]}
+    text = json.dumps(trailer).encode()
+    with open(path, "ab") as f:
+        f.write(text + len(text).to_bytes(8, "little") + TRAILER_MAGIC)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_trailer(path: Path) -> bool:
+    """Check a closed log's bytes against its trailer before HDF5 parses them: True when they match, False when
+    the file has no trailer, RunLogDamaged naming the series (or the HDF5 metadata) whose bytes changed."""
+    data = path.read_bytes()
+    if len(data) < 16 or data[-8:] != TRAILER_MAGIC:
+        return False
+    length = int.from_bytes(data[-16:-8], "little")
+    body = data[:-16 - length] if 0 < length <= len(data) - 16 else b""
+    try:
+        trailer = json.loads(data[-16 - length:-16])
+        regions = [(str(w), int(o), int(n), str(h)) for w, o, n, h in trailer["regions"]]
+        size, rest = int(trailer["size"]), str(trailer["rest"])
+    except Exception as err:  # noqa: BLE001
+        raise RunLogDamaged(f"{path}: checksum trailer: damaged ({_first_line(err)})") from None
+    if size != len(body):
+        raise RunLogDamaged(f"{path}: checksum trailer: damaged: it describes {size} bytes of HDF5 data, the file "
+                            f"holds {len(body)}")
+    view = memoryview(body)
+    for what, offset, n, digest in regions:
+        if _hex(view[offset:offset + n]) != digest:
+            raise RunLogDamaged(f"{path}: {what}: damaged: its stored bytes (offset {offset}, {n} bytes) do not "
+                                f"match the checksum written when the log was closed")
+    if _rest_digest(body, regions) != rest:
+        raise RunLogDamaged(f"{path}: HDF5 metadata (the layout of its series, tables and attributes): damaged: its "
+                            f"bytes do not match the checksum written when the log was closed")
+    return True
 
 
 def _check_user_attrs(attrs: Mapping[str, Any]) -> None:
@@ -285,6 +430,11 @@ def _check_user_attrs(attrs: Mapping[str, Any]) -> None:
 
 class RunLog:
     """Read-only view of a run log; may be opened while a writer (any process) still has the file open.
+
+    Everything it returns is checked against the log's manifest (see the module docstring): opening checks the
+    attributes, :meth:`series` and :meth:`table` check what they read, and :meth:`verify` checks the whole log.
+    Every error reading it is a RunLogError naming the file (RunLogDamaged for damage); a name the log does not
+    hold is a KeyError.
 
     A reader sees what the writer had flushed when the reader opened (in the writer's own process it shares
     the writer's open file and sees everything written so far); reopen it to see later steps. Without SWMR
@@ -298,10 +448,16 @@ class RunLog:
             raise FileNotFoundError(f"run log {self.path} does not exist")
         expected = f"a run log (HDF5, format {FORMAT!r} version {FORMAT_VERSION})"
         try:
+            closed = check_trailer(self.path)
+        except OSError as err:
+            raise RunLogError(f"{self.path}: expected {expected}, got a file this user cannot read "
+                              f"({err.strerror or err})") from None
+        try:
             # locking=False: the writer holds the file (and its lock) open for the whole run.
             self._file = h5py.File(self.path, "r", locking=False)
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001  (h5py reports a damaged file with many exception types)
             raise RunLogError(f"{self.path}: expected {expected}, got {_unopenable(self.path, err)}") from None
+        self._checked: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         try:
             raw = dict(self._file.attrs)
             if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
@@ -313,13 +469,25 @@ class RunLog:
                 name: from_json(value) if name in json_names else _to_python(value) for name, value in raw.items()
             }
             if self.attrs.get("status") not in STATUSES:
-                raise RunLogError(f"{self.path}: status: expected one of {', '.join(STATUSES)}, "
-                                  f"got {self.attrs.get('status')!r}")
-        except (OSError, ValueError) as err:
+                raise RunLogDamaged(f"{self.path}: status: expected one of {', '.join(STATUSES)}, "
+                                    f"got {self.attrs.get('status')!r}")
+            self._manifest = self._read_manifest()
+            self._check_attrs()
+            if not closed and self.attrs["status"] != "running":
+                for key in self.series_names():
+                    self._series_group(key)
+                for name in self.table_names():
+                    if name not in self._file.get("tables", {}):
+                        raise RunLogDamaged(f"{self.path}: table {name}: damaged: missing (its manifest declares it)")
+                raise RunLogDamaged(f"{self.path}: checksum trailer: missing from a log its writer closed "
+                                    f"({self.attrs['status']}): the file was changed after it was closed, or cut "
+                                    f"short")
+        except Exception as err:  # noqa: BLE001
             self._file.close()
             if isinstance(err, RunLogError):
                 raise
-            raise RunLogError(f"{self.path}: expected {expected}, got damaged attributes ({err})") from None
+            raise RunLogDamaged(f"{self.path}: expected {expected}, got damaged attributes "
+                                f"({_first_line(err)})") from None
 
     def __enter__(self) -> RunLog:
         return self
@@ -339,30 +507,36 @@ class RunLog:
         return self.attrs["status"]
 
     def series_names(self) -> list[str]:
-        """Sorted keys of all series, e.g. ["grad_norm/encoder", "loss/ctc"]."""
-        group = self._file.get("series")
-        if group is None:
-            return []
-        names: list[str] = []
-
-        def collect(name: str, obj: h5py.Group | h5py.Dataset) -> None:
-            if "kind" in obj.attrs:
-                names.append(name)
-
-        group.visititems(collect)
-        return sorted(names)
+        """Sorted keys of all series the manifest declares, e.g. ["grad_norm/encoder", "loss/ctc"]."""
+        return sorted(self._manifest["series"])
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        """Return (steps int64 (n,), values (n,) or (n, k)); values are float64, int64 or bool."""
-        group = self._series_group(key)
-        # A writer killed mid-step may leave one dataset a row longer than the other; keep whole rows only.
-        n = min(group["step"].shape[0], group["value"].shape[0])
-        values = group["value"][:n]
-        return group["step"][:n], values.astype(bool) if group.attrs["kind"] == "bool" else values
+        """Return (steps int64 (n,), values (n,) or (n, k)), checked against the manifest; values are float64,
+        int64 or bool. RunLogDamaged naming the series when they do not match it."""
+        if key not in self._checked:
+            group = self._series_group(key)
+            declared = self._manifest["series"][key]
+            with self._reading(f"series {key}"):
+                kind = str(group.attrs["kind"])
+                labels = group.attrs.get("labels")
+                labels = None if labels is None else [str(label) for label in labels]
+                steps_set, values_set = group["step"], group["value"]
+                n = self._rows(f"series {key}", declared, steps_set.shape[0], values_set.shape[0])
+                steps, values = steps_set[:n], values_set[:n]
+                digest = _series_digest(kind, labels, values_set.shape[1:],
+                                        hashlib.sha256(steps.astype("<i8").tobytes()).digest(),
+                                        hashlib.sha256(np.ascontiguousarray(values).tobytes()).digest())
+            if digest != declared["sha256"]:
+                raise RunLogDamaged(f"{self.path}: series {key}: damaged: its {n} rows do not match the checksum "
+                                    f"written with them")
+            self._checked[key] = (steps, values.astype(bool) if kind == "bool" else values)
+        return self._checked[key]
 
     def labels(self, key: str) -> list[str] | None:
         """Column names of vector series ``key``, or None when none were declared."""
-        labels = self._series_group(key).attrs.get("labels")
+        self.series(key)
+        with self._reading(f"series {key}"):
+            labels = self._series_group(key).attrs.get("labels")
         return None if labels is None else [str(label) for label in labels]
 
     def scalar_frame(self, prefix: str = "") -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -370,35 +544,121 @@ class RunLog:
         stem = prefix.rstrip("/")
         frame = {}
         for key in self.series_names():
-            under = not stem or key == stem or key.startswith(stem + "/")
-            if under and self._file["series"][key]["value"].ndim == 1:
-                frame[key] = self.series(key)
+            if not stem or key == stem or key.startswith(stem + "/"):
+                steps, values = self.series(key)
+                if values.ndim == 1:
+                    frame[key] = (steps, values)
         return frame
 
     def table_names(self) -> list[str]:
-        """Sorted names of the event tables."""
-        return sorted(self._file.get("tables", {}).keys())
+        """Sorted names of the event tables the manifest declares."""
+        return sorted(self._manifest["tables"])
 
     def table(self, name: str) -> list[dict[str, Any]]:
-        """Rows of event table ``name``, decoded by :func:`from_json`."""
-        tables = self._file.get("tables", {})
-        if name not in tables:
+        """Rows of event table ``name``, decoded by :func:`from_json` after checking them against the manifest."""
+        if name not in self._manifest["tables"]:
             raise KeyError(f"no table {name!r} in {self.path}; available: {self.table_names()}")
-        return [from_json(text) for text in tables[name].asstr()[()]]
+        declared = self._manifest["tables"][name]
+        with self._reading(f"table {name}"):
+            dataset = self._file["tables"][name]
+            n = self._rows(f"table {name}", declared, dataset.shape[0])
+            texts = list(dataset.asstr()[:n])
+        digest = hashlib.sha256(b"".join(_row_bytes(text) for text in texts)).hexdigest()[:_DIGEST_CHARS]
+        if digest != declared["sha256"]:
+            raise RunLogDamaged(f"{self.path}: table {name}: damaged: its {n} rows do not match the checksum "
+                                f"written with them")
+        with self._reading(f"table {name}"):
+            return [from_json(text) for text in texts]
 
     def last_step(self) -> int | None:
         """Largest step among the latest rows of all series, or None when nothing was logged."""
-        steps = [self._file["series"][key]["step"] for key in self.series_names()]
+        steps = [self.series(key)[0] for key in self.series_names()]
         return max((int(s[-1]) for s in steps if s.shape[0]), default=None)
 
+    def verify(self) -> None:
+        """Check the whole log against its manifest: every declared series and table present and intact, and,
+        unless the log is still "running", nothing there that the manifest does not declare."""
+        for key in self.series_names():
+            self.series(key)
+        for name in self.table_names():
+            self.table(name)
+        if self.status == "running":
+            return
+        with self._reading("series"):
+            found: list[str] = []
+            group = self._file.get("series")
+            if group is not None:
+                group.visititems(lambda name, obj: found.append(name) if "kind" in obj.attrs else None)
+            tables = list(self._file.get("tables", {}).keys())
+        extra = [f"series {k}" for k in sorted(set(found) - set(self._manifest["series"]))]
+        extra += [f"table {k}" for k in sorted(set(tables) - set(self._manifest["tables"]))]
+        if extra:
+            raise RunLogDamaged(f"{self.path}: {extra[0]}: damaged: the file holds it but its manifest does not "
+                                f"declare it")
+
+    def _read_manifest(self) -> dict[str, Any]:
+        if MANIFEST not in self._file:
+            raise RunLogError(f"{self.path}: no checksums: written by an older version of the workbench (before run "
+                              f"logs carried a manifest), or its manifest was removed; this version reads only run "
+                              f"logs it can verify: run it again")
+        try:
+            manifest = json.loads(self._file[MANIFEST][()].tobytes())
+            ok = isinstance(manifest, dict) and all(
+                isinstance(manifest.get(part), dict) for part in ("series", "tables", "attrs"))
+            ok = ok and all(isinstance(entry, dict) and isinstance(entry.get("rows"), int)
+                            and isinstance(entry.get("sha256"), str)
+                            for part in ("series", "tables") for entry in manifest[part].values())
+        except Exception as err:  # noqa: BLE001
+            raise RunLogDamaged(f"{self.path}: manifest: damaged ({_first_line(err)})") from None
+        if not ok:
+            raise RunLogDamaged(f"{self.path}: manifest: damaged (not the object of series, tables and attrs the "
+                                f"writer writes)")
+        return manifest
+
+    def _check_attrs(self) -> None:
+        declared: dict[str, str] = self._manifest["attrs"]
+        for name in sorted(set(declared) | set(self.attrs)):
+            if name not in self.attrs:
+                raise RunLogDamaged(f"{self.path}: attribute {name}: damaged: missing (its manifest declares it)")
+            if name not in declared:
+                raise RunLogDamaged(f"{self.path}: attribute {name}: damaged: its manifest does not declare it")
+            if _attr_digest(name, self.attrs[name]) != declared[name]:
+                raise RunLogDamaged(f"{self.path}: attribute {name}: damaged: its value does not match the checksum "
+                                    f"written with it")
+
+    def _rows(self, what: str, declared: dict[str, Any], *found: int) -> int:
+        """The declared row count, after checking that the datasets hold that many (more only while running)."""
+        n = declared["rows"]
+        if min(found) < n or (max(found) > n and self.status != "running"):
+            raise RunLogDamaged(f"{self.path}: {what}: damaged: {n} rows declared, {min(found)} found")
+        return n
+
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Any error of h5py or numpy while reading `what` as a RunLogDamaged naming the file and `what`."""
+        try:
+            yield
+        except RunLogError:
+            raise
+        except Exception as err:  # noqa: BLE001  (damaged metadata surfaces as many exception types)
+            raise RunLogDamaged(f"{self.path}: {what}: damaged: unreadable ({_first_line(err)})") from None
+
     def _series_group(self, key: str) -> h5py.Group:
-        group = self._file.get(f"series/{key}")
-        if not isinstance(group, h5py.Group) or "kind" not in group.attrs:
+        if key not in self._manifest["series"]:
             raise KeyError(f"no series {key!r} in {self.path}; available: {self.series_names()}")
+        with self._reading(f"series {key}"):
+            group = self._file.get(f"series/{key}")
+            if not isinstance(group, h5py.Group) or "kind" not in group.attrs:
+                raise RunLogDamaged(f"{self.path}: series {key}: damaged: missing (its manifest declares it)")
         return group
 
 
-def _unopenable(path: Path, err: OSError) -> str:
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"{type(err).__name__}: {text[:160]}"
+
+
+def _unopenable(path: Path, err: Exception) -> str:
     """What a file HDF5 cannot open looks like, in a few words."""
     with open(path, "rb") as f:
         head = f.read(8)
@@ -408,20 +668,22 @@ def _unopenable(path: Path, err: OSError) -> str:
         return f"a file that is not HDF5 (it starts with {head[:4]!r})"
     if "truncated" in str(err):
         return "a truncated HDF5 file (a copy cut short?)"
-    return f"an HDF5 file that does not open ({str(err).splitlines()[0]})"
+    return f"an HDF5 file that does not open ({_first_line(err)})"
 
 
 def describe_log(path: str | os.PathLike[str]) -> tuple[str, str]:
     """(state, one phrase for messages) of the file at `path`; state is "missing", "finished", "running" (killed
-    or still writing), "failed" or "unreadable" (not a run log of this format version)."""
+    or still writing), "failed" or "unreadable" (not a run log of this format version, one without checksums, or
+    a damaged one: the whole log is verified, `RunLog.verify`)."""
     path = Path(path)
     if not path.exists():
         return "missing", f"no file at {path}"
     try:
         with RunLog(path) as log:
+            log.verify()
             status, last = log.status, log.last_step()
             error = log.attrs.get("error")
-    except (OSError, ValueError, KeyError) as err:  # KeyError: a series group without its datasets
+    except (OSError, ValueError) as err:
         return "unreadable", str(err).removeprefix(f"{path}: ")
     where = "no step logged" if last is None else f"last step {last}"
     if status == "finished":

@@ -13,10 +13,24 @@ from typing import Any, Callable
 from workbench.records import json_safe
 from workbench.run.settings import TrainSettings
 from workbench.run.staged import run_training
+from workbench.train.checkpoint import CheckpointError, load_checkpoint
 
 
 def checkpoint_key(**settings: Any) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _damage(path: Path, summary_path: Path) -> str | None:
+    """What is wrong with a cache entry (its checkpoint or its summary), or None when both read back intact."""
+    try:
+        load_checkpoint(path)
+    except CheckpointError as exc:
+        return str(exc).removeprefix(f"{path}: ")
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{summary_path.name}: {type(exc).__name__}: {exc}"
+    return None if isinstance(summary, dict) else f"{summary_path.name}: expected a JSON object"
 
 
 def ctc_warm_checkpoint(data: str | Path, preset: str, *, seed: int = 0, steps: int = 300, lr: float = 1e-3,
@@ -31,7 +45,8 @@ def ctc_warm_checkpoint(data: str | Path, preset: str, *, seed: int = 0, steps: 
     The training summary (losses per step, validation PER at ten points of the warmup) is cached beside it. Each
     process trains in a temporary folder of its own and moves the finished pair into place (summary first, the
     checkpoint last), so a reader never sees half a cache entry and two processes building the same entry at
-    once both end with a complete one.
+    once both end with a complete one. An entry is verified before reuse (the checkpoint as every reader checks it,
+    the summary as JSON); a damaged one is rebuilt, and `log` says so in one line.
     """
     key = checkpoint_key(data=str(Path(data).resolve()), preset=preset, seed=seed, steps=steps, lr=lr,
                          batch_size=batch_size, precision=precision, device=device)
@@ -39,8 +54,11 @@ def ctc_warm_checkpoint(data: str | Path, preset: str, *, seed: int = 0, steps: 
     path = cache / f"ctc_warm_{preset}_{precision}_{key}.pt"
     summary_path = path.with_suffix(".json")
     if path.is_file() and summary_path.is_file():
-        log(f"Loaded CTC-warm checkpoint from cache: {path}")
-        return path, json.loads(summary_path.read_text())
+        damage = _damage(path, summary_path)
+        if damage is None:
+            log(f"Loaded CTC-warm checkpoint from cache: {path}")
+            return path, json.loads(summary_path.read_text())
+        log(f"CTC-warm cache entry {path} is damaged ({damage}); rebuilding it")
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".tmp_{key}_", dir=cache))
     try:

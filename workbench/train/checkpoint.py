@@ -1,14 +1,18 @@
 """Checkpoints as plain state dicts, loaded with weights_only=True (no pickled code runs on load).
 
-Loading checks what it reads: a file torch cannot read (text, truncated, another format), a torch file that is not
-a workbench checkpoint, or weights that do not fit the model the checkpoint describes all raise `CheckpointError`,
-one line naming the file and what was expected.
+Loading checks what it reads: a file torch cannot read (text, truncated, another format), an archive member whose
+bytes do not match the CRC-32 the zip archive stored when it was written (torch.load does not check it), a torch
+file that is not a workbench checkpoint, a model, optimizer or GradScaler state holding a non-finite value, or
+weights that do not fit the model the checkpoint describes all raise `CheckpointError`, one line naming the file
+and what was expected (the member or tensor where there is one).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +64,68 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def verify_archive(path: Path) -> None:
+    """Read every member of the zip archive `path` and compare it with the CRC-32 stored when it was written;
+    CheckpointError naming the file and the first damaged member (or the damaged directory) otherwise."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                try:
+                    with archive.open(info) as member:
+                        while member.read(1 << 20):
+                            pass
+                except Exception as exc:  # noqa: BLE001  (zipfile reports damage with many exception types)
+                    raise CheckpointError(f"{path}: {info.filename}: expected the bytes the archive's CRC-32 "
+                                          f"describes, got a damaged member ({_first_line(exc)})") from None
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path}: expected a readable zip archive (a torch checkpoint), got a damaged or "
+                              f"truncated archive ({_first_line(exc)})") from None
+
+
+def _nonfinite_entries(value: Any, name: str) -> list[tuple[str, int, int]]:
+    """(name, non-finite count, size) of every floating tensor or float under `value` that holds NaN/Inf."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point() and not value.is_complex():
+            return []
+        bad = int((~torch.isfinite(value)).sum())
+        return [(name, bad, value.numel())] if bad else []
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [(name, 1, 1)]
+    if isinstance(value, dict):
+        return [e for k, v in value.items() for e in _nonfinite_entries(v, f"{name}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [e for k, v in enumerate(value) for e in _nonfinite_entries(v, f"{name}.{k}")]
+    return []
+
+
+def check_finite_state(state: dict[str, Any], path: str | Path) -> None:
+    """CheckpointError naming the first tensor of the model, optimizer or GradScaler state with a NaN/Inf value:
+    a run forked from it would diagnose the damaged input as a training failure."""
+    bad = [e for part in ("model", "optimizer", "scaler") for e in _nonfinite_entries(state.get(part), part)]
+    if bad:
+        name, count, size = bad[0]
+        more = f"; {len(bad) - 1} more tensor(s) too" if len(bad) > 1 else ""
+        raise CheckpointError(f"{path}: {_described(name, state)}: expected finite values, got {count} of {size} "
+                              f"non-finite (NaN/Inf){more}; the checkpoint is damaged or was saved after its run "
+                              f"diverged")
+
+
+def _described(name: str, state: dict[str, Any]) -> str:
+    """`optimizer.state.17.exp_avg_sq` with the optimizer group that parameter 17 belongs to."""
+    parts = name.split(".")
+    if parts[:2] != ["optimizer", "state"] or len(parts) < 3:
+        return name
+    for group in (state.get("optimizer") or {}).get("param_groups", []):
+        if isinstance(group, dict) and str(parts[2]) in map(str, group.get("params", [])) and "name" in group:
+            return f"{name} (a parameter of optimizer group {group['name']!r})"
+    return name
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The checkpoint's state dict; CheckpointError when the file is not a workbench checkpoint."""
+    """The checkpoint's state dict; CheckpointError when the file is not a workbench checkpoint, its archive is
+    damaged (a CRC-32 mismatch) or its model, optimizer or scaler state holds a non-finite value."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -71,6 +135,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if head != _ZIP_MAGIC:
         got = "an empty file" if not head else f"a file that is not a torch zip archive (it starts with {head!r})"
         raise CheckpointError(f"{path}: expected {expected}, got {got}")
+    verify_archive(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001  (torch reports unreadable files with many exception types)
@@ -86,6 +151,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state["model"], dict) or not isinstance(state["model_config"], dict):
         raise CheckpointError(f"{path}: expected {expected} whose model and model_config are dicts, got "
                               f"{type(state['model']).__name__} and {type(state['model_config']).__name__}")
+    check_finite_state(state, path)
     return state
 
 

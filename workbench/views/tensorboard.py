@@ -18,15 +18,14 @@ written through `torch.utils.tensorboard.SummaryWriter`:
   unfreezes, coverage findings, tracer traces, validations) at its step, as its `line` or `message` when it has
   one, else as JSON.
 
-A run log still being written is refused unless `partial` is set: status "running" and modified in the last
-`RECENT_S` seconds, or inside a sweep folder whose `.lock` another process holds. With `partial`, what was
-flushed so far is exported (and the run text says so). A "running" log that has not changed for longer is an
-interrupted run (its process was killed) and is exported as it is.
+A run log still being written is refused unless `partial` is set (`workbench.views.logstate`); with `partial`, what
+was flushed so far is exported, the run text says so, and its outcome text is "no outcome: in progress". A run
+interrupted before its first step gets "no outcome: interrupted before its first step". Every log is verified
+against its checksums first (`records.runlog`): a damaged one is one error naming the file and the series.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -39,13 +38,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from workbench.records import RunLog, RunLogError, describe_log, json_safe, read_record, summarize
-
-RECENT_S = 120.0
+from workbench.records import RunLog, json_safe, read_record, summarize
+from workbench.records.unjudged import no_outcome, unjudged
+from workbench.views.logstate import check_readable
 
 
 class ExportError(ValueError):
-    """A run log that cannot be exported now, or an export folder in the way; one line saying what to do."""
+    """An export folder in the way; one line saying what to do."""
 
 
 @dataclass
@@ -57,39 +56,6 @@ class Exported:
     tags: int
     points: int
     texts: int
-
-
-def _sweep_lock_held(path: Path) -> bool:
-    """Whether the log sits in a sweep folder (`<sweep>/runs/<run>.h5`) whose `.lock` another process holds."""
-    lock = path.resolve().parent.parent / ".lock"
-    if not lock.is_file():
-        return False
-    with open(lock, "rb") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
-
-
-def check_exportable(path: str | Path, *, partial: bool = False) -> str:
-    """The log's state ("finished", "failed", "running"); FileNotFoundError, RunLogError or ExportError (one
-    line) when it is missing, not a run log, or still being written and `partial` is not set."""
-    path = Path(path)
-    state, description = describe_log(path)
-    if state == "missing":
-        raise FileNotFoundError(f"{path}: no such run log")
-    if state == "unreadable":
-        raise RunLogError(f"{path}: {description}")
-    if state == "running" and not partial:
-        age = time.time() - path.stat().st_mtime
-        why = ("its sweep holds the folder's lock" if _sweep_lock_held(path) else
-               f"modified {age:.0f} s ago" if age < RECENT_S else "")
-        if why:
-            raise ExportError(f"{path}: a run log still being written (status 'running', {why}); export it once its "
-                              f"run has ended, or pass --partial to export the steps flushed so far")
-    return state
 
 
 def folder_names(paths: Sequence[str | Path], names: Sequence[str]) -> list[str]:
@@ -133,13 +99,17 @@ def _row_text(row: dict[str, Any]) -> str:
     return "    " + json.dumps(json_safe(row), sort_keys=True)  # indented: shown as code
 
 
-def export_run(path: str | Path, folder: str | Path) -> Exported:
-    """Write the run log at `path` into TensorBoard events in `folder` (see the module docstring)."""
+def export_run(path: str | Path, folder: str | Path, *, in_progress: bool = False) -> Exported:
+    """Write the run log at `path` into TensorBoard events in `folder` (see the module docstring); `in_progress`:
+    the log is still being written (no outcome)."""
     from torch.utils.tensorboard import SummaryWriter
 
     path, folder = Path(path), Path(folder)
     record = read_record(path)
     summary = summarize(record)
+    line = no_outcome(record, in_progress=in_progress)
+    if line is not None:
+        summary = unjudged(summary, line)
     with RunLog(path) as log:
         vectors = {}
         for key in log.series_names():
@@ -179,8 +149,8 @@ def export_run(path: str | Path, folder: str | Path) -> Exported:
         writer.add_text("run", run_text, first)
         writer.add_text("settings", "    " + json.dumps(json_safe(record.settings), sort_keys=True, indent=1)
                         .replace("\n", "\n    "), first)
-        outcome = [f"**{summary['outcome']}**"] + [f"- {r}" for r in summary["outcome_reasons"]] + \
-            [f"- warning: {w}" for w in summary["outcome_warnings"]]
+        outcome = ([f"**{summary['outcome']}**"] if summary["outcome"] else []) + \
+            [f"- {r}" for r in summary["outcome_reasons"]] + [f"- warning: {w}" for w in summary["outcome_warnings"]]
         writer.add_text("outcome", "\n".join(outcome), last)
         chain = summary["causal_chain"]
         writer.add_text("causal_chain", "\n".join(f"- {link['line']}" for link in chain) if chain else
@@ -200,11 +170,10 @@ def export_run(path: str | Path, folder: str | Path) -> Exported:
 def export_tensorboard(paths: Sequence[str | Path], out: str | Path, *, partial: bool = False,
                        overwrite: bool = False) -> list[Exported]:
     """Export every run log in `paths` into its own folder under `out`. Every log is checked first
-    (`check_exportable`), and a run's folder that already holds files is an ExportError unless `overwrite`, so a
-    refusal writes nothing. Each run is written into a temporary folder and renamed into place."""
+    (`logstate.check_readable`), and a run's folder that already holds files is an ExportError unless `overwrite`,
+    so a refusal writes nothing. Each run is written into a temporary folder and renamed into place."""
     paths = [Path(p) for p in paths]
-    for path in paths:
-        check_exportable(path, partial=partial)
+    states = [check_readable(path, partial=partial) for path in paths]
     names = []
     for path in paths:
         with RunLog(path) as log:
@@ -219,11 +188,11 @@ def export_tensorboard(paths: Sequence[str | Path], out: str | Path, *, partial:
                           f"choose another folder, or pass --overwrite to replace {'it' if one else 'them'}")
     out.mkdir(parents=True, exist_ok=True)
     done = []
-    for path, folder in zip(paths, folders):
+    for path, folder, state in zip(paths, folders, states):
         work = out / f".{folder.name}.{os.getpid()}.tmp"
         shutil.rmtree(work, ignore_errors=True)
         try:
-            exported = export_run(path, work)
+            exported = export_run(path, work, in_progress=state == "in_progress")
             if folder.is_dir():
                 shutil.rmtree(folder)
             elif folder.exists():
