@@ -84,6 +84,23 @@ def test_only_healthy_changes_are_called_fixes(summary):
         assert configs[name]["outcomes"].get("healthy", 0) == 0, name
 
 
+def test_every_run_has_a_step_matched_control_and_its_rnnt_per_says_whether_the_decoder_works(summary):
+    data, _, _ = summary
+    for run in data["runs"]:
+        control = read_record(Path(run["log"]).with_name(run["control"] + ".h5"))
+        assert control.settings["ctc_only"] and control.settings["seed"] == run["seed"]
+        assert (control.settings["steps"], control.settings["precision"]) == (
+            run["settings"]["steps"], run["settings"]["precision"])
+        assert run["control_val_per"] == control.attrs.get("val_per")
+        if run["val_rnnt_per"] is not None:
+            assert run["val_rnnt_functional"] == (0.5 <= run["val_rnnt_length_ratio"] <= 2.0)
+            assert len(run["val_rnnt_errors"]) == len(run["val_ref_lengths"]) == 80  # the larger validation split
+    made = [e for e in data["effects"] if e["effect"] is not None]
+    assert data["comparisons"]["comparisons"] == len(made) > 0
+    assert all(e["reason"].startswith("not compared") for e in data["effects"] if e["effect"] is None)
+    assert any(line.startswith("Paired comparisons: ") for line in data["conclusions"])
+
+
 def test_figures_are_written(summary):
     data, out, _ = summary
     assert {"01_ctc_warmup.png", "01_seed_chain.png", "01_seed_run.png", "01_outcomes.png"} <= set(data["figures"])

@@ -66,6 +66,17 @@ def test_grid_is_complete_and_every_n_trains_equally_long_after_its_unfreeze(exe
     assert any(line.startswith("Scope: preset tiny") for line in data["conclusions"])
 
 
+def test_n_is_compared_in_errors_and_only_functional_decoders_are_ranked(executed):
+    data, _, _ = executed
+    for row in data["measures"]:
+        assert 0 <= row["rnnt_functional"] <= row["rnnt_scored"] <= len(row["runs"])
+    for e in data["effects"]:
+        if e["measure"] == "rnnt_errors" and e["effect"] is not None:
+            assert all(s["rnnt_functional"] for r in data["measures"] if r["policy"] == e["policy"]
+                       and r["lr"] == e["lr"] and r["freeze_steps"] in (e["a"], e["b"]) for s in r["per_seed"].values())
+    assert data["comparisons"]["comparisons"] == sum(e["effect"] is not None for e in data["effects"])
+
+
 def test_measures_match_the_run_logs(executed):
     data, _, _ = executed
     runs = {r["id"]: r for r in data["runs"]}

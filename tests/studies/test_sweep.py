@@ -267,15 +267,20 @@ def test_missing_checkpoint_exits_2(tmp_path, capsys):
     assert rc == 2 and err.startswith("error: --checkpoint ") and "expected a checkpoint file (.pt), got nothing" in err
 
 
+def _measured(after, final, errors_after=(1, 1), rnnt_errors=(3, 3), ratio=1.0):
+    """A measure dict as `freeze_lengths.measure` returns it, on two validation utterances of 5 tokens each."""
+    return {"ctc_per_after_attach": after, "val_per": final, "val_rnnt_per": sum(rnnt_errors) / 10,
+            "rnnt_length_ratio": ratio, "rnnt_functional": 0.5 <= ratio <= 2.0, "rnnt_loss_end": 1.0,
+            "steps_to_target": None, "diverged": False, "ctc_errors_after_attach": list(errors_after),
+            "rnnt_errors": list(rnnt_errors), "ref_lengths": [5, 5]}
+
+
 def test_freeze_length_rows_compare_each_run_with_its_step_matched_control():
     from workbench.studies.freeze_lengths import aggregate, conclusions
 
-    def m(after, final):
-        return {"ctc_per_after_attach": after, "val_per": final, "val_rnnt_per": 1.0, "rnnt_loss_end": 1.0,
-                "steps_to_target": None, "diverged": False}
-
     # N=100 looks better right after attaching (0.116 vs 0.138), but only as good as its control at step 105
-    measured = {"a0": m(0.138, 0.2), "a100": m(0.116, 0.2), "c5": m(0.14, 0.3), "c105": m(0.116, 0.25)}
+    measured = {"a0": _measured(0.138, 0.2), "a100": _measured(0.116, 0.2), "c5": _measured(0.14, 0.3),
+                "c105": _measured(0.116, 0.25)}
     axes = {"policy": "freeze_and_mute", "lr": 1e-5}
     cells = [{"axes": {**axes, "freeze_steps": 0}, "run": "a0", "control": "c5"},
              {"axes": {**axes, "freeze_steps": 100}, "run": "a100", "control": "c105"}]
@@ -286,3 +291,36 @@ def test_freeze_length_rows_compare_each_run_with_its_step_matched_control():
     assert "N=100 0.116 (0.116)" in text and "final CTC PER (its control trained as many steps)" in text
     # the paired comparisons are counted, with what chance alone would give
     assert "2 two-way comparisons across 1 seeds" in text
+
+
+def _two_seed_rows(ratio_n100):
+    from workbench.studies.freeze_lengths import aggregate
+
+    measured, cells = {}, []
+    for seed in (0, 1):
+        measured[f"a0s{seed}"] = _measured(0.2, 0.2, errors_after=(2, 2), rnnt_errors=(4, 4))
+        measured[f"a100s{seed}"] = _measured(0.2, 0.2, errors_after=(3, 2), rnnt_errors=(1, 1), ratio=ratio_n100)
+        measured[f"c{seed}"] = _measured(0.2, 0.2, errors_after=(1, 1))
+        for n in (0, 100):
+            cells.append({"axes": {"policy": "freeze_params", "lr": 1e-3, "freeze_steps": n, "seed": seed},
+                          "run": f"a{n}s{seed}", "control": f"c{seed}"})
+    return aggregate(cells, measured)
+
+
+def test_n_is_compared_as_paired_effects_in_errors_and_a_decoder_that_is_not_functional_is_never_ranked():
+    from workbench.studies.freeze_lengths import comparisons, conclusions
+
+    compared, tally = comparisons(_two_seed_rows(ratio_n100=1.0))
+    ctc, rnnt = compared
+    # per seed: (3+2 - 2) - (2+2 - 2) = +1 error after attaching (against each run's own control)
+    assert ctc["effect"]["per_seed"] == [1, 1] and ctc["effect"]["diff_errors"] == 1
+    assert rnnt["effect"]["per_seed"] == [-6, -6] and rnnt["effect"]["ref_tokens"] == 10
+    assert tally.to_dict()["comparisons"] == 2 and tally.to_dict()["all_same_direction"] == 2
+    # the N=100 decoder emits 5x the reference: its fewer errors are not a quality, so nothing is compared
+    rows = _two_seed_rows(ratio_n100=5.0)
+    compared, tally = comparisons(rows)
+    assert compared[1]["effect"] is None and "0/2 at N=100" in compared[1]["reason"]
+    assert tally.to_dict()["comparisons"] == 1
+    text = " ".join(conclusions(rows, "test"))
+    assert "N=100 0.2 (length ratio 5, 0/2 functional)" in text
+    assert "functional at the end in 2/4 runs" in text

@@ -51,6 +51,14 @@ def summarize(record: RunRecord, rules: OutcomeRules = OutcomeRules()) -> dict[s
         "events": record.events,
         "val_per": record.attrs.get("val_per"),
         "val_rnnt_per": record.attrs.get("val_rnnt_per"),
+        # whether the RNN-T PER measures quality (a decoder emitting nothing or several times the reference does not)
+        "val_rnnt_length_ratio": record.attrs.get("val_rnnt_length_ratio"),
+        "val_rnnt_functional": record.attrs.get("val_rnnt_functional"),
+        "val_rnnt_sdi": record.attrs.get("val_rnnt_sdi"),
+        # per validation utterance, for paired comparisons (workbench.studies.stats)
+        "val_ctc_errors": record.attrs.get("val_ctc_errors"),
+        "val_rnnt_errors": record.attrs.get("val_rnnt_errors"),
+        "val_ref_lengths": record.attrs.get("val_ref_lengths"),
         "wall_s": record.attrs.get("wall_s"),
         "error": record.attrs.get("error"),
     }

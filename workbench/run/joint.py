@@ -110,7 +110,8 @@ def run_joint(
         instruments.append(NonFiniteTracer())
     record = RunRecord(settings.to_dict())
     recorder = Recorder(record, sources=instruments, log_path=log_path,
-                        attrs={"checkpoint": str(checkpoint), "torch": torch.__version__, "device": str(dev)})
+                        attrs={"checkpoint": str(checkpoint), "data": str(Path(data).resolve()),
+                               "torch": torch.__version__, "device": str(dev)})
     engine = RunEngine(step, instruments=instruments, recorder=recorder, log=log)
     try:
         stage = joint_stage(settings)
@@ -135,7 +136,7 @@ def run_joint(
 
         engine.run(batches, settings.steps, after_step)
         results = {"val_per": None, "val_rnnt_per": None}
-        if record.first_nonfinite_param_step() is None:
+        if settings.eval_at_end and record.first_nonfinite_param_step() is None:
             results = evaluate(model, val_loader, dev, rnnt=rnnt).attrs("val_")
     except BaseException as exc:
         engine.close("failed", error=repr(exc).replace("\n", " "), wall_s=time.perf_counter() - t0)

@@ -189,6 +189,8 @@ class RunSettings:
                                   "step 1", BOOL).field(False)
     eval_after_attach: int = Setting("measure the validation PER this many steps after the decoder's first "
                                      "trainable step (0: not)", integer(0, "an integer >= 0 (steps)")).field(0)
+    eval_at_end: bool = Setting("measure the validation PER after the last step (a search that needs only the "
+                                "outcome skips it)", BOOL).field(True)
     carry_scaler: bool = Setting("start the joint stage with the CTC warmup's GradScaler, as the seed's single "
                                  "scaler does (needs an fp16 CTC-warm checkpoint)", BOOL).field(False)
     # single-switch overrides of the named loop semantics (none keeps the semantics' own value)

@@ -12,10 +12,15 @@ decoder for the same number of steps after its unfreeze, and this module measure
     rnnt_loss_end          median RNN-T training loss over the last `window` steps
     steps_to_target        steps after the decoder's first trainable step until the RNN-T training loss first
                            falls to `target` times its value at that step (None: not reached)
+    rnnt_length_ratio      RNN-T hypothesis tokens / reference tokens at the end, and `rnnt_functional`:
+                           within `metrics.FUNCTIONAL_RATIO`, so that its PER measures quality (a decoder that emits
+                           nothing or several times the reference is never ranked)
     diverged               a loss or a parameter became non-finite
 
-Conclusions compare N against the spread of the seeds: a difference counts only where it is larger than the
-range the seeds give for each of the two settings compared.
+Conclusions compare the largest N with the smallest per policy and learning rate as paired effects in errors on
+the same validation utterances (`stats.paired_effect`: mean over seeds with a bootstrap interval over seeds and
+utterances), count every comparison made (`stats.Tally`) and say how many "same way in every seed" results chance
+alone would give.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from typing import Any, Mapping, Sequence
 
 from workbench.records import RunRecord
 from workbench.studies.criteria import attach_step
-from workbench.studies.stats import Tally
+from workbench.model.metrics import FUNCTIONAL_RATIO
+from workbench.studies.stats import Tally, paired_effect
 
 # What a preset's notebook-02 study runs: steps after the unfreeze, freeze lengths, learning rates, seeds.
 SIZES: dict[str, dict[str, Any]] = {
@@ -46,17 +52,22 @@ class Measures:
 
 
 def measure(record: RunRecord, measures: Measures = Measures()) -> dict[str, Any]:
-    """The study's measures of one joint run (see the module docstring)."""
+    """The study's measures of one joint run (see the module docstring), with the per-utterance errors behind
+    them (`ctc_errors_after_attach`, `rnnt_errors`, `ref_lengths`) for paired comparisons."""
     a = attach_step(record.settings)
-    after = next((row["per"] for row in record.tables.get("validation", []) if row["step"] >= a), None)
+    row = next((row for row in record.tables.get("validation", []) if row["step"] >= a), {})
     rnnt = [(s, v) for s, v in zip(record.steps, record.losses.get("rnnt", [])) if v is not None and s >= a]
     start = rnnt[0][1] if rnnt else None
     reached = next((s - a + 1 for s, v in rnnt if start is not None and v <= measures.target * start), None)
     tail = [v for _, v in rnnt[-measures.window:]]
-    return {"attach_step": a, "ctc_per_after_attach": after, "val_per": record.attrs.get("val_per"),
-            "val_rnnt_per": record.attrs.get("val_rnnt_per"), "rnnt_loss_at_attach": start,
+    attrs = record.attrs
+    return {"attach_step": a, "ctc_per_after_attach": row.get("per"), "val_per": attrs.get("val_per"),
+            "val_rnnt_per": attrs.get("val_rnnt_per"), "rnnt_length_ratio": attrs.get("val_rnnt_length_ratio"),
+            "rnnt_functional": attrs.get("val_rnnt_functional"), "rnnt_loss_at_attach": start,
             "rnnt_loss_end": statistics.median(tail) if tail else None, "steps_to_target": reached,
-            "diverged": record.first_nonfinite_step() is not None}
+            "diverged": record.first_nonfinite_step() is not None,
+            "ctc_errors_after_attach": row.get("ctc_errors"), "rnnt_errors": attrs.get("val_rnnt_errors"),
+            "ref_lengths": attrs.get("val_ref_lengths") or row.get("ref_lengths")}
 
 
 def _stats(values: Sequence[float | None]) -> dict[str, Any]:
@@ -88,7 +99,10 @@ def aggregate(cells: Sequence[Mapping[str, Any]], measured: Mapping[str, Mapping
     for row in rows.values():
         ms = [measured[r] for r in row["runs"]]
         row.update({key: _stats([m[key] for m in ms]) for key in
-                    ("ctc_per_after_attach", "val_per", "val_rnnt_per", "rnnt_loss_end", "steps_to_target")})
+                    ("ctc_per_after_attach", "val_per", "val_rnnt_per", "rnnt_length_ratio", "rnnt_loss_end",
+                     "steps_to_target")})
+        row["rnnt_functional"] = sum(m["rnnt_functional"] is True for m in ms)
+        row["rnnt_scored"] = sum(m["rnnt_functional"] is not None for m in ms)
         row["diverged"] = sum(m["diverged"] for m in ms)
         row["reached"] = sum(m["steps_to_target"] is not None for m in ms)
         row["control_val_per"] = _stats([measured[c]["val_per"] for c in row["controls"] if c in measured])
@@ -100,13 +114,22 @@ def aggregate(cells: Sequence[Mapping[str, Any]], measured: Mapping[str, Mapping
         # per seed, for paired comparisons between rows (`conclusions` counts them in a stats.Tally)
         row["per_seed"] = {seed: {"ctc_per_after_attach_vs_control": _minus(m["ctc_per_after_attach"],
                                                                               c["ctc_per_after_attach"]),
-                                  "val_rnnt_per": m["val_rnnt_per"]} for m, c, seed in pairs}
+                                  "ctc_errors_after_attach_vs_control": _minus_each(m["ctc_errors_after_attach"],
+                                                                                    c["ctc_errors_after_attach"]),
+                                  "val_rnnt_per": m["val_rnnt_per"], "rnnt_errors": m["rnnt_errors"],
+                                  "rnnt_functional": m["rnnt_functional"], "ref_lengths": m["ref_lengths"]}
+                           for m, c, seed in pairs}
         out.append(row)
     return sorted(out, key=lambda r: (r["policy"], r["lr"], r["freeze_steps"]))
 
 
 def _minus(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
+
+
+def _minus_each(a: Sequence[int] | None, b: Sequence[int] | None) -> list[int] | None:
+    """Per utterance a - b (the same utterances in the same order), None unless both were measured."""
+    return None if a is None or b is None or len(a) != len(b) else [x - y for x, y in zip(a, b)]
 
 
 def fmt_stats(stats: Mapping[str, Any], digits: int = 3) -> str:
@@ -117,26 +140,64 @@ def fmt_stats(stats: Mapping[str, Any], digits: int = 3) -> str:
     return f"{stats['median']:.{digits}g} [{stats['min']:.{digits}g}-{stats['max']:.{digits}g}]"
 
 
-def _apart(a: Mapping[str, Any], b: Mapping[str, Any]) -> int:
-    """+1 when every seed of `a` is above every seed of `b`, -1 when below, 0 when their ranges overlap."""
-    if a["median"] is None or b["median"] is None:
-        return 0
-    if a["min"] > b["max"]:
-        return 1
-    if a["max"] < b["min"]:
-        return -1
-    return 0
+# The two comparisons of the largest N with the smallest, per policy and learning rate.
+COMPARED = (("ctc_errors_after_attach_vs_control", "the CTC errors right after the decoder attached, minus its "
+                                                   "step-matched control's"),
+            ("rnnt_errors", "the final RNN-T greedy errors (equal steps after the unfreeze)"))
+
+
+def _functional(stats_row: Mapping[str, Any]) -> str:
+    """`ratio 1.02 [0.9-1.1], 3/3 functional` for a row's final RNN-T decoder."""
+    return (f"length ratio {fmt_stats(stats_row['rnnt_length_ratio'])}, {stats_row['rnnt_functional']}/"
+            f"{stats_row['rnnt_scored']} functional")
+
+
+def comparisons(rows: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], Tally | None]:
+    """Per policy and learning rate, the largest N against the smallest, paired per seed on the same validation
+    utterances: one dict per comparison (`policy`, `lr`, `measure`, `a`, `b` (the two N), `effect`: the
+    `stats.Effect` dict b - a in errors, or None with `reason`), and the Tally of the comparisons that were made.
+
+    The RNN-T errors are compared only where the decoder was functional in every seed of both settings: a PER of
+    a decoder that emits nothing, or several times the reference, is no quality."""
+    seeds = sorted({seed for r in rows for seed in r.get("per_seed", {})}, key=str)
+    tally = Tally(len(seeds)) if seeds else None
+    out: list[dict[str, Any]] = []
+    for policy in sorted({r["policy"] for r in rows}):
+        for lr in sorted({r["lr"] for r in rows if r["policy"] == policy}):
+            group = sorted((r for r in rows if r["policy"] == policy and r["lr"] == lr),
+                           key=lambda r: r["freeze_steps"])
+            if len(group) < 2 or not seeds:
+                continue
+            first, last = group[0], group[-1]
+            for key, what in COMPARED:
+                item: dict[str, Any] = {"policy": policy, "lr": lr, "measure": key, "what": what,
+                                        "a": first["freeze_steps"], "b": last["freeze_steps"], "effect": None}
+                a = [first.get("per_seed", {}).get(s, {}) for s in seeds]
+                b = [last.get("per_seed", {}).get(s, {}) for s in seeds]
+                if key == "rnnt_errors" and not all(x.get("rnnt_functional") for x in a + b):
+                    item["reason"] = (f"not compared: the decoder was functional in {first['rnnt_functional']}/"
+                                      f"{first['rnnt_scored']} seeds at N={first['freeze_steps']} and "
+                                      f"{last['rnnt_functional']}/{last['rnnt_scored']} at N={last['freeze_steps']}")
+                elif any(x.get(key) is None for x in a + b):
+                    item["reason"] = "not compared: not measured in every seed"
+                else:
+                    effect = paired_effect([x[key] for x in a], [x[key] for x in b], a[0]["ref_lengths"])
+                    item["effect"] = effect.to_dict()
+                    item["text"] = effect.text(f"N={first['freeze_steps']}", f"N={last['freeze_steps']}")
+                    if tally is not None:
+                        tally.add(f"{policy} lr {lr:g} {key}: N={last['freeze_steps']} vs N={first['freeze_steps']}",
+                                  list(effect.per_seed))
+                out.append(item)
+    return out, tally
 
 
 def conclusions(rows: Sequence[Mapping[str, Any]], scope: str) -> list[str]:
     """Findings per policy and learning rate, each with its counts; `scope` says what was run."""
-    out = [f"Scope: {scope}. Values are medians over the seeds with [min-max]; a difference counts only where the "
-           f"seeds' ranges of the two settings do not overlap."]
-    measures = (("ctc_per_after_attach_vs_control", "the CTC PER right after the decoder attached, minus its "
-                                                    "step-matched control's"),
-                ("val_rnnt_per", "the final RNN-T PER (equal steps after the unfreeze)"))
-    seeds = sorted({seed for r in rows for seed in r.get("per_seed", {})}, key=str)
-    tally = Tally(len(seeds)) if seeds else None
+    out = [f"Scope: {scope}. Values are medians over the seeds with [min-max]. Differences between N are paired "
+           f"effects in errors on the same validation utterances (mean over seeds, 95% bootstrap interval over seeds "
+           f"and utterances); an RNN-T PER counts only for a functional decoder (hypothesis/reference length ratio "
+           f"in [{FUNCTIONAL_RATIO[0]:g}, {FUNCTIONAL_RATIO[1]:g}])."]
+    compared, tally = comparisons(rows)
     for policy in sorted({r["policy"] for r in rows}):
         for lr in sorted({r["lr"] for r in rows if r["policy"] == policy}):
             group = sorted((r for r in rows if r["policy"] == policy and r["lr"] == lr),
@@ -154,35 +215,27 @@ def conclusions(rows: Sequence[Mapping[str, Any]], scope: str) -> list[str]:
                 f"N={r['freeze_steps']} {fmt_stats(r['val_per'])} ({fmt_stats(r['control_val_per'])})"
                 for r in group))
             parts.append("final RNN-T greedy PER: " + ", ".join(
-                f"N={r['freeze_steps']} {fmt_stats(r['val_rnnt_per'])}" for r in group))
+                f"N={r['freeze_steps']} {fmt_stats(r['val_rnnt_per'])} ({_functional(r)})" for r in group))
             parts.append("steps to halve the RNN-T loss: " + ", ".join(
                 f"N={r['freeze_steps']} {fmt_stats(r['steps_to_target'])} ({r['reached']}/{len(r['runs'])} reached)"
                 for r in group))
             out.append(f"{head} " + "; ".join(parts) + ".")
-            first, last = group[0], group[-1]
             effects = []
-            for key, what in measures:
-                sign = _apart(last[key], first[key])
-                if sign:
-                    effects.append(f"{what} was {'higher' if sign > 0 else 'lower'} with N={last['freeze_steps']} "
-                                   f"than with N={first['freeze_steps']} in every seed")
-            for key, _ in measures:
-                diffs = _paired(first, last, key, seeds)
-                if diffs is not None and tally is not None:
-                    tally.add(f"{policy} lr {lr:g} {key}: N={last['freeze_steps']} vs N={first['freeze_steps']}",
-                              diffs)
-            out.append(f"{head} " + ("; ".join(effects) if effects else
-                                     f"N={last['freeze_steps']} and N={first['freeze_steps']} differed by less than "
-                                     f"the seeds' spread in the CTC PER after attaching (against its step-matched "
-                                     f"control) and the final RNN-T PER")
-                       + ".")
+            for item in (c for c in compared if c["policy"] == policy and c["lr"] == lr):
+                if item["effect"] is None:
+                    effects.append(f"{item['what']}: {item['reason']}")
+                    continue
+                e = item["effect"]
+                verdict = ((f"{'more' if e['diff_errors'] > 0 else 'fewer'} with N={item['b']}, the interval "
+                            f"excludes 0") if e["resolved"] else "not resolved, the interval includes 0")
+                effects.append(f"{item['what']}: {item['text']}: {verdict}")
+            if effects:
+                out.append(f"{head} " + "; ".join(effects) + ".")
+    scored = sum(r["rnnt_scored"] for r in rows)
+    if scored:
+        out.append(f"The fresh decoder was functional at the end in {sum(r['rnnt_functional'] for r in rows)}/"
+                   f"{scored} runs (hypothesis/reference length ratio in [{FUNCTIONAL_RATIO[0]:g}, "
+                   f"{FUNCTIONAL_RATIO[1]:g}]).")
     if tally is not None and tally.made:
         out.append("Paired over seeds (largest N minus smallest, same seed): " + tally.sentence())
     return out
-
-
-def _paired(first: Mapping[str, Any], last: Mapping[str, Any], key: str, seeds: Sequence[Any]) -> list[float] | None:
-    """Per seed, `last`'s value of `key` minus `first`'s; None unless every seed has both."""
-    a, b = first.get("per_seed", {}), last.get("per_seed", {})
-    diffs = [_minus(b.get(s, {}).get(key), a.get(s, {}).get(key)) for s in seeds]
-    return None if any(d is None for d in diffs) else diffs

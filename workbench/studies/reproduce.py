@@ -13,9 +13,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from workbench.data import real_length_dataset
+from workbench.data import large_val_dataset, real_length_dataset
 from workbench.records import OUTCOMES, RunRecord, summarize
 from workbench.run.settings import RunSettings
+from workbench.model.metrics import FUNCTIONAL_RATIO
+from workbench.studies.stats import Tally, paired_effect
 from workbench.studies.sweep.grid import Plan, code_stamp
 
 ATTRIBUTION_GROUPS = ("encoder", "ctc_head", "rnnt_decoder.joint", "rnnt_decoder.predictor")
@@ -26,14 +28,17 @@ SINGLE_CHANGES = ("rebuild_at_stage_change", "clip_optimizer_params", "zero_grad
 SEED_LOG_NAN_STEP = 2
 # A clearly separate comparison: the rebuilt run with a learning rate of its own for the fresh decoder.
 DECODER_LR = 1e-3
+# The configurations whose decoder's learning is compared with the untrained decoder.
+LEARNING = ("rebuild_at_stage_change", f"rebuild_decoder_lr_{DECODER_LR:g}")
 
 
 @dataclass(frozen=True)
 class StudySize:
     """How much one preset's study runs: the CTC warmup of the shared checkpoint, the joint steps every
     configuration trains after the decoder's first trainable step, the freeze lengths N, the seeds, the trial
-    lengths of its default data ("sample": the committed `data_samples/`; "b2t": a real-length synthetic set,
-    `workbench.data.real_length_dataset`), the configurations it runs (empty: all of them) and how many runs go at
+    lengths of its default data ("sample": the committed `data_samples/` training set with 80 validation trials,
+    `workbench.data.large_val_dataset`; "b2t": a real-length synthetic set, `workbench.data.real_length_dataset`),
+    the configurations it runs (empty: all of them) and how many runs go at
     once by default (0: one per CPU core)."""
 
     ctc_steps: int
@@ -57,11 +62,12 @@ SIZES: dict[str, StudySize] = {
 
 
 def study_data(size: StudySize, repo_root: Path) -> Path:
-    """The data root a study of `size` runs on when none is given: `data_samples/`, or a real-length set generated
-    (once) under `<repo_root>/runs/data`."""
+    """The data root a study of `size` runs on when none is given, generated once under `<repo_root>/runs/data`:
+    `data_samples/`'s training set with 80 validation trials (its 10 resolve no difference of a few errors), or a
+    real-length set."""
     if size.lengths == "b2t":
         return real_length_dataset(repo_root / "runs" / "data")
-    return repo_root / "data_samples"
+    return large_val_dataset(repo_root / "runs" / "data")
 
 
 def seed_run(steps: int, *, lr: float = 1e-5, precision: str = "fp16", init_scale: float = 65536.0,
@@ -110,19 +116,28 @@ def configurations(base: RunSettings, freeze_lengths: Sequence[int], only: Seque
 
 def plan(configs: Sequence[RunSettings], seeds: Sequence[int]) -> Plan:
     """Every configuration at every seed, as a plan the sweep runner executes (run id `<config>-seed<s>-<code
-    stamp>`: a rerun after the code changed never reuses a log the older code wrote)."""
-    runs, cells = {}, []
+    stamp>`: a rerun after the code changed never reuses a log the older code wrote), each with its CTC-only
+    control: the same seed and settings without the decoder, trained as many steps as the configuration in the
+    same precision (one control per run length and precision, `ctc_only_<precision>_<steps>-seed<s>`, with the
+    settings of the first configuration of that length and precision), so a final CTC PER is compared at an equal
+    budget."""
+    runs, cells, controls = {}, [], {}
     for seed in seeds:
         for config in configs:
+            cid = f"ctc_only_{config.precision}_{config.steps}-seed{seed}-{code_stamp()}"
+            if cid not in controls:
+                controls[cid] = replace(config, seed=seed, name=cid, ctc_only=True, eval_at_start=False,
+                                        policy="none", freeze_steps=0, decoder_lr=None)
             rid = f"{config.name}-seed{seed}-{code_stamp()}"
             runs[rid] = replace(config, seed=seed, name=rid)
-            cells.append({"axes": {"config": config.name, "seed": seed}, "run": rid, "control": None})
-    return Plan(runs, cells)
+            cells.append({"axes": {"config": config.name, "seed": seed}, "run": rid, "control": cid})
+    return Plan({**controls, **runs}, cells)
 
 
 def run_rows(plan_: Plan, records: Mapping[str, RunRecord]) -> list[dict[str, Any]]:
-    """`summarize` of every finished run, with its configuration, seed and the validation before step 1 (the
-    untrained decoder's RNN-T PER) of its seed."""
+    """`summarize` of every finished run, with its configuration, seed, the validation before step 1 (the
+    untrained decoder's RNN-T PER and errors) of its seed, and its step-matched CTC-only control's final PER and
+    per-utterance errors."""
     start = {}
     for cell in plan_.cells:
         rec = records.get(cell["run"])
@@ -136,21 +151,29 @@ def run_rows(plan_: Plan, records: Mapping[str, RunRecord]) -> list[dict[str, An
         if rec is None:
             continue
         initial = start.get(cell["axes"]["seed"], {})
+        control = records.get(cell.get("control") or "")
         rows.append({**summarize(rec), "config": cell["axes"]["config"], "seed": cell["axes"]["seed"],
-                     "val_per_initial": initial.get("per"), "val_rnnt_per_initial": initial.get("rnnt_per")})
+                     "val_per_initial": initial.get("per"), "val_rnnt_per_initial": initial.get("rnnt_per"),
+                     "val_rnnt_errors_initial": initial.get("rnnt_errors"),
+                     "control": None if control is None else control.name,
+                     "control_val_per": None if control is None else control.attrs.get("val_per"),
+                     "control_val_ctc_errors": None if control is None else control.attrs.get("val_ctc_errors")})
     return rows
 
 
 def config_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per configuration over its seeds: outcome counts, first non-finite steps, decisive links, the
-    first reason of each seed, and the medians of the final validation PERs."""
+    first reason of each seed, and per seed the final validation PERs, the RNN-T decoder's length ratio and
+    functional flag, and the step-matched control's final PER."""
     out: dict[str, dict[str, Any]] = {}
     for row in rows:
         agg = out.setdefault(row["config"], {"name": row["config"], "outcomes": {}, "seeds": [], "settings":
                                              {k: v for k, v in row["settings"].items() if k not in ("name", "seed")},
                                              "first_nonfinite_steps": [], "first_nonfinite_loss_steps": [],
                                              "decisive": [], "reasons": [], "outcome_per_seed": [],
-                                             "val_per": [], "val_rnnt_per": [], "val_rnnt_per_initial": []})
+                                             "val_per": [], "val_rnnt_per": [], "val_rnnt_per_initial": [],
+                                             "val_rnnt_length_ratio": [], "val_rnnt_functional": [],
+                                             "control_val_per": []})
         agg["outcomes"][row["outcome"]] = agg["outcomes"].get(row["outcome"], 0) + 1
         agg["seeds"].append(row["seed"])
         agg["first_nonfinite_steps"].append(row["first_nonfinite_step"])
@@ -158,8 +181,9 @@ def config_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         agg["outcome_per_seed"].append(row["outcome"])
         agg["decisive"].append(row["tracer_verdict"])
         agg["reasons"].append(row["outcome_reasons"][0] if row["outcome_reasons"] else "")
-        for key in ("val_per", "val_rnnt_per", "val_rnnt_per_initial"):
-            agg[key].append(row[key])
+        for key in ("val_per", "val_rnnt_per", "val_rnnt_per_initial", "val_rnnt_length_ratio",
+                    "val_rnnt_functional", "control_val_per"):
+            agg[key].append(row.get(key))
     for agg in out.values():
         runs = sum(agg["outcomes"].values())
         worst = next(k for k in OUTCOMES if agg["outcomes"].get(k))
@@ -187,6 +211,61 @@ def signature(agg: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list
     """Per seed of the seed's configuration: a finite loss at joint step 1 and a non-finite loss later."""
     return [r["first_nonfinite_loss_step"] is not None and r["first_nonfinite_loss_step"] > 1
             for r in rows if r["config"] == agg["name"]]
+
+
+def _by_seed(rows: Sequence[Mapping[str, Any]], config: str) -> dict[Any, Mapping[str, Any]]:
+    return {r["seed"]: r for r in rows if r["config"] == config}
+
+
+def effects(rows: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], Tally | None]:
+    """The study's paired comparisons in errors on the same validation utterances, seed by seed:
+
+    - `vs_control`: every configuration's final CTC errors minus its step-matched CTC-only control's (same seed,
+      same number of steps, same precision): what attaching the decoder did to the encoder at an equal budget;
+    - `vs_untrained`: the final RNN-T greedy errors of the decoder-learning configurations minus the untrained
+      decoder's (before step 1), only where the final decoder is functional in every seed (a decoder that emits
+      nothing or several times the reference has no quality to compare).
+
+    Returns one dict per comparison (`config`, `kind`, `effect`: the `stats.Effect` dict, or None with `reason`)
+    and the Tally of the comparisons made (None without seeds)."""
+    seeds = sorted({r["seed"] for r in rows}, key=str)
+    tally = Tally(len(seeds)) if seeds else None
+    out: list[dict[str, Any]] = []
+    for config in dict.fromkeys(r["config"] for r in rows):
+        by_seed = _by_seed(rows, config)
+        if set(by_seed) != set(seeds):
+            continue
+        per = [by_seed[s] for s in seeds]
+        item: dict[str, Any] = {"config": config, "kind": "vs_control", "effect": None}
+        if any(r.get("val_ctc_errors") is None or r.get("control_val_ctc_errors") is None for r in per):
+            item["reason"] = "not compared: a run or its control has no final validation (non-finite parameters)"
+        else:
+            item["effect"] = paired_effect([r["control_val_ctc_errors"] for r in per],
+                                           [r["val_ctc_errors"] for r in per], per[0]["val_ref_lengths"]).to_dict()
+        out.append(item)
+        if config not in LEARNING:
+            continue
+        item = {"config": config, "kind": "vs_untrained", "effect": None}
+        functional = sum(bool(r.get("val_rnnt_functional")) for r in per)
+        if functional < len(per):
+            item["reason"] = f"not compared: the final decoder was functional in {functional}/{len(per)} seeds"
+        elif any(r.get("val_rnnt_errors_initial") is None for r in per):
+            item["reason"] = "not compared: no validation of the untrained decoder"
+        else:
+            item["effect"] = paired_effect([r["val_rnnt_errors_initial"] for r in per],
+                                           [r["val_rnnt_errors"] for r in per], per[0]["val_ref_lengths"]).to_dict()
+        out.append(item)
+    if tally is not None:
+        for item in out:
+            if item["effect"] is not None:
+                tally.add(f"{item['config']} {item['kind']}", item["effect"]["per_seed"])
+    return out, tally
+
+
+def _effect_phrase(effect: Mapping[str, Any]) -> str:
+    seeds = ", ".join(f"{d:+d}" for d in effect["per_seed"])
+    return (f"{effect['diff_errors']:+.1f} errors [{effect['low']:+.1f}, {effect['high']:+.1f}] of "
+            f"{effect['ref_tokens']} (per seed {seeds})")
 
 
 def conclusions(rows: Sequence[Mapping[str, Any]], scope: str) -> list[str]:
@@ -225,6 +304,11 @@ def conclusions(rows: Sequence[Mapping[str, Any]], scope: str) -> list[str]:
         if _all(agg, "stalled"):
             out.append(f"{agg['name']} stayed finite but stalled in {_count(agg, 'stalled')} seeds, so it is not a "
                        f"fix: {agg['note']}.")
+    for agg in singles:
+        if _all(agg, "inconclusive"):
+            out.append(f"{agg['name']} stayed finite and updated every component, but the run could not show the "
+                       f"loss falling ({_count(agg, 'inconclusive')} seeds inconclusive): {agg['note']}; a longer "
+                       f"joint stage (a larger preset or `steps`) is needed to call it a fix.")
     diverged = [a["name"] for a in singles if _all(a, "diverged")]
     if diverged:
         out.append(f"These single changes still diverged in every seed: {', '.join(diverged)}.")
@@ -236,7 +320,17 @@ def conclusions(rows: Sequence[Mapping[str, Any]], scope: str) -> list[str]:
     for agg in configs.values():
         if agg["name"].startswith("freeze_and_mute"):
             out.append(f"{agg['name']} (RNN-T term dropped while frozen, then the optimizer rebuilt): {agg['label']}.")
-    out.extend(_learning(configs))
+    found, tally = effects(rows)
+    out.extend(_learning(configs, found))
+    control = [(i["config"], i["effect"]) for i in found if i["kind"] == "vs_control" and i["effect"] is not None]
+    if control:
+        resolved = [f"{name} {_effect_phrase(e)}" for name, e in control if e["resolved"]]
+        out.append(f"Final CTC errors minus the step-matched CTC-only control's (same seed, steps and precision; mean "
+                   f"over seeds, 95% bootstrap interval over seeds and utterances): {len(resolved)} of {len(control)} "
+                   f"configurations differed from their control beyond the interval"
+                   + (f": {'; '.join(resolved)}." if resolved else "."))
+    if tally is not None and tally.made:
+        out.append("Paired comparisons: " + tally.sentence())
     return out
 
 
@@ -270,22 +364,31 @@ def _median(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def _learning(configs: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Whether the decoder learned: the final validation RNN-T greedy PER against the untrained decoder's."""
+def _learning(configs: Mapping[str, Mapping[str, Any]], found: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Whether the decoder learned: is it functional at the end (length ratio), and only then its final validation
+    RNN-T greedy errors against the untrained decoder's (`effects`)."""
     out = []
-    for name in ("rebuild_at_stage_change", f"rebuild_decoder_lr_{DECODER_LR:g}"):
+    for name in LEARNING:
         agg = configs.get(name)
         if agg is None:
             continue
-        pairs = [(a, b) for a, b in zip(agg["val_rnnt_per_initial"], agg["val_rnnt_per"])
-                 if a is not None and b is not None]
-        if not pairs:
+        ratios = [r for r in agg["val_rnnt_length_ratio"] if r is not None]
+        if not ratios:
             continue
-        better = sum(b < a for a, b in pairs)
         lr = agg["settings"].get("decoder_lr") or agg["settings"]["lr"]
-        out.append(f"{name} (decoder lr {lr:g}): validation RNN-T greedy PER {_median([a for a, _ in pairs]):.3f} "
-                   f"for the untrained decoder -> {_median([b for _, b in pairs]):.3f} at the end (medians); it "
-                   f"improved in {better}/{len(pairs)} seeds.")
+        functional = sum(bool(f) for f in agg["val_rnnt_functional"])
+        head = (f"{name} (decoder lr {lr:g}): the final RNN-T decoder was functional in {functional}/{len(ratios)} "
+                f"seeds (hypothesis/reference length ratio {', '.join(f'{r:.2f}' for r in ratios)}; functional in "
+                f"[{FUNCTIONAL_RATIO[0]:g}, {FUNCTIONAL_RATIO[1]:g}])")
+        item = next((i for i in found if i["config"] == name and i["kind"] == "vs_untrained"), None)
+        if item is not None and item["effect"] is not None:
+            e = item["effect"]
+            verdict = ("fewer errors than the untrained decoder, the interval excludes 0" if e["resolved"] and
+                       e["diff_errors"] < 0 else "no fewer errors than the untrained decoder beyond the interval")
+            out.append(f"{head}; validation RNN-T greedy PER {_median(agg['val_rnnt_per_initial']):.3f} untrained -> "
+                       f"{_median(agg['val_rnnt_per']):.3f} (medians), {_effect_phrase(e)}: {verdict}.")
+        else:
+            out.append(f"{head}; its PER is not ranked ({item['reason'] if item else 'not compared'}).")
     return out
 
 

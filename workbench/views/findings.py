@@ -103,23 +103,47 @@ def _g(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def _rnnt(c: Mapping[str, Any]) -> str:
+    """`0.83 (ratio 1.1; 3/3 functional)`: the final RNN-T PER, only meaningful where the decoder is functional."""
+    ratios = [r for r in c.get("val_rnnt_length_ratio", []) if r is not None]
+    if not ratios:
+        return "-"
+    functional = sum(bool(f) for f in c.get("val_rnnt_functional", []))
+    return f"{_g(_median(c.get('val_rnnt_per', [])))} (ratio {_g(_median(ratios))}; {functional}/{len(ratios)} functional)"
+
+
+def _comparisons(s: Mapping[str, Any]) -> list[str]:
+    """The paired comparisons' count and what chance alone would give, from a summary's `comparisons`."""
+    t = s.get("comparisons")
+    if not t:
+        return []
+    return [f"{t['comparisons']} paired comparisons in errors over {t['seeds']} seeds; {t['all_same_direction']} came "
+            f"out the same way in every seed, where chance alone would give {t['expected_by_chance']:.1f}."]
+
+
 def digest_01(s: Mapping[str, Any]) -> dict[str, Any]:
-    """Notebook 01 at a glance: configuration -> outcomes over seeds, median final CTC PER, decisive link."""
+    """Notebook 01 at a glance: configuration -> outcomes over seeds, median final CTC PER against its step-matched
+    CTC-only control, the final RNN-T PER with its length ratio and functional count, decisive link."""
     rows, numbers = [], {}
     for c in s.get("configs", []):
         per = _median(c.get("val_per", []))
+        control = _median(c.get("control_val_per", []))
         link = next((d for d in c.get("decisive", []) if d), None)
-        rows.append(f"| {c['name']} | {_counts(c['outcomes'])} | {_g(per)} | {_short(link)} |")
+        rows.append(f"| {c['name']} | {_counts(c['outcomes'])} | {_g(per)} ({_g(control)}) | {_rnnt(c)} | "
+                    f"{_short(link)} |")
         numbers[f"{c['name']}: healthy seeds"] = c["outcomes"].get("healthy", 0)
         numbers[f"{c['name']}: diverged seeds"] = c["outcomes"].get("diverged", 0)
         if per is not None:
             numbers[f"{c['name']}: median final CTC PER"] = per
-    table = ["| configuration | outcomes over seeds | final CTC PER (median) | decisive link (first seed with one) |",
-             "|---|---|---|---|", *rows]
+    table = ["| configuration | outcomes over seeds | final CTC PER (its CTC-only control, same steps) | final RNN-T "
+             "PER (hyp/ref length ratio; functional seeds) | decisive link (first seed with one) |",
+             "|---|---|---|---|---|", *rows]
     healthy = [c["name"] for c in s.get("configs", []) if c["outcomes"].get("healthy", 0) == sum(c["outcomes"].values())]
     seeds = s.get("signature_by_seed", [])
     answers = [f"Does the seed's NaN explosion reproduce? Its signature in {sum(map(bool, seeds))} of {len(seeds)} "
                f"seeds. Healthy in every seed: {', '.join(healthy) if healthy else 'no configuration'}."]
+    answers += [line for line in s.get("conclusions", []) if line.startswith("Final CTC errors minus")]
+    answers += _comparisons(s)
     return {"question": "Does the seed's NaN explosion reproduce, and which single change makes training healthy?",
             "table": table, "answers": answers, "numbers": numbers, "scope": s.get("scope", "")}
 
@@ -160,6 +184,16 @@ def digest_02(s: Mapping[str, Any]) -> dict[str, Any]:
     if first:
         answers.append(f"First failure with a causal chain: {first['outcome']} at lr {first['lr']:g}: "
                        f"{_short(first['decisive_link'])}")
+    # the fixed grid's measures: N compared as paired effects in errors, RNN-T only where the decoder works
+    for e in s.get("effects", []):
+        what = ("CTC errors after attaching vs step-matched control" if e["measure"].startswith("ctc") else
+                "final RNN-T errors")
+        text = (e["reason"] if e["effect"] is None else
+                f"{e['effect']['diff_errors']:+.1f} errors [{e['effect']['low']:+.1f}, {e['effect']['high']:+.1f}] "
+                f"of {e['effect']['ref_tokens']}")
+        answers.append(f"Grid, {e['policy']} lr {e['lr']:g}, {what}, N={e['b']} minus N={e['a']}: {text}.")
+    answers += [line for line in s.get("conclusions", []) if line.startswith("The fresh decoder was functional")]
+    answers += _comparisons(s)
     return {"question": "Does the freeze length N move the stability boundary (lr at which the joint stage stops "
                         "being healthy) by more than the seeds' spread?",
             "table": table,
