@@ -1,0 +1,150 @@
+"""Prescribe, not only explain: try the candidate fixes on a failing run and say which make it healthy.
+
+    diagnosis = diagnose("runs/seed.h5", seeds=3)
+    print(diagnosis.table())
+    print("\\n".join(diagnosis.lines))
+
+`diagnose` reads the run's outcome and evidence (`evidence.gather`: its causal chain, optimizer coverage, stall
+reasons), derives the candidate single changes from the registry (`candidates`), runs the unchanged run (the
+control, which must reproduce the failure) and every candidate over the seeds from the run's CTC-warm checkpoint
+with the same data order (`runner`), classifies every run and recommends the healthy candidate that changes least
+(`report`). Scope: joint-stage runs forked from a checkpoint (`workbench run`, sweeps, the notebooks); run logs of
+`byo.instrument` sessions and of the Lightning callback are refused with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TextIO
+
+from workbench.records import OutcomeRules, RunRecord, read_record
+from workbench.run.settings import RunSettings, SettingsError
+from workbench.studies.diagnose.candidates import CANDIDATES, Candidate, changed, derive
+from workbench.studies.diagnose.evidence import KINDS, Evidence, gather
+from workbench.studies.diagnose.report import Diagnosis, recommend, row
+from workbench.studies.diagnose.runner import reusable, run_all, runs_for, seeds_from
+from workbench.train.checkpoint import CheckpointError, check_checkpoint, checkpoint_config, describe_config
+
+__all__ = ["CANDIDATES", "Candidate", "DiagnoseError", "Diagnosis", "Evidence", "KINDS", "diagnose", "gather",
+           "notebook_section"]
+
+
+class DiagnoseError(ValueError):
+    """A run log diagnose cannot work from; the message is one line naming the log and what was expected."""
+
+
+def _control(record: RunRecord, where: str, steps: int | None) -> RunSettings:
+    """The run's own settings as the control: its length, or `steps` after its first failing step."""
+    if "checkpoint" not in record.attrs:
+        raise DiagnoseError(f"{where}: expected the log of a joint-stage run forked from a CTC-warm checkpoint "
+                            f"(workbench run, a sweep, the notebooks), got one without a checkpoint attribute (a "
+                            f"byo or Lightning session log?); diagnose cannot rerun it")
+    try:
+        control = dataclasses.replace(RunSettings(**record.settings), name="control")
+    except (SettingsError, TypeError) as exc:
+        raise DiagnoseError(f"{where}: settings: expected this version's run settings, got {exc}") from None
+    if steps is not None:
+        if steps < 1:
+            raise DiagnoseError(f"steps: expected a positive number of steps after the failing step, got {steps}")
+        failing = record.first_nonfinite_step() or 0
+        try:
+            control = dataclasses.replace(control, steps=failing + steps)
+        except SettingsError as exc:
+            raise DiagnoseError(f"steps: {exc}") from None
+    return control
+
+
+def _source(record: RunRecord, where: str, data: str | Path | None) -> tuple[Path, Path, str]:
+    """(checkpoint, data root, model description) of the run; `data` overrides the log's."""
+    checkpoint = Path(record.attrs["checkpoint"])
+    if not checkpoint.is_file():
+        raise DiagnoseError(f"{where}: checkpoint: expected the run's CTC-warm checkpoint at {checkpoint}, got no "
+                            f"file there")
+    try:
+        model = describe_config(checkpoint_config(check_checkpoint(checkpoint), checkpoint))
+    except CheckpointError as exc:
+        raise DiagnoseError(f"{where}: {exc}") from None
+    root = data if data is not None else record.attrs.get("data")
+    if root is None:
+        raise DiagnoseError(f"{where}: data: the log does not say which data the run trained on (written before "
+                            f"runs recorded it); pass the data root (--data)")
+    return checkpoint, Path(root), model
+
+
+def diagnose(run: RunRecord | str | Path, *, seeds: int = 3, steps: int | None = None,
+             candidates: Sequence[str] = (), out: str | Path | None = None, data: str | Path | None = None,
+             workers: int | None = None, device: str = "cpu", reuse: Mapping[str, RunRecord] | None = None,
+             rules: OutcomeRules = OutcomeRules(), progress: bool | TextIO = False) -> Diagnosis:
+    """Diagnose a failing joint-stage run (its record or its log's path).
+
+    seeds: how many seeds, from the run's own. steps: the candidate runs' length as K steps after the run's first
+    non-finite step (default: the run's length). candidates: names to try instead of those the evidence calls for.
+    out: the folder of the candidate runs (default `<log>_diagnose/` beside the log). data: the data root when the
+    log does not record it. reuse: finished records to take instead of running the same settings again (notebook
+    01's sweep). Raises DiagnoseError for a log it cannot rerun, ValueError for an unknown candidate name.
+    """
+    record = run if isinstance(run, RunRecord) else read_record(run)
+    where = record.path or record.name
+    if seeds < 1:
+        raise DiagnoseError(f"seeds: expected at least 1, got {seeds}")
+    control = _control(record, where, steps)
+    checkpoint, root, model = _source(record, where, data)
+    found = gather(record, rules)
+    picked = derive(found.kinds, control, tuple(candidates))
+    seed_list = seeds_from(control.seed, seeds)
+    if out is None:
+        if record.path is None:
+            raise DiagnoseError(f"{where}: out: expected a folder for the candidate runs (the record has no log "
+                                f"path to put them beside)")
+        out = Path(record.path).with_name(Path(record.path).stem + "_diagnose")
+    named = [("control", control), *((cls.name, settings) for cls, settings in picked)]
+    records, errors, reused = run_all(runs_for(named, seed_list), checkpoint=checkpoint, data=root, out=out,
+                                      workers=workers, device=device, reuse=reusable(reuse or {}),
+                                      progress=progress)
+
+    def of(name: str) -> tuple[dict[int, RunRecord], dict[int, str]]:
+        return ({s: r for (n, s), r in records.items() if n == name},
+                {s: e for (n, s), e in errors.items() if n == name})
+
+    rows = [row(cls.name, changed(control, settings), *of(cls.name), seed_list, rules, code=cls.code,
+                coverage=cls.coverage, what=cls.describe(), config=cls.config,
+                answers={k: found.kinds[k] for k in cls.answers if k in found.kinds})
+            for cls, settings in picked]
+    control_row = row("control", {}, *of("control"), seed_list, rules, code="", coverage=False,
+                      what="the run unchanged", config=None, answers={})
+    scope = {"log": record.path, "run": record.name, "run_outcome": found.outcome.kind, "model": model,
+             "checkpoint": str(checkpoint), "data": str(root), "device": device, "steps": control.steps,
+             "seeds": seed_list, "lr": control.lr, "precision": control.precision, "semantics": control.semantics,
+             "runs": len(records) + len(errors), "reused_runs": reused, "out": str(out)}
+    scope_text = (f"{model}, data {root.name}, {device}, {control.precision}, lr {control.lr:g}, {control.steps} "
+                  f"steps, seeds {seed_list}")
+    control_row["reproduced"] = control_row["outcomes"].count(found.outcome.kind) == len(seed_list)
+    recommended, lines = recommend(control_row, rows, found.outcome.kind, scope_text)
+    return Diagnosis(control_row, rows, recommended, lines, found.kinds, scope)
+
+
+def notebook_section(run: RunRecord, records: Mapping[str, RunRecord], *, seeds: int, out: str | Path,
+                     configs: Sequence[Mapping[str, Any]] = (), **kwargs: Any) -> tuple[list[dict[str, Any]],
+                                                                                        list[str], dict[str, Any]]:
+    """Notebook 01's last section in one call: the diagnosis of its seed's run, reusing the sweep's `records`
+    where a candidate is one of its configurations (`kwargs` go to `diagnose`). Returns (table rows, sentences,
+    summary dict); the sentences end with whether diagnose found, on its own, a change that the notebook's
+    configurations (`reproduce.config_rows`: name, outcomes) found healthy in every seed."""
+    found = diagnose(run, seeds=seeds, out=out, reuse=records, **kwargs)
+    healthy_configs = [c["name"] for c in configs if c["outcomes"].get("healthy", 0) == sum(c["outcomes"].values())]
+    lines = list(found.lines)
+    same = False
+    listed = f" ({', '.join(healthy_configs)})" if healthy_configs else ""
+    if found.recommended is None:
+        lines.append(f"Diagnose recommended nothing; the notebook's configurations healthy in every seed: "
+                     f"{len(healthy_configs)}{listed}.")
+    else:
+        config = next(r["config"] for r in found.candidates if r["name"] == found.recommended)
+        same = config is not None and config in healthy_configs
+        lines.append(f"Diagnose, from the run's evidence alone, recommended {found.recommended} (notebook "
+                     f"configuration {config or 'none'}): "
+                     + ("one of" if same else "not one of")
+                     + f" the {len(healthy_configs)} configurations the notebook found healthy in every seed{listed}.")
+    summary = {**found.to_json(), "lines": lines, "table": found.table(), "same_as_notebook": same}
+    return found.rows(), lines, summary

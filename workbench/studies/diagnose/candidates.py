@@ -1,0 +1,196 @@
+"""The candidate fixes `diagnose` tries: each one named, documented intervention, registered by class.
+
+A candidate answers evidence kinds (`workbench.studies.diagnose.evidence.KINDS`): it is tried on a run whose
+evidence holds one of them. `settings(control)` is the run with this one change (None where the run has it
+already, or where it cannot apply); `code` is the code-level change it stands for, in one line; `coverage` marks
+an optimizer-coverage fix (every trainable tensor in the optimizer). Where a candidate is a change notebook 01
+runs, its settings come from `workbench.studies.reproduce.configurations` (one place for each change).
+
+To add one, subclass `Candidate` in any file with its name and the evidence it answers as class keywords and
+override `settings` (see the README's "Extending the workbench"):
+
+    class LowerLr(Candidate, name="lower_lr", answers=("clip_nonfinite",)):
+        \"\"\"A tenth of the learning rate.\"\"\"
+        code = "divide the learning rate by 10"
+        def settings(self, control):
+            return dataclasses.replace(control, lr=control.lr / 10)
+
+Registry order is the order candidates are tried and shown, and breaks ties between equally small changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from workbench.run.settings import RunSettings
+from workbench.studies import reproduce
+from workbench.studies.diagnose.evidence import KINDS
+from workbench.train.policies import POLICIES
+
+CANDIDATES: dict[str, type[Candidate]] = {}
+# Settings that say how a run is measured or named, not how it trains: not counted as a change.
+NOT_CHANGES = ("name", "seed", "eval_at_start", "eval_after_attach", "attribution_steps", "trace")
+
+
+class Candidate:
+    """Base class of a candidate fix. Class keywords: `name` (registry name), `answers` (evidence kinds)."""
+
+    name: ClassVar[str] = ""
+    answers: ClassVar[tuple[str, ...]] = ()
+    code: ClassVar[str] = ""
+    coverage: ClassVar[bool] = False
+    config: ClassVar[str | None] = None  # the notebook-01 configuration this candidate is, if any
+
+    def __init_subclass__(cls, *, name: str, answers: tuple[str, ...], **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if name in CANDIDATES or name == "control":
+            raise ValueError(f"candidate {name!r} is already registered")
+        unknown = [k for k in answers if k not in KINDS]
+        if unknown:
+            raise ValueError(f"candidate {name!r}: answers {unknown[0]!r}, expected evidence kinds of {KINDS}")
+        cls.name, cls.answers = name, tuple(answers)
+        CANDIDATES[name] = cls
+
+    def settings(self, control: RunSettings) -> RunSettings | None:
+        """The control run with this candidate's change; None where it does not apply. The default applies
+        notebook 01's configuration `config` where `applies(control)`."""
+        if self.config is None:
+            raise NotImplementedError(f"candidate {self.name!r}: override settings() or set config")
+        return notebook_change(control, self.config) if self.applies(control) else None
+
+    def applies(self, control: RunSettings) -> bool:
+        """Whether the change is not already part of `control`."""
+        return True
+
+    @classmethod
+    def describe(cls) -> str:
+        """The first line of the class docstring: what the candidate changes."""
+        return (cls.__doc__ or cls.name).strip().splitlines()[0]
+
+
+def notebook_change(control: RunSettings, config: str) -> RunSettings:
+    """Notebook 01's configuration `config` applied to `control` (`reproduce.configurations`)."""
+    return reproduce.configurations(control, [1], only=[config])[0]
+
+
+def changed(control: RunSettings, candidate: RunSettings) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ (name -> (control's, candidate's)), leaving out those in `NOT_CHANGES`."""
+    a, b = control.to_dict(), candidate.to_dict()
+    return {k: (a[k], b[k]) for k in a if k not in NOT_CHANGES and a[k] != b[k]}
+
+
+def _loop(control: RunSettings, switch: str) -> Any:
+    return getattr(control.loop_semantics(), switch)
+
+
+class RebuildAtStageChange(Candidate, name="rebuild_at_stage_change", answers=("outside_optimizer",)):
+    """Rebuild the optimizer at the stage change over every trainable tensor."""
+
+    code = "rebuild the optimizer over every trainable tensor when the trainable set changes"
+    coverage = True
+    config = "rebuild_at_stage_change"
+
+    def applies(self, control: RunSettings) -> bool:
+        return not _loop(control, "rebuild_at_stage_change")
+
+
+class RebuildAtUnfreeze(Candidate, name="rebuild_at_unfreeze", answers=("kept_at_unfreeze",)):
+    """Rebuild the optimizer when the frozen decoder unfreezes."""
+
+    code = "rebuild the optimizer over every trainable tensor when a frozen module unfreezes"
+    coverage = True
+
+    def settings(self, control: RunSettings) -> RunSettings | None:
+        if not POLICIES[control.policy].freezes or control.rebuild_at_unfreeze:
+            return None
+        return dataclasses.replace(control, rebuild_at_unfreeze=True)
+
+
+class RebuildDecoderLr(Candidate, name="rebuild_decoder_lr", answers=("outside_optimizer", "slow_loss")):
+    """Rebuild the optimizer at the stage change, with a learning rate of its own for the fresh decoder."""
+
+    code = (f"rebuild the optimizer over every trainable tensor when the trainable set changes, with the fresh "
+            f"decoder in a group of its own at lr {reproduce.DECODER_LR:g}")
+    coverage = True
+    config = f"rebuild_decoder_lr_{reproduce.DECODER_LR:g}"
+
+
+class FreezeThenRebuild(Candidate, name="freeze_then_rebuild", answers=("outside_optimizer",)):
+    """The seed's workaround: keep the decoder frozen for 1 step, then unfreeze it into a rebuilt optimizer."""
+
+    code = "freeze the fresh decoder for N steps, then rebuild the optimizer over every trainable tensor"
+    coverage = True
+    config = "freeze_params_N1_rebuild"
+
+    def applies(self, control: RunSettings) -> bool:
+        return not POLICIES[control.policy].freezes
+
+
+class ClipOptimizerParams(Candidate, name="clip_optimizer_params", answers=("clip_nonfinite",)):
+    """Clip over the optimizer's parameters only."""
+
+    code = "clip_grad_norm_ over the optimizer's parameters, not model.parameters()"
+    config = "clip_optimizer_params"
+
+    def applies(self, control: RunSettings) -> bool:
+        return _loop(control, "clip_scope") != "optimizer"
+
+
+class ZeroGradModel(Candidate, name="zero_grad_model", answers=("stale_gradients", "clip_nonfinite")):
+    """Zero every gradient of the model before the backward."""
+
+    code = "model.zero_grad(set_to_none=True) instead of optimizer.zero_grad()"
+    config = "zero_grad_model"
+
+    def applies(self, control: RunSettings) -> bool:
+        return _loop(control, "zero_grad_scope") != "model"
+
+
+class Bf16(Candidate, name="bf16", answers=("fp16_overflow",)):
+    """Autocast in bf16 (no GradScaler)."""
+
+    code = "torch.autocast(dtype=torch.bfloat16) without a GradScaler"
+    config = "bf16"
+
+    def applies(self, control: RunSettings) -> bool:
+        return control.precision != "bf16"
+
+
+class Fp32(Candidate, name="fp32", answers=("fp16_overflow",)):
+    """Train in fp32 (no autocast)."""
+
+    code = "no autocast: train in fp32"
+    config = "fp32"
+
+    def applies(self, control: RunSettings) -> bool:
+        return control.precision != "fp32"
+
+
+class InitScale4096(Candidate, name="init_scale_4096", answers=("fp16_overflow",)):
+    """Start the GradScaler at 4096 instead of 65536."""
+
+    code = "GradScaler(init_scale=4096)"
+    config = "init_scale_4096"
+
+    def applies(self, control: RunSettings) -> bool:
+        return control.precision == "fp16" and (control.init_scale > 4096 or control.carry_scaler)
+
+
+def derive(kinds: dict[str, str], control: RunSettings,
+           only: tuple[str, ...] = ()) -> list[tuple[type[Candidate], RunSettings]]:
+    """The candidates the evidence `kinds` calls for that change something about `control`, in registry order,
+    with their settings; `only` names the candidates to try instead, whatever the evidence (ValueError for an
+    unknown name)."""
+    unknown = [n for n in only if n not in CANDIDATES]
+    if unknown:
+        raise ValueError(f"candidates: unknown {', '.join(unknown)}; expected some of {', '.join(CANDIDATES)}")
+    picked = []
+    for name, cls in CANDIDATES.items():
+        wanted = name in only if only else bool(set(cls.answers) & set(kinds))
+        if not wanted:
+            continue
+        settings = cls().settings(control)
+        if settings is not None and changed(control, settings):
+            picked.append((cls, settings))
+    return picked
