@@ -61,7 +61,10 @@ def _nb01(tmp, val_per=0.3, healthy=3):
          "configs": [{"name": "seed_faithful", "outcomes": {"diverged": 3}, "val_per": [None] * 3,
                       "decisive": ["step 4 escape: the clip made it NaN"]},
                      {"name": "rebuild", "outcomes": {"healthy": healthy, "inconclusive": 3 - healthy},
-                      "val_per": [val_per] * 3, "decisive": [None] * 3}],
+                      "val_per": [val_per] * 3, "decisive": [None] * 3, "control_val_per": [0.25] * 3,
+                      "val_rnnt_per": [0.9, 1.0, 1.1], "val_rnnt_length_ratio": [0.0, 1.2, 3.0],
+                      "val_rnnt_functional": [False, True, False]}],
+         "comparisons": {"comparisons": 11, "seeds": 3, "all_same_direction": 4, "expected_by_chance": 2.75},
          "conclusions": ["one long generated sentence"] * 30,
          "provenance": {"commit": "abc1234", "date": "2026-12-05 15:00 UTC", "machine": "m1 (2 CPUs)"}}
     (tmp / "01_reproduce_nan_explosion").mkdir(parents=True, exist_ok=True)
@@ -100,8 +103,11 @@ def test_block_is_short_with_tables_provenance_and_the_full_conclusions_in_the_d
     text = readme.read_text()
     block = fv.current_block(readme)
     assert len(block.splitlines()) <= fv.MAX_BLOCK_LINES and text.endswith("## Next\n")
-    assert "| seed_faithful | 3/3 diverged | - | step 4 escape" in block
-    assert "| rebuild | 3/3 healthy | 0.3 | - |" in block
+    assert "| seed_faithful | 3/3 diverged | - (-) | - | step 4 escape" in block
+    # the final CTC PER beside its step-matched control's; the RNN-T PER with its length ratio and functional seeds
+    assert "| rebuild | 3/3 healthy | 0.3 (0.25) | 1 (ratio 1.2; 1/3 functional) | - |" in block
+    assert "11 paired comparisons in errors over 3 seeds; 4 came out the same way in every seed, where chance alone " \
+           "would give 2.8." in block
     assert "commit abc1234, 2026-12-05 15:00 UTC, m1 (2 CPUs)" in block
     assert "| freeze_params, corrected, fp16, after unfreeze | 0.01 .. 1, diverged 1 | 0.01 .. 1, diverged 1 |" \
         in block
