@@ -1,8 +1,11 @@
 """The conda environment and the package metadata must name the same dependencies."""
 
+import ast
 import re
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,3 +26,65 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+# --------------------------------------------------------------------------- private torch / Lightning access
+
+PACKAGE = ROOT / "workbench"
+ADAPTER = "train/compat.py"
+# `X._name` reads outside the adapter that are not torch's or Lightning's: the project's own classes and stdlib.
+OWN_PRIVATE = {("train/host.py", "_value"),   # HostPacket filling its own Slot
+               ("studies/sweep/runner.py", "_exit"),   # os._exit, public stdlib
+               ("run/byo.py", "_fields")}   # a namedtuple's documented _fields
+# Files whose private accesses still wait for the adapter (strict xfail below: it fails once they are gone).
+PENDING = {"run/watch.py", "run/updates.py"}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__") and name != "_"
+
+
+def _private_access(source: str, rel: str) -> list[str]:
+    """`rel:line what` for each private attribute read on an object other than self/cls, each private name given
+    as a string (`getattr(x, "_name")`) and each import from a private module (`torch.utils._pytree`)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                continue
+            if (rel, node.attr) not in OWN_PRIVATE:
+                found.append(f"{rel}:{node.lineno} .{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module and any(
+                _private(part) for part in node.module.split(".")):
+            found.append(f"{rel}:{node.lineno} from {node.module}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "setattr", "hasattr", "delattr") and len(node.args) > 1
+              and isinstance(node.args[1], ast.Constant) and _private(str(node.args[1].value))
+              and (rel, node.args[1].value) not in OWN_PRIVATE):
+            found.append(f"{rel}:{node.lineno} '{node.args[1].value}'")
+    return sorted(found, key=lambda hit: int(hit.split(":")[1].split()[0]))
+
+
+def _scan(rels: list[str]) -> list[str]:
+    return [hit for rel in rels for hit in _private_access((PACKAGE / rel).read_text(), rel)]
+
+
+def test_private_torch_and_lightning_access_only_in_the_adapter():
+    rels = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py"))
+    hits = _scan([r for r in rels if r != ADAPTER and r not in PENDING])
+    assert not hits, "private access outside workbench/train/compat.py:\n" + "\n".join(hits)
+
+
+@pytest.mark.xfail(strict=True, reason="watch.py and updates.py (helper C's, in edit) still read "
+                                       "torch._foreach_*, GradScaler._scale and Tensor._version directly")
+def test_pending_files_use_the_adapter():
+    hits = _scan(sorted(PENDING))
+    assert not hits, "\n".join(hits)
+
+
+def test_the_scan_reports_private_reads_and_imports():
+    source = ('from torch.utils._pytree import tree_flatten\ns = scaler._scale\nt = self._own\n'
+              'v = getattr(sched, "_last_lr")\nw = slot._value\n')
+    assert _private_access(source, "x.py") == ["x.py:1 from torch.utils._pytree", "x.py:2 ._scale",
+                                               "x.py:4 '_last_lr'", "x.py:5 ._value"]
+    assert _private_access("w = slot._value\n", "train/host.py") == []

@@ -19,6 +19,7 @@ from workbench.instrument import host
 from workbench.instrument.host import Slot
 from workbench.instrument.grad_norms import GradNormProbe, StepStats
 from workbench.instrument.observer import StepObserver
+from workbench.train import compat
 
 SHOWN = 3  # offending tensors named in one_line()
 
@@ -107,7 +108,7 @@ class OptimizerCoverage(StepObserver):
         with torch.no_grad():
             grads = [p.grad for _, p in outside]
             self._norms = torch.stack([n.to(grads[0].device) for n in
-                                       torch._foreach_norm(grads, 2, dtype=torch.float32)])
+                                       compat.foreach_norm(grads, 2, dtype=torch.float32)])
         packet = getattr(ctx, "packet", None)
         if packet is not None:  # in the step's host copy (outside a TrainStep: copied at on_step_end)
             self._slot, self._norms = packet.add(self._norms), None

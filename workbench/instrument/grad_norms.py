@@ -31,12 +31,12 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.amp.grad_scaler import OptState
 
 from workbench.instrument import host
 from workbench.instrument.groups import ParamGroups, default_groups, groups_from_patterns
 from workbench.instrument.host import Slot
 from workbench.instrument.observer import StepObserver
+from workbench.train import compat
 
 
 @dataclass
@@ -130,9 +130,9 @@ def _group_sum_sq(member: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 def _scale_tensor(scaler: torch.amp.GradScaler | None, device: torch.device) -> torch.Tensor | None:
     if scaler is None or not scaler.is_enabled():
         return None
-    # `_scale` is private, but reading the device tensor is free where get_scale() is a host sync (.item());
-    # the concatenation copies it before scaler.update() rewrites it in place, so it is this step's scale.
-    scale = getattr(scaler, "_scale", None)
+    # The device tensor, read for free where get_scale() is a host sync (.item()); the concatenation copies it
+    # before scaler.update() rewrites it in place, so it is this step's scale.
+    scale = compat.scale_tensor(scaler)
     if isinstance(scale, torch.Tensor):
         return scale.to(device, torch.float32, non_blocking=True).reshape(1)
     return torch.full((1,), scaler.get_scale(), dtype=torch.float32, device=device)
@@ -250,16 +250,16 @@ class GradNormProbe(StepObserver):
                     scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The packed statistics and the (k,) per-parameter gradient norms."""
         f32 = torch.float32
-        norms = layout.stack(torch._foreach_norm(grads, 2, dtype=f32))
+        norms = layout.stack(compat.foreach_norm(grads, 2, dtype=f32))
         # One temporary the size of the gradients serves max |g| and the non-finite count. (A max over |g| is
         # several times faster on CPU than the inf-norm, and exact in any dtype.)
-        magnitudes = torch._foreach_abs(grads)
-        maxs = layout.stack([m.to(f32) for m in torch._foreach_max(magnitudes)])
+        magnitudes = compat.foreach_abs(grads)
+        maxs = layout.stack([m.to(f32) for m in compat.foreach_max(magnitudes)])
         # A max reduction need not propagate NaN on every backend; the L2 norm's sum always does.
         maxs = torch.where(torch.isnan(norms), norms, maxs)
         # |g| * 0 is 0 where g is finite and NaN where it is not; the ord-0 "norm" counts the non-zeros.
-        torch._foreach_mul_(magnitudes, 0.0)
-        nonfinite = layout.stack(torch._foreach_norm(magnitudes, 0, dtype=f32))
+        compat.foreach_mul_(magnitudes, 0.0)
+        nonfinite = layout.stack(compat.foreach_norm(magnitudes, 0, dtype=f32))
         member = layout.member
         group_norm = _group_sum_sq(member, norms)
         group_max = torch.where(member, maxs, 0.0).amax(dim=1)
@@ -273,15 +273,15 @@ class GradNormProbe(StepObserver):
             before = [torch.empty_like(p) for p in params]
         else:
             before = self._snapshot.before
-        torch._foreach_copy_(before, params)
-        before_norm = layout.stack(torch._foreach_norm(params, 2, dtype=torch.float32))
+        compat.foreach_copy_(before, params)
+        before_norm = layout.stack(compat.foreach_norm(params, 2, dtype=torch.float32))
         self._snapshot = _Snapshot(layout, before, before_norm, received)
 
     def _ratio(self, snapshot: _Snapshot) -> torch.Tensor:
         params = [self._params[i] for i in snapshot.layout.index]
         with torch.no_grad():
-            torch._foreach_sub_(snapshot.before, params)  # now w_before - w_after, in place: no second copy
-            delta = snapshot.layout.stack(torch._foreach_norm(snapshot.before, 2, dtype=torch.float32))
+            compat.foreach_sub_(snapshot.before, params)  # now w_before - w_after, in place: no second copy
+            delta = snapshot.layout.stack(compat.foreach_norm(snapshot.before, 2, dtype=torch.float32))
             member = snapshot.layout.member
             ratio = _group_sum_sq(member, delta) / _group_sum_sq(member, snapshot.before_norm)
             stale = (member & snapshot.received & (delta == 0)).sum(dim=1).float()
@@ -358,9 +358,7 @@ class GradNormProbe(StepObserver):
         `on_step_end(ctx)` around your optimizer step instead. Returns None when no parameter has a gradient.
         """
         if optimizer is not None and scaler is not None and scaler.is_enabled():
-            # Private state, read only: the one place GradScaler says whether this optimizer was unscaled.
-            state = scaler._per_optimizer_states.get(id(optimizer))
-            if state is None or state["stage"] is not OptState.UNSCALED:
+            if not compat.unscaled(scaler, optimizer):
                 raise ValueError("collect: the optimizer's gradients are still multiplied by the loss scale; "
                                  "call scaler.unscale_(optimizer) first")
         step = self._last_step + 1 if step is None else step

@@ -27,17 +27,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
+from workbench.train import compat
+
 if TYPE_CHECKING:
     from workbench.train.step import TrainStep
 
 BUNDLE_FORMAT = "workbench.replay_bundle/1"
-
-# Forward/backward hook dicts of nn.Module: a replica gets empty ones, so probes on the live model stay silent.
-_MODULE_HOOK_DICTS: tuple[str, ...] = (
-    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
-)
-
 
 @dataclass
 class ReplayBundle:
@@ -102,10 +97,10 @@ def capture(step: TrainStep, batches: Any | Sequence[Any], weights: Any, *, rnnt
     state = step.model.state_dict()
     model_state: OrderedDict[str, torch.Tensor] = OrderedDict(
         (k, v.detach().to("cpu", copy=True)) for k, v in state.items())
-    metadata = getattr(state, "_metadata", None)
+    metadata = compat.state_dict_metadata(state)
     if metadata is not None:
         # Module versions that _load_from_state_dict consults (BatchNorm's num_batches_tracked, ...).
-        model_state._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+        compat.set_state_dict_metadata(model_state, copy.deepcopy(metadata))
     on_cuda = step.device.type == "cuda"
     return ReplayBundle(
         step=step.step_index if index is None else index,
@@ -135,8 +130,9 @@ def replica(step: TrainStep, bundle: ReplayBundle) -> TrainStep:
     if bundle.precision != step.config.precision:
         raise ValueError(f"bundle precision {bundle.precision!r} differs from the step's "
                          f"{step.config.precision!r}")
-    memo: dict[int, Any] = {id(getattr(m, attr)): OrderedDict() for m in step.model.modules()
-                            for attr in _MODULE_HOOK_DICTS if hasattr(m, attr)}
+    # The live model's forward/backward hook dicts are copied as empty ones: probes on it stay silent.
+    memo: dict[int, Any] = {id(hooks): OrderedDict() for m in step.model.modules()
+                            for hooks in compat.module_hook_dicts(m)}
     model, optimizer = copy.deepcopy((step.model, step.optimizer), memo)
     model.load_state_dict(bundle.model_state)
     # Optimizer.load_state_dict keeps same-device tensors as they are: give it copies, not the bundle's own.

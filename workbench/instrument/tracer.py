@@ -10,7 +10,7 @@ the floating outputs of every op, in execution order, through four phases:
   (forward pre/post hooks keep a module stack; ops outside the model belong to `<loss_fn>`).
 - backward: `loss.backward()` (scaled by the GradScaler like the live step) and `scaler.unscale_`. On CPU the
   autograd engine runs on the calling thread and the mode sees every backward op;
-  `torch._C._current_autograd_node()` names the autograd node running it. Each node is labelled in forward
+  `compat.current_autograd_node()` names the autograd node running it. Each node is labelled in forward
   with the module whose op created it, and a node feeding a parameter's AccumulateGrad (directly or through
   transposes, casts and views) names that parameter. On CUDA the engine runs backward on a device thread; the
   engine installs the caller's thread-local state there, dispatch modes included, so the same checks should
@@ -46,11 +46,10 @@ from typing import Any, Callable, Collection, Iterator, Mapping
 
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from workbench.instrument.observer import StepObserver
 from workbench.instrument.replay import ReplayBundle, bundle_rng, capture, replica, save_bundle
+from workbench.train import compat
 from workbench.train.host import Slot, nonfinite_flags, to_host
 from workbench.train.step import NonFiniteError, StepContext, StepMonitor, TrainStep
 
@@ -212,7 +211,7 @@ def _owner(name: str) -> tuple[str, str]:
     return owner, local
 
 
-class _NonFiniteMode(TorchDispatchMode):
+class _NonFiniteMode(compat.TorchDispatchMode):
     """Checks the floating outputs of every op until a phase's first produced non-finite value is found; keeps
     that one and the first non-finite output seen at all.
 
@@ -253,15 +252,15 @@ class _NonFiniteMode(TorchDispatchMode):
         if packet in _ALLOCATORS:
             return func(*args, **kwargs)
         bound = self._bind(func, args, kwargs)
-        schema_args = func._schema.arguments
+        schema_args = compat.op_arguments(func)
         mutated = [t for a in schema_args if a.alias_info is not None and a.alias_info.is_write and not a.is_out
-                   for t in tree_flatten(bound.get(a.name))[0] if isinstance(t, torch.Tensor)]
+                   for t in compat.tree_flatten(bound.get(a.name))[0] if isinstance(t, torch.Tensor)]
         checking = self.produced is None
         with torch.no_grad():
             # In-place ops overwrite their inputs: read those before the op runs.
             before = [_kinds(t) for t in mutated if _inspectable(t)] if checking else []
         out = func(*args, **kwargs)
-        returned = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        returned = [t for t in compat.tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         # In-place ops return the tensor they mutate: list it once.
         outputs = returned + [m for m in mutated if not any(m is t for t in returned)]
         if self.phase == "forward":
@@ -275,7 +274,7 @@ class _NonFiniteMode(TorchDispatchMode):
     @staticmethod
     def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Argument name -> value, positional arguments first, in schema order."""
-        bound = {a.name: v for a, v in zip(func._schema.arguments, args)}
+        bound = {a.name: v for a, v in zip(compat.op_arguments(func), args)}
         bound.update(kwargs)
         return bound
 
@@ -284,7 +283,7 @@ class _NonFiniteMode(TorchDispatchMode):
         bad = [k for k, t in enumerate(outputs) if _inspectable(t) and not _finite(t)]
         if not bad:
             return
-        scalars = [v for v in tree_flatten(list(bound.values()))[0] if isinstance(v, float)]
+        scalars = [v for v in compat.tree_flatten(list(bound.values()))[0] if isinstance(v, float)]
         if any(not math.isfinite(v) for v in scalars):
             return  # a deliberate constant such as masked_fill(mask, -inf)
         rule = self.expected.get(packet)
@@ -294,7 +293,7 @@ class _NonFiniteMode(TorchDispatchMode):
             if not bad:
                 return
         outs = {a.name for a in schema_args if a.is_out}
-        inputs = [t for name, v in bound.items() if name not in outs for t in tree_flatten(v)[0]
+        inputs = [t for name, v in bound.items() if name not in outs for t in compat.tree_flatten(v)[0]
                   if _inspectable(t) and not any(t is m for m in mutated)]
         stats = before + [_kinds(t) for t in inputs]
         in_nan = any(s[0] for s in stats)
@@ -316,7 +315,7 @@ class _NonFiniteMode(TorchDispatchMode):
 
     def _describe(self, t: torch.Tensor, k: int, n_outputs: int, bound: dict[str, Any]) -> tuple[str, str, str]:
         """(module, tensor description, parameter name) of output k."""
-        node = torch._C._current_autograd_node()
+        node = compat.current_autograd_node()
         if node is not None:
             return self._describe_backward(node, t)
         if self.phase == "forward":

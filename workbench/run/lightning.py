@@ -71,6 +71,7 @@ from workbench.instrument import GradNormProbe, NonFiniteTracer, OptimizerCovera
 from workbench.records import Recorder, RunRecord, classify, summarize
 from workbench.records.recorder import nonfinite_params
 from workbench.run.byo import UserBatch, _param_groups
+from workbench.train import compat
 from workbench.train.optim import change_optimizer, optimizer_params
 from workbench.train.step import LoopSemantics, StepConfig, StepContext, StepResult, TrainStep
 
@@ -139,14 +140,9 @@ class _TrainingStepLoss:
     def __call__(self, model: torch.nn.Module, batch: UserBatch, weights: Any, *, rnnt: bool, mode: bool,
                  normalization: str) -> dict[str, torch.Tensor]:
         data, batch_idx, global_step, epoch = batch.data
-        saved = model._trainer
-        model._trainer = _ReplayTrainer(global_step, epoch)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                terms = _loss_terms(model.training_step(data, batch_idx))
-        finally:
-            model._trainer = saved
+        with compat.attached_trainer(model, _ReplayTrainer(global_step, epoch)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            terms = _loss_terms(model.training_step(data, batch_idx))
         if not terms:
             raise RuntimeError("training_step returned no loss in the replay")
         return terms
@@ -352,7 +348,7 @@ class WorkbenchCallback(Callback):
         self.probe.on_after_backward(ctx)
         self.coverage.on_after_backward(ctx)
         if scaler is not None:
-            found = list(scaler._found_inf_per_device(optimizer).values())
+            found = compat.found_inf(scaler, optimizer)
             self._found_inf = torch.stack([f.reshape(()) for f in found]).sum() if found else None
         self._lrs = {str(g.get("name", f"group{k}")): float(g["lr"]) for k, g in enumerate(optimizer.param_groups)}
         self._optimizer_now = optimizer
@@ -371,7 +367,7 @@ class WorkbenchCallback(Callback):
         params = [p.detach() for p in pl_module.parameters()]
         if params:
             with torch.no_grad():
-                norms = torch._foreach_norm(params, 2, dtype=torch.float32)
+                norms = compat.foreach_norm(params, 2, dtype=torch.float32)
                 device = norms[0].device
                 carried[f"{_CARRY}params_nonfinite"] = (~torch.isfinite(torch.stack([n.to(device) for n in norms]))
                                                         ).sum()
@@ -513,9 +509,6 @@ class WorkbenchCallback(Callback):
 # ------------------------------------------------------------------------------------------ step unfreezing
 
 HOWS: tuple[str, ...] = ("add_group", "rebuild")
-# Per-group lists a torch LR scheduler keeps (LambdaLR's lr_lambdas, CyclicLR's max_lrs, ReduceLROnPlateau's
-# min_lrs, ...): extended or rebuilt with the optimizer's groups.
-_SCHEDULER_LISTS = ("base_lrs", "_last_lr", "lr_lambdas", "max_lrs", "min_lrs", "base_momentums", "max_momentums")
 
 
 def _retarget(scheduler: Any, old: torch.optim.Optimizer, new: torch.optim.Optimizer, n_before: int,
@@ -523,15 +516,15 @@ def _retarget(scheduler: Any, old: torch.optim.Optimizer, new: torch.optim.Optim
     """Point `scheduler` (and the schedulers it chains) at `new`. With "add_group", each per-group list gets one
     entry per added group, copied from group 0's (its base lr is the added group's lr); with "rebuild", every
     group of `new` gets group 0's entries, so every group follows the schedule group 0 followed."""
-    for inner in getattr(scheduler, "_schedulers", None) or []:
+    for inner in compat.scheduler_children(scheduler):
         _retarget(inner, old, new, n_before, how)
     if getattr(scheduler, "optimizer", None) is not old:
         return
     scheduler.optimizer = new
     n = len(new.param_groups)
-    for name in _SCHEDULER_LISTS:
-        values = getattr(scheduler, name, None)
-        if not isinstance(values, list) or len(values) != n_before or not values:
+    # Per-group lists (LambdaLR's lr_lambdas, CyclicLR's max_lrs, ...): extended or rebuilt with the groups.
+    for name, values in compat.scheduler_group_lists(scheduler).items():
+        if len(values) != n_before or not values:
             continue
         if how == "add_group":
             groups = new.param_groups[n_before:]

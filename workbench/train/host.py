@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from workbench.train import compat
+
 HOST_COPIES = 0
 
 
@@ -85,5 +87,5 @@ def nonfinite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(0)
     device = tensors[0].device
     with torch.no_grad():
-        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        norms = compat.foreach_norm(tensors, 2, dtype=torch.float32)
         return (~torch.isfinite(torch.stack([n.to(device) for n in norms]))).float()

@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 
 from workbench.model.losses import LossWeights, compute_losses
+from workbench.train import compat
 from workbench.train.device import autocast
 from workbench.train.host import HostPacket, Slot
 from workbench.train.optim import optimizer_params
@@ -269,7 +270,7 @@ class TrainStep:
             self.scaler.step(self.optimizer)
             # The GradScaler's own verdict: it skips when its inf check over the optimizer's gradients found one.
             # (A lower scale after update() is not a test: an infinite scale stays infinite when backed off.)
-            found = list(self.scaler._found_inf_per_device(self.optimizer).values())
+            found = compat.found_inf(self.scaler, self.optimizer)
             found_inf = packet.add(torch.stack([f.to(found[0].device).reshape(()) for f in found]).sum())
             self.scaler.update()
             return found_inf
@@ -288,7 +289,7 @@ class TrainStep:
         or the initial scale before the GradScaler made its tensor."""
         if self.scaler is None:
             return None
-        scale = self.scaler._get_scale_async()
+        scale = compat.scale_tensor(self.scaler)
         return self.scaler.get_scale() if scale is None else packet.add(scale.clone())
 
     # ---------------------------------------------------------------------------------------------- the step
