@@ -56,6 +56,7 @@ from workbench.run.settings import RunSettings
 from workbench.studies.criteria import Rule, run_summary
 from workbench.studies.sweep.grid import Plan, SweepError, SweepGrid, make_plan
 from workbench.train.checkpoint import check_checkpoint
+from workbench.train.device import pick_device
 
 INDEX_FORMAT = "workbench-sweep"
 INDEX_VERSION = 1
@@ -170,18 +171,19 @@ class Sweep:
     """The runs of `grids` (or of a ready `Plan`) from one CTC-warm checkpoint, kept in folder `out`."""
 
     def __init__(self, out: str | Path, checkpoint: str | Path, data: str | Path,
-                 grids: SweepGrid | Sequence[SweepGrid] | Plan, *, device: str = "cpu", backend: str = "local",
+                 grids: SweepGrid | Sequence[SweepGrid] | Plan, *, device: str = "auto", backend: str = "local",
                  address: str | None = None, resources: Mapping[str, float] | None = None) -> None:
-        """`backend` "local" (workers on this machine) or "ray" (Ray tasks on the cluster at `address`, default a
+        """`device` "auto" (CUDA when present, else the CPU), "cpu", "cuda" or "cuda:N": every run trains there.
+        `backend` "local" (workers on this machine) or "ray" (Ray tasks on the cluster at `address`, default a
         local Ray started for the sweep, or the one this process already joined); `resources` are each Ray task's
         `num_cpus` (default 1) and `num_gpus` (default 1 on a CUDA device, else 0). A backend that cannot work
         (an unknown name, Ray not installed, nothing listening at `address`) is a SweepError before any work."""
         self.out = Path(out)
         self.checkpoint = Path(checkpoint).resolve()
         self.data = Path(data).resolve()
-        self.device = device
+        self.device = str(pick_device(device))   # resolved here: the workers and Ray's num_gpus see the same one
         self.backend, self.address = check_backend(backend, address)
-        self.resources = {"num_cpus": 1.0, "num_gpus": 1.0 if device.startswith("cuda") else 0.0,
+        self.resources = {"num_cpus": 1.0, "num_gpus": 1.0 if self.device.startswith("cuda") else 0.0,
                           **dict(resources or {})}
         unknown = sorted(set(self.resources) - {"num_cpus", "num_gpus"})
         if unknown:
