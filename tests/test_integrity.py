@@ -354,3 +354,63 @@ def test_closed_log_bytes_are_checked_before_hdf5_parses_them(tmp_path):
     path.write_bytes(data)
     with pytest.raises(RunLogDamaged, match="HDF5 metadata"):
         check_trailer(path)
+
+
+def test_sweep_resume_reruns_a_damaged_finished_run_with_one_line(ctc_checkpoint, tmp_path):
+    from workbench.studies.sweep import Sweep, SweepGrid
+
+    grid = SweepGrid(freeze_steps=[0], lr=[1e-3], policy="freeze_params", precision="fp32", steps=2,
+                     controls=False)
+    sweep = Sweep(tmp_path / "sw", ctc_checkpoint, SAMPLE, grid)
+    first = sweep.run(workers=1, progress=False)
+    rid = first.done[0]
+    log = sweep.log_path(rid)
+    data = bytearray(log.read_bytes())
+    at = _chunk_offset(log, "series/loss/total/value")
+    data[at:at + 16] = bytes(b ^ 0x5A for b in data[at:at + 16])
+    log.write_bytes(data)
+    again = sweep.run(workers=1, progress=False)
+    assert again.done == [rid] and sorted(again.reused) == sorted(first.done[1:]) and not again.failed
+    (line,) = again.set_aside
+    assert line.startswith(f"runs/{rid}.h5 -> runs/set_aside/") and "series loss/total: damaged" in line
+    assert read_record(log).status == "finished"
+
+
+def _limited(limit_bytes: int):
+    """A preexec_fn giving the child a file size limit (as `ulimit -f` does): writes past it fail with EFBIG."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+
+@pytest.mark.parametrize("limit, at", [(200 * 1024, "at step 1"), (1024, "before its first step")])
+def test_full_disk_during_a_run_is_one_line_and_every_reader_says_where_it_stopped(ctc_checkpoint, tmp_path, limit,
+                                                                                  at):
+    out = tmp_path / "r.h5"
+    proc = subprocess.run([sys.executable, "-m", "workbench", "run", "--checkpoint", str(ctc_checkpoint), "--data",
+                           str(SAMPLE), "--out", str(out), "--steps", "3"], capture_output=True, text=True,
+                          timeout=180, cwd=ROOT, preexec_fn=_limited(limit))
+    assert proc.returncode == 1, proc.stderr[-3000:]  # not 139 (a segmentation fault)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{out}: write failed {at} (File too large)" in lines[0], lines[:5]
+    said = f"{out}: interrupted {at}, write failed (File too large)"
+    with pytest.raises(RunLogError, match=said.replace("(", r"\(").replace(")", r"\)")):
+        read_record(out)
+    for command in (["trace", str(out)], ["report", str(out), "--out", str(tmp_path / "rep")],
+                    ["export", str(out), "--tensorboard", str(tmp_path / "tb")]):
+        if command[0] == "export":
+            pytest.importorskip("tensorboard")
+        reader = subprocess.run([sys.executable, "-m", "workbench", *command], capture_output=True, text=True,
+                                timeout=120, cwd=ROOT)
+        assert reader.returncode == 2 and reader.stderr.strip() == f"error: {said}: its run stopped there and its " \
+                                                                   f"steps cannot be verified; run it again", command
+
+
+INTEGRITY_CASES = ("ckpt-bytes-flipped", "ckpt-nonfinite-state", "cache-damaged", "runlog-bytes-flipped",
+                   "runlog-series-deleted", "runlog-metadata-damaged", "runlog-no-checksums", "report-being-written",
+                   "no-step-no-outcome", "sweep-damaged-finished", "run-disk-full")
+
+
+def test_readme_lists_every_integrity_case():
+    section = (ROOT / "README.md").read_text().split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    assert [c for c in INTEGRITY_CASES if f"| `{c}` |" not in section or "(integrity)" not in section] == []

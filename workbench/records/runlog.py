@@ -37,16 +37,25 @@ no longer running, is damage: :class:`RunLogDamaged`, one line naming the file a
 attribute). A log still "running" may hold rows flushed after its manifest: readers keep only the declared ones.
 A log without a manifest was written by an older version of the workbench (before run logs carried checksums) and
 is refused rather than read unverified.
+
+A write that fails during a run (a full disk, a file size limit, an I/O error) cannot close the file "failed": the
+writer writes ``WRITE_FAILED`` and the step into the file's HDF5 user block (its first ``USERBLOCK`` bytes, space
+HDF5 leaves to the user, so writing it needs no new space), sends HDF5's remaining writes to /dev/null so that
+closing the file cannot crash or damage it further, and raises :class:`RunLogWriteError`, one line. Every reader
+then refuses the log with "interrupted at step k, write failed" before HDF5 parses it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import itertools
 import json
 import math
 import operator
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -73,6 +82,9 @@ _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 _CHUNK_VALUES = 1024
 MANIFEST = "manifest"
 TRAILER_MAGIC = b"WBRLSUM1"
+USERBLOCK = 512
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+WRITE_FAILED = b"WRITE FAILED\n"
 _DIGEST_CHARS = 32  # of a sha256 hex digest: 128 bits tell damage from data
 
 
@@ -132,6 +144,10 @@ class RunLogError(ValueError):
     """A file that is not a readable run log; the message is one line naming the file and what was expected."""
 
 
+class RunLogWriteError(OSError):
+    """A write to a run log failed during the run; the message is one line naming the file, the step and why."""
+
+
 class RunLogDamaged(RunLogError):
     """A run log whose content does not match its manifest (see the module docstring); one line naming the file
     and the series, table or attribute."""
@@ -182,19 +198,21 @@ class RunLogWriter:
         self._json_attrs: set[str] = set()
         self._table_hashes: dict[str, Any] = {}
         self._attr_digests: dict[str, str] = {}
+        self._write_failed: RunLogWriteError | None = None
         _check_user_attrs(attrs or {})
         try:
             # The default libver (not 'latest') keeps the superblock free of the "open for write" flag that
             # would otherwise survive a SIGKILL and make the file unreadable until someone runs h5clear.
             # locking=False matches RunLog (which needs it to read while this writer holds the file's lock):
             # HDF5 refuses to open a file twice in one process with different locking flags.
-            self._file = h5py.File(self.path, "w" if overwrite else "x", locking=False)
+            self._file = h5py.File(self.path, "w" if overwrite else "x", locking=False, userblock_size=USERBLOCK)
         except FileExistsError:
             raise FileExistsError(f"run log {self.path} already exists; pass overwrite=True to replace it") from None
-        self._manifest = self._file.create_dataset(MANIFEST, shape=(0,), maxshape=(None,), chunks=(4096,),
-                                                   dtype=np.uint8, fletcher32=True)
-        fixed = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": _now(), "status": "running"}
-        self._write_attrs({**(attrs or {}), **fixed})
+        with self._writing(None):
+            self._manifest = self._file.create_dataset(MANIFEST, shape=(0,), maxshape=(None,), chunks=(4096,),
+                                                       dtype=np.uint8, fletcher32=True)
+            fixed = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": _now(), "status": "running"}
+            self._write_attrs({**(attrs or {}), **fixed})
 
     def __enter__(self) -> RunLogWriter:
         return self
@@ -205,7 +223,7 @@ class RunLogWriter:
         if exc is None:
             self.close()
         elif self._file:
-            self._write_attrs({"error": repr(exc).replace("\n", " ")})
+            self.set_attrs(error=repr(exc).replace("\n", " "))
             self.close(status="failed")
 
     @property
@@ -215,9 +233,12 @@ class RunLogWriter:
         return self._file
 
     def set_attrs(self, **attrs: Any) -> None:
-        """Add or replace root attributes (dict/list/None values are stored as JSON strings)."""
+        """Add or replace root attributes (dict/list/None values are stored as JSON strings); nothing after a
+        failed write (the log is marked, see the module docstring)."""
         _check_user_attrs(attrs)
-        self._write_attrs(attrs)
+        if self._write_failed is None:
+            with self._writing(self._last_step):
+                self._write_attrs(attrs)
 
     def declare_vector(self, key: str, labels: Sequence[str]) -> None:
         """Name the k columns of vector series ``key`` (e.g. parameter names); may precede its first row."""
@@ -226,11 +247,13 @@ class RunLogWriter:
         if series is not None:
             if series.values.shape[1:] != (len(labels),):
                 raise ValueError(f"series {key!r} has shape {series.values.shape[1:]}, but {len(labels)} labels given")
-            series.values.parent.attrs["labels"] = labels
+            with self._writing(self._last_step):
+                series.values.parent.attrs["labels"] = labels
         self._labels[key] = labels
         if series is not None:
-            self._write_manifest()
-            self._h5.flush()
+            with self._writing(self._last_step):
+                self._write_manifest()
+                self._h5.flush()
 
     def log_step(self, step: int, values: Mapping[str, Value]) -> None:
         """Append one row at ``step`` to each series named in ``values`` (scalars or fixed-length vectors).
@@ -238,8 +261,14 @@ class RunLogWriter:
         All values are checked before anything is written, so a bad key leaves every series untouched.
         """
         step = operator.index(step)
+        if self._write_failed is not None:
+            raise self._write_failed
         h5 = self._h5
         rows = {key: self._check_row(key, value, values) for key, value in values.items()}
+        with self._writing(step):
+            self._append(step, rows, h5)
+
+    def _append(self, step: int, rows: Mapping[str, np.ndarray], h5: h5py.File) -> None:
         for key, row in rows.items():
             series = self._series.get(key) or self._create_series(key, row)
             n = series.steps.shape[0]
@@ -262,7 +291,11 @@ class RunLogWriter:
         if not table or "/" in table:
             raise ValueError(f"table name must be non-empty and contain no '/', got {table!r}")
         text = to_json(dict(row))
-        h5 = self._h5
+        if self._write_failed is None:
+            with self._writing(self._last_step):
+                self._append_event(table, text, self._h5)
+
+    def _append_event(self, table: str, text: str, h5: h5py.File) -> None:
         dataset = self._tables.get(table)
         if dataset is None:
             dataset = h5.require_group("tables").create_dataset(
@@ -279,13 +312,49 @@ class RunLogWriter:
 
     def close(self, status: str = "finished") -> None:
         """Write ``status`` and the ``finished`` time (and, unless finished, the last step logged), then close the
-        file; closing twice does nothing."""
-        if self._file:
+        file; closing twice, or after a failed write, does nothing."""
+        if self._file and self._write_failed is None:
             last = {} if status == "finished" else {"last_step": self._last_step}
-            self._write_attrs({**last, "status": status, "finished": _now()})
-            regions = self._regions()
+            with self._writing(self._last_step):
+                self._write_attrs({**last, "status": status, "finished": _now()})
+                regions = self._regions()
+                self._file.close()
+                _append_trailer(self.path, regions)
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None) -> Iterator[None]:
+        """A failed write inside (HDF5 reports one as OSError or RuntimeError) abandons the file (see the module
+        docstring) and raises RunLogWriteError naming the file and `step`."""
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            if self._write_failed is not None or isinstance(err, RunLogWriteError):
+                raise
+            code = next((e for e in (getattr(err, "errno", None), *_errnos(str(err))) if e), None)
+            why = os.strerror(code) if code else _first_line(err)
+            at = "before its first step" if step is None else f"at step {step}"
+            self._abandon(at, why)
+            self._write_failed = RunLogWriteError(f"{self.path}: write failed {at} ({why}); the run log is marked "
+                                                  f"'interrupted {at}, write failed'")
+            self._write_failed.errno = code or errno.EIO
+            raise self._write_failed from None
+
+    def _abandon(self, at: str, why: str) -> None:
+        """Mark the file as a failed write in its user block, then close it with HDF5's writes sent to /dev/null."""
+        marker = WRITE_FAILED + f"interrupted {at}, write failed ({why})".encode()[:USERBLOCK - len(WRITE_FAILED)]
+        with contextlib.suppress(OSError):
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, marker.ljust(USERBLOCK, b" "), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        with contextlib.suppress(Exception):
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, self._file.id.get_vfd_handle())
+            os.close(null)
+        with contextlib.suppress(Exception):
             self._file.close()
-            _append_trailer(self.path, regions)
 
     def _write_attrs(self, attrs: Mapping[str, Any]) -> None:
         h5 = self._h5
@@ -365,6 +434,11 @@ class RunLogWriter:
         )
         self._series[key] = _Series(steps, values, kind, hashlib.sha256(), hashlib.sha256())
         return self._series[key]
+
+
+def _errnos(text: str) -> list[int]:
+    """The errno values HDF5 writes into its messages ("errno = 28")."""
+    return [int(n) for n in re.findall(r"errno = (\d+)", text)]
 
 
 def _hex(data: bytes | memoryview) -> str:
@@ -448,10 +522,18 @@ class RunLog:
             raise FileNotFoundError(f"run log {self.path} does not exist")
         expected = f"a run log (HDF5, format {FORMAT!r} version {FORMAT_VERSION})"
         try:
+            with open(self.path, "rb") as f:
+                head = f.read(USERBLOCK)
             closed = check_trailer(self.path)
         except OSError as err:
             raise RunLogError(f"{self.path}: expected {expected}, got a file this user cannot read "
                               f"({err.strerror or err})") from None
+        except RunLogDamaged:
+            if not head.startswith(WRITE_FAILED):
+                raise
+        if head.startswith(WRITE_FAILED):
+            raise RunLogError(f"{self.path}: {head[len(WRITE_FAILED):].decode(errors='replace').strip()}: its run "
+                              f"stopped there and its steps cannot be verified; run it again")
         try:
             # locking=False: the writer holds the file (and its lock) open for the whole run.
             self._file = h5py.File(self.path, "r", locking=False)
@@ -661,10 +743,10 @@ def _first_line(err: BaseException) -> str:
 def _unopenable(path: Path, err: Exception) -> str:
     """What a file HDF5 cannot open looks like, in a few words."""
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(USERBLOCK + 8)
     if not head:
         return "an empty file"
-    if head != b"\x89HDF\r\n\x1a\n":
+    if _HDF5_SIGNATURE not in (head[:8], head[USERBLOCK:]):  # at the start, or after a run log's user block
         return f"a file that is not HDF5 (it starts with {head[:4]!r})"
     if "truncated" in str(err):
         return "a truncated HDF5 file (a copy cut short?)"
