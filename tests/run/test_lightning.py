@@ -140,6 +140,28 @@ def test_workbench_trace_and_report_read_the_callbacks_run_log(tmp_path, capsys)
     assert "step 3: 2 trainable tensors outside the optimizer" in out
 
 
+def test_updates_are_the_shared_observers_in_one_host_copy_per_step(tmp_path):
+    """What the optimizer did comes from `workbench.run.updates` (the observer watch and byo use), and the probe,
+    the observer and the step's own values cross to the host in one copy per optimizer step."""
+    from workbench.run.updates import OptimizerUpdates
+    from workbench.train import host
+
+    seen: list[object] = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(cb.updates)
+
+    cb = WorkbenchCallback(None, trace=False, log=lambda s: None)
+    before = host.HOST_COPIES
+    fit(Regressor(), tmp_path, [cb, Spy()], steps=6)
+    assert host.HOST_COPIES - before == 6
+    assert all(isinstance(u, OptimizerUpdates) for u in seen) and len(seen) == 6
+    ratios = cb.record.prefixed("update_ratio")
+    assert set(ratios) == {"encoder", "head"} and all(v > 0 for values in ratios.values() for v in values)
+    assert cb.record.prefixed("not_updated") == {"encoder": [0] * 6, "head": [0] * 6}
+
+
 def test_nothing_of_the_callback_stays_after_fit(tmp_path):
     module = Regressor()
     cb = WorkbenchCallback(None, log=lambda s: None)
@@ -150,7 +172,8 @@ def test_nothing_of_the_callback_stays_after_fit(tmp_path):
              for name, m in module.named_modules()}
     assert after == before
     assert not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in module.parameters())
-    assert cb.probe is None and cb.coverage is None and cb.tracer is None and cb.recorder is None
+    assert cb.probe is None and cb.coverage is None and cb.updates is None and cb.tracer is None
+    assert cb.recorder is None
     assert [type(c) for c in trainer.callbacks].count(WorkbenchCallback) == 1
     assert cb.record.status == "finished" and len(cb.record.steps) == 4
 

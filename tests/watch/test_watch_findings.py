@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from loops import Net, batches, kinds, plain_step, run
+from loops import kinds, plain_step, run
 
 
 def test_a_clean_loop_has_no_finding_and_trains():

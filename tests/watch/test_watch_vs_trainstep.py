@@ -78,3 +78,23 @@ def test_same_run_same_outcome(precision, init_scale, lr, policy, expected):
     a, b = classify(mine), classify(theirs)
     assert a.kind == expected
     assert (a.kind, a.reasons, a.warnings) == (b.kind, b.reasons, b.warnings)
+
+
+def test_byo_and_watch_measure_updates_with_one_observer():
+    """What the optimizer did is measured by one implementation (`workbench.run.updates`): on the same fp32 run,
+    TrainStep's log (byo) and watch's log hold the same update ratios and not-updated counts."""
+    from workbench.run.updates import OptimizerUpdates
+
+    torch.manual_seed(0)
+    model = Net()
+    with instrument(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, clip=None, trace=False) as s:
+        assert sum(isinstance(obs, OptimizerUpdates) for obs in s.train_step.observers) == 1
+        assert not s.probe.update_ratio  # the probe measures gradients only
+    mine = through_trainstep("fp32", 1.0, 0.1, 12, "continue")
+    theirs = by_hand_under_watch("fp32", 1.0, 0.1, 12)
+    for prefix in ("update_ratio", "not_updated"):
+        a, b = mine.prefixed(prefix), theirs.prefixed(prefix)
+        assert set(a) == set(b) == {"features", "head"}
+        for group in a:
+            assert a[group] == pytest.approx(b[group], rel=1e-6), (prefix, group)
+    assert classify(mine).kind == classify(theirs).kind

@@ -19,8 +19,9 @@ the probes. Your loss function takes `(model, batch)` and returns a scalar tenso
             result = s.step((torch.randn(16, 8), torch.randint(0, 3, (16,))))
     print(s.probe.latest.group_norm, s.summary()["first_nonfinite_loss_step"])
 
-Each step records the gradient norm, max |g|, non-finite count and update ratio per group (before clipping, after
-unscaling), checks that the optimizer holds every trainable parameter with a gradient, optionally records
+Each step records the gradient norm, max |g| and non-finite count per group (before clipping, after unscaling), what
+the optimizer did (update ratio and tensors not updated per group: `workbench.run.updates`, the same observer
+`watch` and the Lightning callback use), checks that the optimizer holds every trainable parameter with a gradient, optionally records
 activation statistics, and on the first non-finite step replays it and names the first non-finite tensor and
 the op that produced it. Everything goes to `s.record` (a `workbench.records.RunRecord`) and, with `log_path`,
 to the HDF5 run log (`workbench.records.read_record` reads it back); `workbench.views.plots.training_figure`
@@ -59,6 +60,7 @@ from workbench.instrument import (
 )
 from workbench.records import Recorder, RunRecord, summarize
 from workbench.run.engine import RunEngine
+from workbench.run.updates import OptimizerUpdates
 from workbench.train.device import autocast_dtype
 from workbench.train.step import LoopSemantics, StepConfig, StepResult, TrainStep, get_semantics
 
@@ -275,8 +277,9 @@ def instrument(
     device = torch.device(device)
     autocast_dtype(precision)  # an unknown precision fails here, not at the first step
     sem = semantics if isinstance(semantics, LoopSemantics) else get_semantics(semantics)
-    probe = GradNormProbe(model, _param_groups(model, groups), update_ratio=True)
-    instruments: list[Any] = [probe, OptimizerCoverage(model, probe=probe)]
+    probe = GradNormProbe(model, _param_groups(model, groups))
+    instruments: list[Any] = [probe, OptimizerCoverage(model, probe=probe),
+                              OptimizerUpdates(model, probe.groups, optimizer)]
     acts = None
     if activations:
         acts = ActivationStats(model, None if activations is True else list(activations))

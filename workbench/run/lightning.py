@@ -3,8 +3,11 @@ gradual unfreezing. Needs the `lightning` extra (`pip install 'rnnt-workbench[li
 
 `WorkbenchCallback` attaches, for `trainer.fit`, what a workbench run has:
 
-- the gradient-norm probe (`GradNormProbe`, per group, update ratios on) at `on_before_optimizer_step`, where
-  Lightning has run the backward(s) and, under `16-mixed`, `scaler.unscale_(optimizer)`, and has not clipped yet;
+- the gradient-norm probe (`GradNormProbe`, per group) at `on_before_optimizer_step`, where Lightning has run the
+  backward(s) and, under `16-mixed`, `scaler.unscale_(optimizer)`, and has not clipped yet;
+- what the optimizer did (`workbench.run.updates.OptimizerUpdates`, the observer `watch` and `byo.instrument`
+  use): update ratio and tensors not updated per group, bracketed by `on_before_optimizer_step` and the end of
+  the step (Lightning's closure runs the backward inside `optimizer.step`, after torch's step pre-hook);
 - the optimizer-coverage check (`OptimizerCoverage`): trainable tensors with a gradient the optimizer does not
   hold, frozen tensors it holds;
 - the run log: every optimizer step through `Recorder.record_step` into the same HDF5 run log as the workbench's
@@ -15,7 +18,8 @@ gradual unfreezing. Needs the `lightning` extra (`pip install 'rnnt-workbench[li
 - the non-finite tracer, which replays the first non-finite steps through a `TrainStep` that mirrors Lightning's
   loop (see "Replay" below) and names the first non-finite tensor and the causal chain.
 
-Cost per optimizer step: the probe's device reductions and ONE device-to-host copy, which also carries the loss
+Cost per optimizer step: the probe's and the update observer's device reductions and ONE device-to-host copy
+(a `HostPacket` the probe and the observer queue in, as under a TrainStep), which also carries the loss
 (and every other 0-d float tensor `training_step` returns in its dict, as a loss term), the GradScaler's found-inf
 verdict and the count of non-finite parameters (`GradNormProbe.carry`). The clip coefficient is computed on the
 host from the per-parameter norms. Values go to the trainer's loggers (`trainer.loggers[*].log_metrics`, every
@@ -71,8 +75,10 @@ from workbench.instrument import GradNormProbe, NonFiniteTracer, OptimizerCovera
 from workbench.records import Recorder, RunRecord, classify, summarize
 from workbench.records.recorder import nonfinite_params
 from workbench.run.byo import UserBatch, _param_groups
+from workbench.run.updates import OptimizerUpdates
 from workbench.train import compat
 from workbench.train.optim import change_optimizer, optimizer_params
+from workbench.train.host import HostPacket
 from workbench.train.step import LoopSemantics, StepConfig, StepContext, StepResult, TrainStep
 
 __all__ = ["LIGHTNING_SEMANTICS", "LightningSetupError", "StepUnfreeze", "WorkbenchCallback", "precision_of"]
@@ -164,12 +170,13 @@ class _ProbeSource:
 
 @dataclasses.dataclass
 class _Ctx:
-    """What the probe and the coverage read of a step."""
+    """What the probe, the coverage and the update observer read of a step; `packet` is the step's one copy."""
 
     step: int
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
+    packet: HostPacket | None = None
 
 
 class WorkbenchCallback(Callback):
@@ -203,6 +210,7 @@ class WorkbenchCallback(Callback):
         self.record: RunRecord | None = None
         self.recorder: Recorder | None = None
         self.probe: GradNormProbe | None = None
+        self.updates: OptimizerUpdates | None = None
         self.coverage: OptimizerCoverage | None = None
         self.tracer: NonFiniteTracer | None = None
         self.train_step: TrainStep | None = None
@@ -222,7 +230,8 @@ class WorkbenchCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = self._optimizer(trainer, pl_module)
         groups: ParamGroups = _param_groups(pl_module, self.groups_spec)
-        self.probe = GradNormProbe(pl_module, groups, update_ratio=True)
+        self.probe = GradNormProbe(pl_module, groups)
+        self.updates = OptimizerUpdates(pl_module, groups, optimizer)
         self._named = dict(pl_module.named_parameters())
         self._verdicts_said = 0
         self.coverage = OptimizerCoverage(pl_module, probe=self.probe)
@@ -247,7 +256,8 @@ class WorkbenchCallback(Callback):
             "groups": dict(groups.items()), "source": "lightning",
         }
         self.record = RunRecord(settings)
-        sources = [_ProbeSource(self.probe), self.coverage] + ([self.tracer] if self.tracer is not None else [])
+        sources = [_ProbeSource(self.probe), self.coverage, self.updates] + \
+            ([self.tracer] if self.tracer is not None else [])
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
         attrs = {"torch": torch.__version__, "lightning": lightning.__version__, "device": str(pl_module.device),
@@ -300,6 +310,7 @@ class WorkbenchCallback(Callback):
         self._found_inf: torch.Tensor | None = None
         self._lrs: dict[str, float] = {}
         self._optimizer_now: torch.optim.Optimizer | None = None
+        self._packet: HostPacket | None = None
 
     @property
     def active(self) -> bool:
@@ -344,9 +355,11 @@ class WorkbenchCallback(Callback):
             return
         step = trainer.global_step + 1
         scaler = _scaler(trainer)
-        ctx = _Ctx(step, pl_module, optimizer, scaler)
+        self._packet = HostPacket()
+        ctx = _Ctx(step, pl_module, optimizer, scaler, self._packet)
         self.probe.on_after_backward(ctx)
         self.coverage.on_after_backward(ctx)
+        self.updates.before(optimizer)
         if scaler is not None:
             found = compat.found_inf(scaler, optimizer)
             self._found_inf = torch.stack([f.reshape(()) for f in found]).sum() if found else None
@@ -372,9 +385,15 @@ class WorkbenchCallback(Callback):
                 carried[f"{_CARRY}params_nonfinite"] = (~torch.isfinite(torch.stack([n.to(device) for n in norms]))
                                                         ).sum()
         self.probe.carry(carried)
-        ctx = _Ctx(step, pl_module, optimizer, _scaler(trainer))
-        self.probe.on_step_end(ctx)  # the step's one host copy
+        ctx = _Ctx(step, pl_module, optimizer, _scaler(trainer), self._packet)
+        self.updates.after()
+        if self._packet is not None:
+            self.probe.on_pack(ctx)
+            self.updates.pack(self._packet)
+            self._packet.read()  # the step's one host copy
+        self.probe.on_step_end(ctx)
         self.coverage.on_step_end(ctx)
+        self.updates.on_step_end(ctx)
         stats = self.probe.latest if self.probe.latest is not None and self.probe.latest.step == step else None
         extra = stats.extra if stats is not None else {}
         row: dict[str, Any] = {k[len(_CARRY):]: v for k, v in extra.items() if k.startswith(f"{_CARRY}loss/")}
@@ -488,7 +507,7 @@ class WorkbenchCallback(Callback):
         if self.tracer is not None:
             self.tracer.detach(self.train_step)
             self.tracer.bundle = None
-        self.probe = self.coverage = self.tracer = self.train_step = None
+        self.probe = self.coverage = self.updates = self.tracer = self.train_step = None
         self._reset_step()
         if recorder is not None:
             recorder.close(status, **attrs)

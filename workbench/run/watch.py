@@ -65,6 +65,7 @@ from workbench.records import Recorder, RunRecord
 from workbench.records.outcome import OutcomeRules, classify
 from workbench.records.recorder import nonfinite_params as count_nonfinite
 from workbench.run.byo import Groups, _param_groups
+from workbench.run.updates import OptimizerUpdates, Updates
 
 __all__ = ["FINDINGS", "Watch", "watch"]
 
@@ -97,12 +98,9 @@ class _Iteration:
 
 
 class _Snapshot:
-    """What the pre-step hook saw, still on the device: the tensors to compare after the step and their names."""
+    """What the pre-step hook queued for the step's copy, besides the update (`OptimizerUpdates`)."""
 
     def __init__(self) -> None:
-        self.received: list[tuple[str, torch.Tensor]] = []    # (name, param) with a gradient: inside, then outside
-        self.inside: list[tuple[str, torch.Tensor]] = []      # those in the optimizer
-        self.before: list[torch.Tensor] = []
         self.frozen: list[str] = []                             # frozen parameters written since the last step
         self.buffers: list[str] = []                            # frozen buffers compared with their last copy
         self.packet = HostPacket()
@@ -136,6 +134,7 @@ class Watch:
         self.log_path, self.overwrite, self.trace, self.rules, self.say = log_path, overwrite, trace, rules, say
         self.named = dict(model.named_parameters())
         self.group_of = {n: g for g, members in self.groups.items() for n in members}
+        self.updates = OptimizerUpdates(model, self.groups, optimizer)
         self.record = RunRecord({"model": type(model).__qualname__, "optimizer": type(optimizer).__qualname__,
                                  "loop": "watch", "groups": dict(self.groups.items())})
         self.findings: list[dict[str, Any]] = []
@@ -182,7 +181,7 @@ class Watch:
                                        "growth_interval": self.scaler.get_growth_interval(),
                                        "growth_factor": self.scaler.get_growth_factor(),
                                        "backoff_factor": self.scaler.get_backoff_factor()})
-        self._next = self._updates()
+        self._next = self._scaler_updates()
         self._frozen_base = {n: (t, t._version if isinstance(t, nn.Parameter) else t.detach().clone())
                              for n, t in self._frozen_tensors().items()}
         self._t0 = time.perf_counter()
@@ -204,7 +203,7 @@ class Watch:
         """Record the iterations the GradScaler skipped since the last step, remove every hook and close the run log
         with `status`. Detaching twice does nothing."""
         if self._handles and self._scaling:
-            self._flush(self._updates())
+            self._flush(self._scaler_updates())
         for handle in [*self._handles, *self._grad_hooks.values(), *self._module_hooks]:
             handle.remove()
         self._handles, self._grad_hooks, self._module_hooks = [], {}, []
@@ -250,7 +249,7 @@ class Watch:
             it.names = [n for n, _ in received]
             it.norms = torch.stack(torch._foreach_norm([g for _, g in received], 2, dtype=torch.float32))
 
-    def _updates(self) -> int:
+    def _scaler_updates(self) -> int:
         """How many times the GradScaler updated its scale (the version counter of its scale tensor, which
         `update()` writes in place once per iteration): the index of the current iteration; 0 without one."""
         scale = getattr(self.scaler, "_scale", None) if self._scaling else None
@@ -259,7 +258,7 @@ class Watch:
     def _iteration(self) -> _Iteration:
         """The current iteration's record; more than `_HELD` skipped iterations held are recorded first (a loop
         whose every step is skipped keeps no more than that on the device)."""
-        now = self._updates()
+        now = self._scaler_updates()
         if len(self._iterations) > _HELD:
             self._flush(now)
         return self._iterations.setdefault(now, _Iteration())
@@ -296,32 +295,12 @@ class Watch:
     # ------------------------------------------------------------------------------------------- the step
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if optimizer is not self.optimizer:
-            mine = {id(p) for p in self.named.values()}
-            if not any(id(p) in mine for group in optimizer.param_groups for p in group["params"]):
-                return
-            self.optimizer = optimizer
+        if not self.updates.before(optimizer):
+            return  # an optimizer over none of the model's parameters
+        self.optimizer = optimizer
         self._hook_gradients()
         snap = _Snapshot()
         packet = snap.packet
-        held = {id(p) for p in self._optimizer_params()}
-        received = [(n, p) for n, p in self.named.items() if p.grad is not None]
-        inside = [(n, p) for n, p in received if id(p) in held]
-        outside = [(n, p) for n, p in received if id(p) not in held and p.requires_grad]
-        snap.inside, snap.received = inside, inside + outside
-        snap.names["outside"] = [n for n, _ in outside]
-        snap.names["no_grad"] = [n for n, p in self.named.items() if id(p) in held and p.requires_grad
-                                 and p.grad is None]
-        snap.names["stale"] = sorted(n for n in self._stale if n in dict(inside))
-        if snap.received:
-            grads = [p.grad.detach() for _, p in snap.received]
-            norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-            snap.slots["grad_norm"] = packet.add(norms)
-            snap.slots["grad_nonfinite"] = packet.add((~torch.isfinite(norms)).float())
-        if inside:
-            snap.before = [p.detach().clone() for _, p in inside]
-            snap.slots["before_norm"] = packet.add(torch.stack(
-                torch._foreach_norm(snap.before, 2, dtype=torch.float32)))
         # Since the previous step (or the attach): a frozen parameter changed when autograd's version counter
         # moved (every in-place write bumps it, an optimizer's update included; a write through `.data` does not
         # and is not seen), at no device cost; a frozen buffer is compared with its copy, since kernels such as
@@ -340,7 +319,7 @@ class Watch:
         scale = getattr(self.scaler, "_scale", None) if self._scaling else None
         if isinstance(scale, torch.Tensor):
             snap.slots["scale"] = packet.add(scale.detach().float().reshape(1))
-        now = self._updates()
+        now = self._scaler_updates()
         snap.skipped = self._pack_skipped(now, packet)
         it = self._iterations.pop(now, None) or _Iteration()
         self._next = now + 1
@@ -389,11 +368,8 @@ class Watch:
         if snap is None:
             return
         packet = snap.packet
-        if snap.inside:
-            # In place on the copies: before - after, no new allocation
-            torch._foreach_sub_(snap.before, [p.detach() for _, p in snap.inside])
-            diff = torch.stack(torch._foreach_norm(snap.before, 2, dtype=torch.float32))
-            snap.slots["diff"] = packet.add(diff)
+        self.updates.after()
+        self.updates.pack(packet)
         snap.slots["params_nonfinite"] = packet.params_nonfinite(self.model)
         outputs, self._outputs = self._outputs, []
         if outputs:
@@ -416,28 +392,18 @@ class Watch:
         step, v = self.step, {k: s.value for k, s in snap.slots.items()}
         row: dict[str, Any] = {"step_ms": (time.perf_counter() - self._t0) * 1e3}
         self._t0 = time.perf_counter()
-        names = [n for n, _ in snap.received]
-        norm = dict(zip(names, v["grad_norm"].tolist())) if names else {}
-        bad = dict(zip(names, v["grad_nonfinite"].tolist())) if names else {}
-        inside = [n for n, _ in snap.inside]
-        diff = dict(zip(inside, v["diff"].tolist())) if inside else {}
-        before = dict(zip(inside, v["before_norm"].tolist())) if inside else {}
-        received = self._received(norm)
-        movable = set(received)
+        u = self.updates.decode()
+        assert u is not None
+        norm, outside = u.norm, set(u.outside)
         for group, members in self.groups.items():
             got = [n for n in members if n in norm]
-            outside = [n for n in members if n in snap.names["outside"]]
-            if not got:
-                continue
-            row[f"grad_norm/{group}"] = math.sqrt(sum(norm[n] ** 2 for n in got)) if got else 0.0
-            row[f"grad_nonfinite/{group}"] = int(sum(bad[n] for n in got))
-            base = math.sqrt(sum(before.get(n, 0.0) ** 2 for n in got))
-            moved = math.sqrt(sum(diff.get(n, 0.0) ** 2 for n in got))
-            row[f"update_ratio/{group}"] = moved / base if base > 0 else (0.0 if moved == 0 else math.inf)
-            row[f"not_updated/{group}"] = sum(1 for n in got if n in movable and diff.get(n) == 0) + len(outside)
-            row[f"outside_optimizer/{group}"] = len(outside)
+            if got:
+                row[f"grad_norm/{group}"] = math.sqrt(sum(norm[n] ** 2 for n in got))
+                row[f"grad_nonfinite/{group}"] = sum(1 for n in got if not math.isfinite(norm[n]))
+                row[f"outside_optimizer/{group}"] = sum(1 for n in got if n in outside)
+        row.update(u.rows(self.groups))
         row["grad_norm/global"] = math.sqrt(sum(x ** 2 for x in norm.values()))
-        row["nonfinite_grad"] = any(bad.values())
+        row["nonfinite_grad"] = not all(math.isfinite(x) for x in norm.values())
         if "scale" in v:
             row["scaler/scale_before"] = float(v["scale"][0])
         row["skipped"] = False
@@ -460,11 +426,11 @@ class Watch:
         self._params_finite = (tensors == 0, tensors, elements)
         assert self.recorder is not None
         self.recorder.record_step(step, row)
-        self._find(snap, norm, received, diff, v, nonfinite_params, coef, outputs)
+        self._find(snap, u, v, nonfinite_params, coef, outputs)
 
     def _record_skipped(self, skipped: list[tuple[_Iteration, dict[str, Slot]]], scale: float) -> None:
         """One row per iteration whose step the GradScaler skipped, in order, as a TrainStep records it: its loss,
-        its gradient norms at the end of its backward (unscaled by its scale), no update. `scale`: the scale after
+        its gradient norms at the end of its backward (unscaled by its scale), no update (no update ratio). `scale`: the scale after
         the last of them (each skip multiplied it by the backoff factor)."""
         assert self.scaler is not None and self.recorder is not None
         backoff = self.scaler.get_backoff_factor()
@@ -482,8 +448,6 @@ class Watch:
                 if got:
                     row[f"grad_norm/{group}"] = math.sqrt(sum(norm[n] ** 2 for n in got))
                     row[f"grad_nonfinite/{group}"] = sum(1 for n in got if not math.isfinite(norm[n]))
-                    row[f"update_ratio/{group}"] = 0.0
-                    row[f"not_updated/{group}"] = len(got)
                     row[f"outside_optimizer/{group}"] = sum(1 for n in got if id(self.named[n]) not in held)
             if norm:
                 row["grad_norm/global"] = math.sqrt(sum(x ** 2 for x in norm.values()))
@@ -496,15 +460,14 @@ class Watch:
                                  "module with a non-finite output is named at the next forward") and self.trace:
                 self._hook_modules()
 
-    def _find(self, snap: _Snapshot, norm: dict[str, float], received: list[str], diff: dict[str, float],
-              v: dict[str, Any], nonfinite_params: list[str], coef: float | None,
-              outputs: list[tuple[str, torch.Tensor]]) -> None:
-        step = self.step
-        outside = snap.names["outside"]
+    def _find(self, snap: _Snapshot, u: Updates, v: dict[str, Any], nonfinite_params: list[str],
+              coef: float | None, outputs: list[tuple[str, torch.Tensor]]) -> None:
+        step, norm = self.step, u.norm
+        outside = u.outside
         if outside:
             self._report("outside_optimizer", outside, f"{len(outside)} trainable tensors received a gradient but "
                          f"are in no optimizer group ({_some(outside)}): they never train")
-        stuck = [n for n in received if diff.get(n) == 0]
+        stuck = u.stuck()
         if stuck:
             self._report("not_updated", stuck, f"{len(stuck)} tensors in the optimizer got a non-zero gradient but "
                          f"did not change at the step ({_some(stuck)})")
@@ -512,12 +475,12 @@ class Watch:
         if changed:
             self._report("frozen_changed", changed, f"{len(changed)} parameters or buffers of frozen modules changed "
                          f"since the previous step ({_some(changed)})")
-        if snap.names["stale"]:
-            stale = snap.names["stale"]
+        stale = sorted(set(self._stale) & set(u.inside))
+        if stale:
             self._report("stale_grad", stale, f"{len(stale)} gradients were not cleared since the previous optimizer "
                          f"step ({_some(stale)}): they accumulate across steps")
-        if snap.names["no_grad"]:
-            idle = snap.names["no_grad"]
+        if u.idle:
+            idle = u.idle
             groups = sorted({self.group_of.get(n, n) for n in idle})
             self._report("no_gradient", idle, f"trainable tensors in the optimizer got no gradient "
                          f"({_some(idle)}; groups {', '.join(groups)}): detached from the loss?", key=",".join(groups))
@@ -547,13 +510,6 @@ class Watch:
                 self._report("clip_collapse", [], f"the clip coefficient was {coef:.2g} (below "
                              f"{self.rules.clip_floor:g} on {self._low_clip} of {step} steps): a clip over still-"
                              f"scaled gradients, or a max norm far below the gradient norm")
-
-    @staticmethod
-    def _received(norm: dict[str, float]) -> list[str]:
-        """Tensors whose gradient could move them: finite and above 1e-6 of the step's largest gradient norm (a
-        bias right before a BatchNorm gets ~1e-9, which no float32 update represents)."""
-        top = max((x for x in norm.values() if math.isfinite(x)), default=0.0)
-        return [n for n, x in norm.items() if math.isfinite(x) and x > 1e-6 * top]
 
     def _report(self, kind: str, tensors: list[str], message: str, key: str | None = None) -> bool:
         """Record a finding the first time its kind (and key) is seen; True when it is new."""
