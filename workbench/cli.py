@@ -427,6 +427,35 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from workbench.records import json_safe
+    from workbench.studies.diagnose import DiagnoseError, diagnose
+
+    log = _input("runlog", args.runlog, "a run log file (.h5)")
+    json_out = Path(args.json) if args.json else None
+    if json_out is not None:
+        _output_file("--json", json_out)
+        _refuse_existing("--json", [json_out], args.overwrite)
+    names = tuple(n.strip() for n in args.candidates.split(",") if n.strip()) if args.candidates else ()
+    try:
+        found = diagnose(log, seeds=_positive("--seeds", args.seeds),
+                         steps=None if args.steps is None else _positive("--steps", args.steps), candidates=names,
+                         out=args.out, data=args.data, workers=None if args.workers is None else
+                         _positive("--workers", args.workers), device=check_device("--device", args.device),
+                         progress=True)
+    except (DiagnoseError, ValueError) as exc:
+        raise CliError(_one_line(exc)) from None
+    if json_out is not None:  # before printing: a reader that goes away (| head) does not lose it
+        _write_text(json_out, json.dumps(json_safe(found.to_json()), indent=1))
+    print(f"{log}: {found.scope['run_outcome']}; evidence: {', '.join(found.evidence) or 'none'}")
+    print(found.table())
+    for line in found.lines:
+        print(line)
+    if json_out is not None:
+        print(f"wrote {json_out}")
+    return 0
+
+
 REPORT_FILES = ("training.png", "outcomes.png", "summary.json", "summary.md")
 
 
@@ -627,6 +656,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runlog")
     p.add_argument("--limit", default="5", help="coverage findings to print")
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("diagnose", help="try the candidate fixes on a failing run's log and say which make it "
+                                        "healthy")
+    p.add_argument("runlog", help="run log (.h5) of a joint-stage run forked from a CTC-warm checkpoint")
+    p.add_argument("--seeds", default="3", help="seeds per candidate, from the run's own (default 3)")
+    p.add_argument("--steps", default=None, help="run K steps after the first failing step (default: the run's "
+                                                 "length)")
+    p.add_argument("--candidates", default="", help="comma-separated candidate names to try instead of those the "
+                                                    "run's evidence calls for")
+    p.add_argument("--out", default=None, help="folder for the candidate runs (default: <log>_diagnose beside the "
+                                               "log); rerun to resume")
+    p.add_argument("--data", default=None, help="data root, for a log that does not record its own")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the diagnosis as JSON")
+    p.add_argument("--workers", default=None, help="worker processes (default: one per core)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("report", help="figures and a summary table from one or more run logs")
     p.add_argument("runlogs", nargs="+", help="run logs (.h5) written by `run`, `sweep` or the notebooks")
