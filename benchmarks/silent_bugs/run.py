@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CASES = ["forum_84911", "so_60335387", "mmpretrain_702", "seed_stale_optimizer", "amp_clip_scaled",
-         "log_of_softmax"]
+         "log_of_softmax", "forum_153740", "sprompts_2", "layer_in_forward"]
 SKIPPED = [
     ("pytorch_115607", "pytorch 115607", "not_updated",
      "needs torch._dynamo compiling the optimizer step (a frozen-then-unfrozen group's step count); not run here"),

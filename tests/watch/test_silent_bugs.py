@@ -18,7 +18,7 @@ def test_every_case_detected_and_no_false_finding(capsys):
         rows = suite.main()
     finally:
         sys.path.remove(str(SUITE))
-    assert len(rows) + len(suite.SKIPPED) >= 8
+    assert len(rows) >= 8  # runnable cases; the skipped ones come on top
     for row in rows:
         assert row["detected"], row
         assert row["false"] == [], row

@@ -156,7 +156,8 @@ class Watch:
         self._snap: _Snapshot | None = None
         self._low_clip = 0
         self._weights: dict[str, float] = {}
-        self._frozen_base: dict[str, tuple[torch.Tensor, Any]] = {}  # name -> (tensor, version or copy)
+        self._versions: dict[str, tuple[torch.Tensor, int]] = {}   # every parameter's version at the last step
+        self._buffer_base: dict[str, torch.Tensor] = {}             # frozen buffers' values at the last step
         self._frozen_cache: tuple[tuple[bool, ...], dict[str, torch.Tensor]] | None = None
         self._t0 = 0.0
 
@@ -182,8 +183,9 @@ class Watch:
                                        "growth_factor": self.scaler.get_growth_factor(),
                                        "backoff_factor": self.scaler.get_backoff_factor()})
         self._next = self._scaler_updates()
-        self._frozen_base = {n: (t, t._version if isinstance(t, nn.Parameter) else t.detach().clone())
-                             for n, t in self._frozen_tensors().items()}
+        self._versions = {n: (p, p._version) for n, p in self.named.items()}
+        self._buffer_base = {n: t.detach().clone() for n, t in self._frozen_tensors().items()
+                             if not isinstance(t, nn.Parameter)}
         self._t0 = time.perf_counter()
         return self
 
@@ -301,21 +303,6 @@ class Watch:
         self._hook_gradients()
         snap = _Snapshot()
         packet = snap.packet
-        # Since the previous step (or the attach): a frozen parameter changed when autograd's version counter
-        # moved (every in-place write bumps it, an optimizer's update included; a write through `.data` does not
-        # and is not seen), at no device cost; a frozen buffer is compared with its copy, since kernels such as
-        # BatchNorm's write running statistics without bumping it. Buffers are small.
-        current = self._frozen_tensors()
-        base = self._frozen_base
-        snap.frozen = [n for n, t in current.items() if n in base and isinstance(t, nn.Parameter)
-                       and (base[n][0] is not t or base[n][1] != t._version)]
-        buffers = [(n, t) for n, t in current.items() if n in base and not isinstance(t, nn.Parameter)]
-        if buffers:
-            snap.buffers = [n for n, _ in buffers]
-            snap.slots["buffers"] = packet.add(torch.stack(
-                [(t.detach() != base[n][1]).any().float() for n, t in buffers]))
-        self._frozen_base = {n: (t, t._version if isinstance(t, nn.Parameter) else t.detach().clone())
-                             for n, t in current.items()}
         scale = getattr(self.scaler, "_scale", None) if self._scaling else None
         if isinstance(scale, torch.Tensor):
             snap.slots["scale"] = packet.add(scale.detach().float().reshape(1))
@@ -370,6 +357,7 @@ class Watch:
         packet = snap.packet
         self.updates.after()
         self.updates.pack(packet)
+        self._check_frozen(snap)
         snap.slots["params_nonfinite"] = packet.params_nonfinite(self.model)
         outputs, self._outputs = self._outputs, []
         if outputs:
@@ -385,6 +373,30 @@ class Watch:
             else:
                 self._mark.pop(name, None)
         self._stale, self._checked = set(), set()
+
+    def _check_frozen(self, snap: _Snapshot) -> None:
+        """After the update, what changed since the previous step (or the attach) in the modules frozen now: a
+        parameter changed when autograd's version counter moved (every in-place write bumps it, an optimizer's
+        update included; a write through `.data` does not and is not seen), at no device cost, so a module frozen
+        just before this step is judged on this step's update; a frozen buffer is compared with its copy (kernels
+        such as BatchNorm's write running statistics without bumping the counter; buffers are small)."""
+        current = self._frozen_tensors()
+        versions = self._versions
+        snap.frozen = [n for n, t in current.items() if isinstance(t, nn.Parameter) and n in versions
+                       and (versions[n][0] is not t or versions[n][1] != t._version)]
+        self._versions = {n: (p, p._version) for n, p in self.named.items()}
+        base = self._buffer_base
+        buffers = [(n, t.detach()) for n, t in current.items() if not isinstance(t, nn.Parameter)]
+        compared = [(n, t) for n, t in buffers if n in base and base[n].shape == t.shape]
+        if compared:
+            snap.buffers = [n for n, _ in compared]
+            snap.slots["buffers"] = snap.packet.add(torch.stack([(t != base[n]).any().float() for n, t in compared]))
+        self._buffer_base = {}  # only the buffers frozen now: one unfrozen and frozen again starts afresh
+        for n, t in buffers:
+            if n in base and base[n].shape == t.shape:
+                self._buffer_base[n] = base[n].copy_(t)  # queued after the comparison above: no new allocation
+            else:
+                self._buffer_base[n] = t.clone()
 
     # ------------------------------------------------------------------------------------------- the host side
 
