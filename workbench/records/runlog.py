@@ -136,8 +136,11 @@ class _Series:
     steps: h5py.Dataset
     values: h5py.Dataset
     kind: str
+    dtype: np.dtype
+    width: tuple[int, ...]  # () for scalars, (k,) for length-k vectors
     steps_hash: Any  # hashlib sha256 over the bytes of every step written
     values_hash: Any  # ... and of every row of values, as stored
+    rows: int = 0  # kept here: h5py's shape property costs more than the rest of a row's bookkeeping
 
 
 class RunLogError(ValueError):
@@ -245,8 +248,8 @@ class RunLogWriter:
         labels = [str(label) for label in labels]
         series = self._series.get(key)
         if series is not None:
-            if series.values.shape[1:] != (len(labels),):
-                raise ValueError(f"series {key!r} has shape {series.values.shape[1:]}, but {len(labels)} labels given")
+            if series.width != (len(labels),):
+                raise ValueError(f"series {key!r} has shape {series.width}, but {len(labels)} labels given")
             with self._writing(self._last_step):
                 series.values.parent.attrs["labels"] = labels
         self._labels[key] = labels
@@ -271,12 +274,13 @@ class RunLogWriter:
     def _append(self, step: int, rows: Mapping[str, np.ndarray], h5: h5py.File) -> None:
         for key, row in rows.items():
             series = self._series.get(key) or self._create_series(key, row)
-            n = series.steps.shape[0]
+            n = series.rows
             series.steps.resize((n + 1,))
-            series.values.resize((n + 1, *series.values.shape[1:]))
-            stored = row.astype(series.values.dtype)
+            series.values.resize((n + 1, *series.width))
+            stored = row.astype(series.dtype)
             series.steps[n] = step
             series.values[n] = stored
+            series.rows = n + 1
             series.steps_hash.update(np.int64(step).tobytes())
             series.values_hash.update(np.ascontiguousarray(stored).tobytes())
         self._write_manifest()
@@ -384,8 +388,8 @@ class RunLogWriter:
 
     def _write_manifest(self) -> None:
         """Rewrite the manifest: what the file holds now (see the module docstring)."""
-        series = {key: {"rows": s.steps.shape[0],
-                        "sha256": _series_digest(s.kind, self._labels.get(key), s.values.shape[1:],
+        series = {key: {"rows": s.rows,
+                        "sha256": _series_digest(s.kind, self._labels.get(key), s.width,
                                                  s.steps_hash.digest(), s.values_hash.digest())}
                   for key, s in self._series.items()}
         tables = {name: {"rows": d.shape[0], "sha256": self._table_hashes[name].hexdigest()[:_DIGEST_CHARS]}
@@ -413,8 +417,8 @@ class RunLogWriter:
             if labels is not None and row.shape != (len(labels),):
                 raise ValueError(f"series {key!r} was declared with {len(labels)} labels, got shape {row.shape}")
             return row
-        if row.shape != series.values.shape[1:]:
-            raise ValueError(f"series {key!r} has shape {series.values.shape[1:]}, got shape {row.shape}")
+        if row.shape != series.width:
+            raise ValueError(f"series {key!r} has shape {series.width}, got shape {row.shape}")
         if _KIND_RANK[kind] > _KIND_RANK[series.kind]:
             raise ValueError(f"series {key!r} holds {series.kind} values, got {kind} values")
         return row
@@ -432,7 +436,8 @@ class RunLogWriter:
             "value", shape=(0, *row.shape), maxshape=(None, *row.shape), chunks=(rows, *row.shape), dtype=dtype,
             fletcher32=True,
         )
-        self._series[key] = _Series(steps, values, kind, hashlib.sha256(), hashlib.sha256())
+        self._series[key] = _Series(steps, values, kind, np.dtype(dtype), row.shape, hashlib.sha256(),
+                                    hashlib.sha256())
         return self._series[key]
 
 
