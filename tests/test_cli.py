@@ -142,17 +142,19 @@ def test_checkpoint_errors_name_the_file_in_one_line(ctc_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_notebooks_run_where_the_package_is_installed_without_make(tmp_path):
-    """The conda route as far as this machine allows: a fresh venv, the package installed by a plain
-    `pip install .` from a copy of the checkout (no `make`, so no `rnnt-workbench` kernel), its dependencies
+def test_notebooks_run_from_a_wheel_outside_the_repository(tmp_path):
+    """The wheel route as far as this machine allows: `pip wheel . --no-deps` from a copy of the checkout (the
+    wheel holds the notebooks, the sample data and py.typed), installed into a fresh venv whose dependencies are
     seen through a .pth line that puts .venv's site-packages on the path (torch is not downloaded again; .venv's
-    own .pth hooks, its editable install among them, are not run), then `workbench notebooks --only 03`."""
+    own .pth hooks, its editable install among them, are not run), then `workbench notebooks --only 03` in an
+    empty folder outside the checkout, on the venv's own interpreter (no kernel registered for it)."""
     import sysconfig
+    import zipfile
 
     root = Path(__file__).resolve().parents[1]
     checkout = tmp_path / "checkout"
     checkout.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
         (checkout / name).write_bytes((root / name).read_bytes())
     for name in ("workbench", "notebooks", "data_samples"):
         shutil.copytree(root / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -168,19 +170,32 @@ def test_notebooks_run_where_the_package_is_installed_without_make(tmp_path):
     (venv / "share" / "jupyter").mkdir(parents=True)
     (venv / "share" / "jupyter" / "nbconvert").symlink_to(Path(sys.prefix) / "share" / "jupyter" / "nbconvert")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PIP_NO_INDEX": "1"}
-    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "."],
-                             cwd=checkout, capture_output=True, text=True, timeout=300, env=env)
+    build = subprocess.run([str(python), "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp_path / "dist")], cwd=checkout, capture_output=True, text=True, timeout=300,
+                           env=env)
+    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("rnnt_workbench-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"workbench/shipped/{p.relative_to(root).as_posix()}" for folder in ("notebooks", "data_samples")
+                for p in (root / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert expected <= names, sorted(expected - names)
+    assert "workbench/py.typed" in names
+    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", str(wheel)], capture_output=True,
+                             text=True, timeout=300, env=env)
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
-    where = subprocess.run([str(python), "-c", "import workbench; print(workbench.__file__)"], cwd=tmp_path,
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = subprocess.run([str(python), "-c", "import workbench; print(workbench.__file__)"], cwd=elsewhere,
                            capture_output=True, text=True, timeout=120, env=env).stdout
     assert where.startswith(site), where
     proc = subprocess.run([str(venv / "bin" / "workbench"), "notebooks", "--only", "03", "--preset", "tiny",
-                           "--out", "nb"], cwd=checkout, capture_output=True, text=True, timeout=600, env=env)
+                           "--out", "nb"], cwd=elsewhere, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert f"kernel: this interpreter, {python}" in proc.stdout, proc.stdout
-    assert (checkout / "nb" / "03_interactive_explorer.ipynb").is_file()
-    summary = checkout / "nb" / "03_interactive_explorer" / "03_summary.json"
-    assert summary.is_file(), sorted(p.name for p in (checkout / "nb").rglob("*"))
+    assert (elsewhere / "nb" / "03_interactive_explorer.ipynb").is_file()
+    summary = elsewhere / "nb" / "03_interactive_explorer" / "03_summary.json"
+    assert summary.is_file(), sorted(p.name for p in (elsewhere / "nb").rglob("*"))
+    assert not (elsewhere / "data_samples").exists()   # the notebook read the wheel's sample data
 
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))

@@ -1,7 +1,9 @@
 """The conda environment and the package metadata must name the same dependencies."""
 
 import ast
+import json
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -119,3 +121,69 @@ def test_the_scan_reports_private_reads_and_imports():
     assert _private_access(source, "x.py") == ["x.py:1 from torch.utils._pytree", "x.py:2 ._scale",
                                                "x.py:4 '_last_lr'", "x.py:5 ._value"]
     assert _private_access("w = slot._value\n", "train/host.py") == []
+
+
+# --------------------------------------------------------------------------- notebooks outside a checkout
+
+@pytest.fixture()
+def installed(tmp_path, monkeypatch):
+    """workbench.views.notebook as an installed wheel sees it: the current folder is not a checkout, and the
+    notebooks and sample data are the package's shipped copy (here: copies of the checkout's)."""
+    from workbench.views import notebook
+
+    shipped = tmp_path / "site" / "shipped"
+    for name in notebook.SHIPPED_FOLDERS:
+        shutil.copytree(ROOT / name, shipped / name)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setattr(notebook, "SHIPPED", shipped)
+    monkeypatch.setattr(notebook, "REPO_ROOT", work)
+    return notebook, shipped, work
+
+
+def test_installed_notebooks_and_sample_data_are_found(installed):
+    notebook, shipped, work = installed
+    assert notebook.notebooks_dir() == shipped / "notebooks"
+    assert notebook.resolve("data_samples") == shipped / "data_samples"
+    assert notebook.resolve("runs/cache") == work / "runs" / "cache"   # outputs go to the current folder
+    (work / "data_samples").mkdir()
+    assert notebook.resolve("data_samples") == work / "data_samples"   # a copy of the user's own wins
+
+
+def test_copy_writes_notebooks_and_data_and_replaces_nothing(installed, tmp_path):
+    from workbench.cli import main
+
+    notebook, shipped, _ = installed
+    dest = tmp_path / "mine"
+    assert main(["notebooks", "--copy", str(dest)]) == 0
+    assert sorted(p.name for p in (dest / "notebooks").iterdir()) == sorted(
+        p.name for p in (shipped / "notebooks").iterdir())
+    assert (dest / "data_samples" / "SHA256SUMS").read_bytes() == (ROOT / "data_samples" / "SHA256SUMS").read_bytes()
+    first = dest / "notebooks" / "03_interactive_explorer.ipynb"
+    first.write_text("edited")
+    with pytest.raises(FileExistsError, match="notebooks exists"):
+        notebook.copy_notebooks(dest)
+    assert first.read_text() == "edited"
+
+
+def test_notebooks_needs_out_or_copy(capsys):
+    from workbench.cli import main
+
+    assert main(["notebooks", "--only", "03"]) == 2
+    assert "expected --out FOLDER (to run them) or --copy FOLDER" in capsys.readouterr().err
+
+
+def test_the_default_kernel_is_this_interpreter_even_where_one_is_registered(tmp_path, monkeypatch):
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from workbench.views.notebook import KERNEL, notebook_kernel
+
+    registered = tmp_path / "kernels" / KERNEL
+    registered.mkdir(parents=True)
+    (registered / "kernel.json").write_text(json.dumps({"argv": ["/elsewhere/python", "-m", "ipykernel_launcher"],
+                                                        "display_name": "another", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    assert KernelSpecManager().get_kernel_spec(KERNEL).argv[0] == "/elsewhere/python"
+    with notebook_kernel() as (name, line):
+        assert name == KERNEL and line.startswith(f"kernel: this interpreter, {sys.executable}")
+        assert KernelSpecManager().get_kernel_spec(KERNEL).argv[0] == sys.executable

@@ -529,13 +529,21 @@ def _parameter(text: str) -> tuple[str, object]:
 def cmd_notebooks(args: argparse.Namespace) -> int:
     """Every notebook's parameters are checked before the first cell of any runs; each executes into a hidden
     file renamed into place once it finished (a failed one is kept as NAME.failed.ipynb, which blocks no retry)."""
-    from workbench.views.notebook import REPO_ROOT, NotebookError, check_parameters, declared_parameters, \
-        notebook_kernel
+    from workbench.views.notebook import REPO_ROOT, NotebookError, check_parameters, copy_notebooks, \
+        declared_parameters, notebook_kernel, notebooks_dir
 
-    available = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if args.copy is not None:
+        try:
+            written = copy_notebooks(args.copy)
+        except OSError as exc:
+            raise CliError(f"--copy: {exc}") from None
+        print("\n".join(f"wrote {path}" for path in written))
+        return 0
+    if args.out is None:
+        raise CliError("notebooks: expected --out FOLDER (to run them) or --copy FOLDER (to write them out)")
+    available = sorted(notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
     if not available:
-        raise CliError(f"notebooks: expected the notebooks in {REPO_ROOT / 'notebooks'} (run from the repository's "
-                       f"folder), got none")
+        raise CliError(f"notebooks: expected the notebooks in {notebooks_dir()}, got none")
     chosen = [nb for nb in available if not args.only or nb.name[:2] in args.only.split(",")]
     if not chosen:
         raise CliError(f"--only {args.only}: no notebook matches; available: {', '.join(n.name for n in available)}")
@@ -693,14 +701,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("notebooks", help="execute the notebooks headlessly with papermill into a folder")
-    p.add_argument("--out", required=True, help="folder for the executed notebooks and their artefacts")
+    p.add_argument("--out", help="folder for the executed notebooks and their artefacts")
+    p.add_argument("--copy", metavar="DIR", help="only write the notebooks and data_samples/ into DIR (to open in "
+                                                 "JupyterLab there)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--seed", default="0")
     p.add_argument("--only", default="", help="comma-separated notebook numbers, e.g. 01,03")
     p.add_argument("-p", "--param", type=_parameter, action="append", default=[],
                    help="extra parameter NAME=VALUE (JSON values allowed), repeatable")
-    p.add_argument("--kernel", default=None, help="Jupyter kernel (default: rnnt-workbench, registered by `make "
-                                                  "install`, else this interpreter's)")
+    p.add_argument("--kernel", default=None, help="an installed Jupyter kernel (default: this interpreter)")
     p.add_argument("--overwrite", action="store_true", help="replace executed notebooks already in --out (and "
                                                             "pass overwrite=True to notebooks that take it)")
     p.set_defaults(func=cmd_notebooks)

@@ -9,6 +9,7 @@ import ast
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -22,14 +23,46 @@ from workbench.views.plots import LiveFigure, save_figure, training_figure
 
 
 def _repo_root() -> Path:
-    """The checkout the package is imported from (an editable install), else the current folder (a plain
-    `pip install .` leaves the notebooks and data_samples/ in the checkout it was run from)."""
+    """The checkout the package is imported from (an editable install), else the current folder: relative paths
+    in the notebooks (their outputs, runs/cache) are under it."""
     checkout = Path(__file__).resolve().parents[2]
     return checkout if (checkout / "notebooks").is_dir() else Path.cwd()
 
 
 REPO_ROOT = _repo_root()
-KERNEL = "rnnt-workbench"  # the kernel the notebooks name (registered by `make install`)
+# The wheel's copy of the checkout's notebooks/ and data_samples/ (written by setup.py's build step); absent in a
+# checkout, where the originals are used.
+SHIPPED = Path(__file__).resolve().parents[1] / "shipped"
+SHIPPED_FOLDERS = ("notebooks", "data_samples")
+KERNEL = "rnnt-workbench"  # the kernel the notebooks name (`make install` registers it for JupyterLab)
+
+
+def _installed(folder: str) -> Path:
+    """`folder` (one of SHIPPED_FOLDERS) as this package has it: the installed copy, else the checkout's."""
+    return SHIPPED / folder if (SHIPPED / folder).is_dir() else REPO_ROOT / folder
+
+
+def notebooks_dir() -> Path:
+    """The folder of the notebooks this package runs."""
+    return _installed("notebooks")
+
+
+def copy_notebooks(dest: str | Path) -> list[Path]:
+    """Write the notebooks and the sample data (data_samples/) into `dest`, to open in JupyterLab there (their
+    relative paths then resolve in `dest`); returns the folders written. Refuses a `dest` that already holds
+    either folder, so nothing there is replaced."""
+    dest = Path(dest)
+    sources, targets = [_installed(n) for n in SHIPPED_FOLDERS], [dest / n for n in SHIPPED_FOLDERS]
+    present = [str(t) for t in targets if t.exists()]
+    if present:
+        raise FileExistsError(f"{present[0]} exists; choose another folder (nothing was copied)")
+    missing = [str(src) for src in sources if not src.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} is missing: this installation has no notebooks to copy")
+    dest.mkdir(parents=True, exist_ok=True)
+    for src, target in zip(sources, targets):
+        shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+    return targets
 
 
 def setup(output_dir: str | Path, *, summary: str | None = None, overwrite: bool = False,
@@ -51,9 +84,14 @@ def setup(output_dir: str | Path, *, summary: str | None = None, overwrite: bool
 
 
 def resolve(path: str | Path) -> Path:
-    """Relative paths in parameter cells are relative to the repository root, wherever the kernel started."""
+    """Relative paths in parameter cells are relative to the repository root (outside a checkout, the current
+    folder), wherever the kernel started; one that is not there but was installed with the package (the sample
+    data, "data_samples") is the installed copy."""
     path = Path(path)
-    return path if path.is_absolute() else REPO_ROOT / path
+    if path.is_absolute():
+        return path
+    here, shipped = REPO_ROOT / path, SHIPPED / path
+    return shipped if not here.exists() and path.parts[0] in SHIPPED_FOLDERS and shipped.exists() else here
 
 
 class LiveRuns:
@@ -148,20 +186,20 @@ def check_parameters(notebook: str | Path, params: Mapping[str, Any]) -> None:
 def notebook_kernel(name: str | None = None) -> Iterator[tuple[str, str]]:
     """(kernel name, a line saying which interpreter runs it) for executing the notebooks.
 
-    `name` must be an installed kernel. Without it the notebooks' own `rnnt-workbench` kernel is used where it is
-    registered; elsewhere (a plain `pip install`, conda) a kernelspec of that name for this interpreter is
-    written to a temporary folder on JUPYTER_PATH for the duration, so the notebooks run unchanged."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    `name` must be an installed kernel. Without it the notebooks run on this interpreter (the one running the
+    workbench, so the installed package is the one they import): a kernelspec named as the notebooks' own
+    (`rnnt-workbench`) for `sys.executable` is written to a temporary folder put first on JUPYTER_PATH for the
+    duration, ahead of any registered kernel of that name."""
+    if name is not None:
+        from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-    manager = KernelSpecManager()
-    try:
-        spec = manager.get_kernel_spec(name or KERNEL)
-    except NoSuchKernel:
-        if name is not None:
+        manager = KernelSpecManager()
+        try:
+            spec = manager.get_kernel_spec(name)
+        except NoSuchKernel:
             installed = ", ".join(sorted(manager.find_kernel_specs()))
             raise NotebookError(f"--kernel: expected an installed Jupyter kernel ({installed}), got {name!r}") from None
-    else:
-        yield name or KERNEL, f"kernel: {name or KERNEL} ({spec.argv[0]})"
+        yield name, f"kernel: {name} ({spec.argv[0]})"
         return
     previous = os.environ.get("JUPYTER_PATH")
     with tempfile.TemporaryDirectory(prefix="workbench-kernel-") as folder:
@@ -172,8 +210,7 @@ def notebook_kernel(name: str | None = None) -> Iterator[tuple[str, str]]:
             "display_name": f"RNN-T workbench ({sys.executable})", "language": "python"}))
         os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, (folder, previous)))
         try:
-            yield KERNEL, (f"kernel: this interpreter, {sys.executable} (no {KERNEL} kernel is registered; "
-                           f"`make install` registers one)")
+            yield KERNEL, f"kernel: this interpreter, {sys.executable} (--kernel NAME runs another)"
         finally:
             if previous is None:
                 os.environ.pop("JUPYTER_PATH", None)
