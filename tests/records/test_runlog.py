@@ -1,7 +1,9 @@
 """Run log: round trips, refusals and errors, status, live reads, and durability under SIGKILL."""
 
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +15,9 @@ import pytest
 
 from runlog_writer import step_values
 from workbench.records import RunLog, RunLogWriter
-from workbench.records.runlog import RunLogError, describe_log
+from workbench.records.runlog import (
+    MANIFEST, TRAILER_MAGIC, USERBLOCK, RunLogDamaged, RunLogError, check_trailer, describe_log,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).resolve().parent / "runlog_writer.py"
@@ -254,3 +258,60 @@ def test_sigkill_keeps_flushed_steps(tmp_path, flush_every):
     with RunLog(path) as log:
         assert log.status == "running" and log.attrs["run"] == "killed"
         _assert_values(log, flushed)
+
+
+def _running_copy(tmp_path: Path) -> Path:
+    """A copy of a log whose writer is still open after 3 steps and an event: what a killed run leaves."""
+    with RunLogWriter(tmp_path / "live.h5", attrs={"seed": 1}) as w:
+        for step in range(3):
+            w.log_step(step, step_values(step))
+        w.log_event("events", {"step": 2, "line": "stage"})
+        shutil.copyfile(tmp_path / "live.h5", tmp_path / "killed.h5")
+    return tmp_path / "killed.h5"
+
+
+def test_manifest_declares_what_the_file_holds_and_a_closed_log_ends_with_its_trailer(tmp_path):
+    path = tmp_path / "run.h5"
+    with RunLogWriter(path, attrs={"seed": 1, "settings": {"lr": 1e-3}}) as w:
+        for step in range(3):
+            w.log_step(step, step_values(step))
+        w.log_event("events", {"step": 2})
+    with h5py.File(path, "r") as raw:
+        manifest = json.loads(raw[MANIFEST][()].tobytes())
+        assert raw.userblock_size == USERBLOCK and raw["series/loss/value"].fletcher32
+    assert {k: v["rows"] for k, v in manifest["series"].items()} == {"loss": 3, "grad_norm/encoder": 3}
+    assert manifest["tables"]["events"]["rows"] == 1
+    assert {"seed", "settings", "status", "created", "finished", "format"} <= set(manifest["attrs"])
+    assert path.read_bytes().endswith(TRAILER_MAGIC) and check_trailer(path)
+    with RunLog(path) as log:
+        log.verify()
+
+
+def test_a_running_log_keeps_its_declared_rows_and_a_closed_one_refuses_extra_rows(tmp_path):
+    path = _running_copy(tmp_path)
+    with h5py.File(path, "a") as raw:  # a row flushed after the manifest (a writer killed between the two)
+        for name in ("step", "value"):
+            raw[f"series/loss/{name}"].resize((4,))
+    with RunLog(path) as log:
+        assert log.status == "running" and log.series("loss")[0].tolist() == [0, 1, 2]
+        log.verify()
+        with pytest.raises(KeyError):
+            log.series("nope")
+    with h5py.File(path, "a") as raw:
+        raw.attrs["status"] = "finished"
+    with pytest.raises(RunLogDamaged, match="attribute status: damaged"):
+        RunLog(path)
+
+
+def test_attribute_damage_in_a_running_log_names_the_attribute(tmp_path):
+    path = _running_copy(tmp_path)
+    with h5py.File(path, "a") as raw:
+        raw.attrs["seed"] = 2
+    with pytest.raises(RunLogDamaged, match=rf"^{path}: attribute seed: damaged"):
+        RunLog(path)
+    (tmp_path / "again").mkdir()
+    path = _running_copy(tmp_path / "again")
+    with h5py.File(path, "a") as raw:
+        del raw["tables/events"]
+    with RunLog(path) as log, pytest.raises(RunLogDamaged, match=rf"^{path}: table events: damaged"):
+        log.verify()
