@@ -277,6 +277,7 @@ def test_a_run_without_a_finished_step_gets_no_outcome(tmp_path, capsys):
     path = tmp_path / "none.h5"
     with pytest.raises(OSError), RunLogWriter(path, attrs={"settings": {"name": "r"}}):
         raise OSError(28, "No space left on device")
+    assert summarize(read_record(path))["outcome"] is None  # the one summary every table and notebook shows
     assert main(["trace", str(path)]) == 0
     out = capsys.readouterr().out
     assert "no outcome: interrupted before its first step" in out and "outcome: " not in out.replace("no outcome: ", "")

@@ -287,7 +287,7 @@ def test_manifest_declares_what_the_file_holds_and_a_closed_log_ends_with_its_tr
         log.verify()
 
 
-def test_a_running_log_keeps_its_declared_rows_and_a_closed_one_refuses_extra_rows(tmp_path):
+def test_a_running_log_keeps_its_declared_rows_and_cannot_be_relabelled_finished(tmp_path):
     path = _running_copy(tmp_path)
     with h5py.File(path, "a") as raw:  # a row flushed after the manifest (a writer killed between the two)
         for name in ("step", "value"):

@@ -8,6 +8,7 @@ from typing import Any
 from workbench.records.chain import causal_chain, decisive_link
 from workbench.records.outcome import OutcomeRules, classify
 from workbench.records.record import RunRecord
+from workbench.records.unjudged import no_outcome, unjudged
 
 
 def summarize(record: RunRecord, rules: OutcomeRules = OutcomeRules()) -> dict[str, Any]:
@@ -17,7 +18,9 @@ def summarize(record: RunRecord, rules: OutcomeRules = OutcomeRules()) -> dict[s
     `outcome_reasons` and `outcome_warnings` come from `records.outcome.classify`; `causal_chain` is the list of
     links of `records.chain.causal_chain`, and `tracer_verdict` the line of its decisive link. `outside_optimizer`
     names the trainable tensors that got a gradient outside the optimizer at the first step the coverage check
-    found any; `tracer_verdicts` lists the first non-finite tensor of every step the tracer replayed.
+    found any; `tracer_verdicts` lists the first non-finite tensor of every step the tracer replayed. A run that
+    ended before its first step gets no outcome: `outcome` None, its reason "no outcome: interrupted before its
+    first step" (`records.unjudged`).
     """
     total = record.losses.get("total", [])
     coverage = record.tables.get("coverage", [])
@@ -26,7 +29,7 @@ def summarize(record: RunRecord, rules: OutcomeRules = OutcomeRules()) -> dict[s
     chain = causal_chain(record)
     decisive = decisive_link(chain)
     outcome = classify(record, rules)
-    return {
+    summary = {
         "name": record.name,
         "status": record.status,
         "steps": len(record.steps),
@@ -62,3 +65,5 @@ def summarize(record: RunRecord, rules: OutcomeRules = OutcomeRules()) -> dict[s
         "wall_s": record.attrs.get("wall_s"),
         "error": record.attrs.get("error"),
     }
+    missing = no_outcome(record)
+    return summary if missing is None else unjudged(summary, missing)
