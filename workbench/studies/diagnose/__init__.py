@@ -15,6 +15,7 @@ with the same data order (`runner`), classifies every run and recommends the hea
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
@@ -23,7 +24,7 @@ from workbench.run.settings import RunSettings, SettingsError
 from workbench.studies.diagnose.candidates import CANDIDATES, Candidate, changed, derive
 from workbench.studies.diagnose.evidence import KINDS, Evidence, gather
 from workbench.studies.diagnose.report import Diagnosis, recommend, row
-from workbench.studies.diagnose.runner import reusable, run_all, runs_for, seeds_from
+from workbench.studies.diagnose.runner import reusable, run_all, runs_for, same_run, seeds_from
 from workbench.train.checkpoint import CheckpointError, check_checkpoint, checkpoint_config, describe_config
 
 __all__ = ["CANDIDATES", "Candidate", "DiagnoseError", "Diagnosis", "Evidence", "KINDS", "diagnose", "gather",
@@ -72,17 +73,63 @@ def _source(record: RunRecord, where: str, data: str | Path | None) -> tuple[Pat
     return checkpoint, Path(root), model
 
 
+@dataclass(frozen=True)
+class Tried:
+    """One change tried: a candidate, or a candidate followed by one the first one's runs called for (named
+    `first+second`), with its settings and what it stands for."""
+
+    name: str
+    settings: RunSettings
+    code: str
+    coverage: bool
+    what: str
+    answers: tuple[str, ...]
+
+    @classmethod
+    def of(cls, candidate: type[Candidate], settings: RunSettings) -> Tried:
+        return cls(candidate.name, settings, candidate.code, candidate.coverage, candidate.describe(),
+                   candidate.answers)
+
+    def then(self, candidate: type[Candidate], settings: RunSettings) -> Tried:
+        return Tried(f"{self.name}+{candidate.name}", settings, f"{self.code}; and {candidate.code}",
+                     self.coverage or candidate.coverage, f"{self.what} {candidate.describe()}", candidate.answers)
+
+
+def _follow_ups(tried: Sequence[Tried], records: Mapping[tuple[str, int], RunRecord], seeds: Sequence[int],
+                only: Sequence[str], rules: OutcomeRules) -> list[Tried]:
+    """The second round: a candidate whose runs stayed finite with every tensor in the optimizer but whose loss
+    fell too slowly in every seed (evidence `slow_loss`) is tried again with each candidate that answers a slow
+    loss (among `only` when given)."""
+    out = []
+    for first in tried:
+        runs = [records.get((first.name, seed)) for seed in seeds]
+        if any(r is None for r in runs):
+            continue
+        kinds = [gather(r, rules).kinds for r in runs]
+        if not all("slow_loss" in k and "outside_optimizer" not in k for k in kinds):
+            continue
+        for cls, settings in derive({"slow_loss": kinds[0]["slow_loss"]}, first.settings):
+            if not only or cls.name in only:
+                out.append(first.then(cls, settings))
+    return out
+
+
 def diagnose(run: RunRecord | str | Path, *, seeds: int = 3, steps: int | None = None,
              candidates: Sequence[str] = (), out: str | Path | None = None, data: str | Path | None = None,
              workers: int | None = None, device: str = "cpu", reuse: Mapping[str, RunRecord] | None = None,
-             rules: OutcomeRules = OutcomeRules(), progress: bool | TextIO = False) -> Diagnosis:
+             reuse_only: bool = False, rules: OutcomeRules = OutcomeRules(),
+             progress: bool | TextIO = False) -> Diagnosis:
     """Diagnose a failing joint-stage run (its record or its log's path).
 
     seeds: how many seeds, from the run's own. steps: the candidate runs' length as K steps after the run's first
     non-finite step (default: the run's length). candidates: names to try instead of those the evidence calls for.
     out: the folder of the candidate runs (default `<log>_diagnose/` beside the log). data: the data root when the
     log does not record it. reuse: finished records to take instead of running the same settings again (notebook
-    01's sweep). Raises DiagnoseError for a log it cannot rerun, ValueError for an unknown candidate name.
+    01's sweep); with `reuse_only`, candidates without a reusable run in every seed are left out (named in the
+    sentences and `scope["left_out"]`) instead of run. Raises DiagnoseError for a log it cannot rerun, ValueError
+    for an unknown candidate name.
+
+    Two rounds: the candidates the run's evidence calls for, then (`_follow_ups`) those their own runs call for.
     """
     record = run if isinstance(run, RunRecord) else read_record(run)
     where = record.path or record.name
@@ -91,36 +138,60 @@ def diagnose(run: RunRecord | str | Path, *, seeds: int = 3, steps: int | None =
     control = _control(record, where, steps)
     checkpoint, root, model = _source(record, where, data)
     found = gather(record, rules)
-    picked = derive(found.kinds, control, tuple(candidates))
+    only = tuple(candidates)
     seed_list = seeds_from(control.seed, seeds)
     if out is None:
         if record.path is None:
             raise DiagnoseError(f"{where}: out: expected a folder for the candidate runs (the record has no log "
                                 f"path to put them beside)")
         out = Path(record.path).with_name(Path(record.path).stem + "_diagnose")
-    named = [("control", control), *((cls.name, settings) for cls, settings in picked)]
-    records, errors, reused = run_all(runs_for(named, seed_list), checkpoint=checkpoint, data=root, out=out,
-                                      workers=workers, device=device, reuse=reusable(reuse or {}),
-                                      progress=progress)
+    known = reusable(reuse or {})
+    left_out: list[str] = []
+    records: dict[tuple[str, int], RunRecord] = {}
+    errors: dict[tuple[str, int], str] = {}
+    reused = 0
+
+    def run_round(tried: list[Tried]) -> list[Tried]:
+        nonlocal reused
+        if reuse_only:
+            ready = [t for t in tried if all(same_run(s) in known
+                                             for s in runs_for([("", t.settings)], seed_list).values())]
+            left_out.extend(t.name for t in tried if t not in ready)
+            tried = ready
+        done, failed, n = run_all(runs_for([(t.name, t.settings) for t in tried], seed_list), checkpoint=checkpoint,
+                                  data=root, out=out, workers=workers, device=device, reuse=known, progress=progress)
+        records.update(done)
+        errors.update(failed)
+        reused += n
+        return tried
+
+    first = [Tried.of(cls, settings) for cls, settings in derive(found.kinds, control, only)]
+    first = run_round([Tried("control", control, "", False, "the run unchanged", ()), *first])[1:]
+    tried = first + run_round(_follow_ups(first, records, seed_list, only, rules))
 
     def of(name: str) -> tuple[dict[int, RunRecord], dict[int, str]]:
         return ({s: r for (n, s), r in records.items() if n == name},
                 {s: e for (n, s), e in errors.items() if n == name})
 
-    rows = [row(cls.name, changed(control, settings), *of(cls.name), seed_list, rules, code=cls.code,
-                coverage=cls.coverage, what=cls.describe(), config=cls.config,
-                answers={k: found.kinds[k] for k in cls.answers if k in found.kinds})
-            for cls, settings in picked]
-    control_row = row("control", {}, *of("control"), seed_list, rules, code="", coverage=False,
-                      what="the run unchanged", config=None, answers={})
+    def extra(t: Tried) -> dict[str, Any]:
+        runs = of(t.name)[0]
+        return {"code": t.code, "coverage": t.coverage, "what": t.what,
+                "answers": {k: found.kinds[k] for k in t.answers if k in found.kinds},
+                "runs": [runs[s].name if s in runs else None for s in seed_list]}
+
+    rows = [row(t.name, changed(control, t.settings), *of(t.name), seed_list, rules, **extra(t)) for t in tried]
+    control_row = row("control", {}, *of("control"), seed_list, rules,
+                      **extra(Tried("control", control, "", False, "the run unchanged", ())))
     scope = {"log": record.path, "run": record.name, "run_outcome": found.outcome.kind, "model": model,
              "checkpoint": str(checkpoint), "data": str(root), "device": device, "steps": control.steps,
              "seeds": seed_list, "lr": control.lr, "precision": control.precision, "semantics": control.semantics,
-             "runs": len(records) + len(errors), "reused_runs": reused, "out": str(out)}
+             "runs": len(records) + len(errors), "reused_runs": reused, "left_out": left_out, "out": str(out)}
     scope_text = (f"{model}, data {root.name}, {device}, {control.precision}, lr {control.lr:g}, {control.steps} "
                   f"steps, seeds {seed_list}")
     control_row["reproduced"] = control_row["outcomes"].count(found.outcome.kind) == len(seed_list)
     recommended, lines = recommend(control_row, rows, found.outcome.kind, scope_text)
+    if left_out:
+        lines.append(f"Left out (no run of theirs to reuse in every seed): {', '.join(left_out)}.")
     return Diagnosis(control_row, rows, recommended, lines, found.kinds, scope)
 
 
@@ -140,11 +211,11 @@ def notebook_section(run: RunRecord, records: Mapping[str, RunRecord], *, seeds:
         lines.append(f"Diagnose recommended nothing; the notebook's configurations healthy in every seed: "
                      f"{len(healthy_configs)}{listed}.")
     else:
-        config = next(r["config"] for r in found.candidates if r["name"] == found.recommended)
-        same = config is not None and config in healthy_configs
-        lines.append(f"Diagnose, from the run's evidence alone, recommended {found.recommended} (notebook "
-                     f"configuration {config or 'none'}): "
-                     + ("one of" if same else "not one of")
+        best = next(r for r in found.candidates if r["name"] == found.recommended)
+        configs_run = sorted({name.split("-seed")[0] for name in best["runs"] if name})
+        same = bool(set(configs_run) & set(healthy_configs))
+        lines.append(f"Diagnose, from the run's evidence alone, recommended {found.recommended} (its runs: "
+                     f"{', '.join(configs_run)}): " + ("one of" if same else "not one of")
                      + f" the {len(healthy_configs)} configurations the notebook found healthy in every seed{listed}.")
     summary = {**found.to_json(), "lines": lines, "table": found.table(), "same_as_notebook": same}
     return found.rows(), lines, summary

@@ -107,15 +107,6 @@ class RebuildAtUnfreeze(Candidate, name="rebuild_at_unfreeze", answers=("kept_at
         return dataclasses.replace(control, rebuild_at_unfreeze=True)
 
 
-class RebuildDecoderLr(Candidate, name="rebuild_decoder_lr", answers=("outside_optimizer", "slow_loss")):
-    """Rebuild the optimizer at the stage change, with a learning rate of its own for the fresh decoder."""
-
-    code = (f"rebuild the optimizer over every trainable tensor when the trainable set changes, with the fresh "
-            f"decoder in a group of its own at lr {reproduce.DECODER_LR:g}")
-    coverage = True
-    config = f"rebuild_decoder_lr_{reproduce.DECODER_LR:g}"
-
-
 class FreezeThenRebuild(Candidate, name="freeze_then_rebuild", answers=("outside_optimizer",)):
     """The seed's workaround: keep the decoder frozen for 1 step, then unfreeze it into a rebuilt optimizer."""
 
@@ -175,6 +166,19 @@ class InitScale4096(Candidate, name="init_scale_4096", answers=("fp16_overflow",
 
     def applies(self, control: RunSettings) -> bool:
         return control.precision == "fp16" and (control.init_scale > 4096 or control.carry_scaler)
+
+
+class DecoderLr(Candidate, name="decoder_lr", answers=("slow_loss",)):
+    """A learning rate of its own for the fresh decoder."""
+
+    code = f"put the fresh decoder in an optimizer group of its own at lr {reproduce.DECODER_LR:g}"
+
+    def settings(self, control: RunSettings) -> RunSettings | None:
+        # the validation before step 1 measures the untrained decoder, as notebook 01's decoder-lr run does, so
+        # that run (the optimizer rebuilt, then this) is the same run
+        if control.decoder_lr is not None or control.ctc_only:
+            return None
+        return dataclasses.replace(control, decoder_lr=reproduce.DECODER_LR, eval_at_start=True)
 
 
 def derive(kinds: dict[str, str], control: RunSettings,
