@@ -4,6 +4,9 @@ seed (finite is not fixed)."""
 
 import dataclasses
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,12 @@ def test_a_notebook_configuration_that_is_not_healthy_gets_a_recommendation_heal
     assert found.scope["run_outcome"] != "healthy" and found.control["reproduced"], found.lines
     best = next(c for c in found.candidates if c["name"] == found.recommended)
     assert best["healthy"] == 3 and record.name == config
+
+
+def test_the_readmes_candidate_example_runs_as_written(tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "class TenthLr(Candidate" in b]
+    (tmp_path / "example.py").write_text(code)
+    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['clip_optimizer_params', 'zero_grad_model', 'tenth_lr']"
