@@ -26,6 +26,7 @@ from workbench.model.config import PRESETS
 REQUIRED_KEYS = ("model", "model_config", "stage", "step", "seed")
 # torch.save writes a zip archive; anything else (text, HDF5, an empty file) is rejected before torch parses it.
 _ZIP_MAGIC = b"PK\x03\x04"
+EXPECTED = "a workbench checkpoint (a torch file written by `workbench train` or `pretrain`)"
 
 
 class CheckpointError(ValueError):
@@ -80,8 +81,8 @@ def verify_archive(path: Path) -> None:
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: expected a readable zip archive (a torch checkpoint), got a damaged or "
-                              f"truncated archive ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: expected {EXPECTED}, got a damaged or truncated zip archive "
+                              f"({_first_line(exc)})") from None
 
 
 def _nonfinite_entries(value: Any, name: str) -> list[tuple[str, int, int]]:
@@ -129,7 +130,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    expected = "a workbench checkpoint (a torch file written by `workbench train` or `pretrain`)"
+    expected = EXPECTED
     with open(path, "rb") as f:
         head = f.read(4)
     if head != _ZIP_MAGIC:
