@@ -187,3 +187,33 @@ def test_the_default_kernel_is_this_interpreter_even_where_one_is_registered(tmp
     with notebook_kernel() as (name, line):
         assert name == KERNEL and line.startswith(f"kernel: this interpreter, {sys.executable}")
         assert KernelSpecManager().get_kernel_spec(KERNEL).argv[0] == sys.executable
+
+
+# --------------------------------------------------------------------------- version floors
+
+# The torch APIs that set the floor, the release each first appeared in (torch's release notes), and a use of it
+# that raises on an older torch.
+TORCH_API_SINCE = {
+    "torch.nn.utils.get_total_norm": ((2, 6), lambda torch: torch.nn.utils.get_total_norm([torch.ones(2)])),
+    "torch.is_autocast_enabled(device_type)": ((2, 4), lambda torch: torch.is_autocast_enabled("cpu")),
+    "torch.amp.GradScaler": ((2, 3), lambda torch: torch.amp.GradScaler("cpu")),
+    "Tensor.register_post_accumulate_grad_hook": ((2, 1),
+                                                  lambda torch: torch.Tensor.register_post_accumulate_grad_hook),
+}
+
+
+def _floor(requirement: str) -> tuple[int, ...]:
+    match = re.search(r">=\s*([0-9.]+)", requirement)
+    assert match, requirement
+    return tuple(int(x) for x in match.group(1).split("."))
+
+
+def test_torch_floors_cover_every_api_the_code_needs():
+    import torch
+
+    deps = {_name(r): r for r in _project()["dependencies"]}
+    needed = max(since for since, _ in TORCH_API_SINCE.values())
+    assert _floor(deps["torch"]) == needed
+    assert _floor(deps["torchaudio"]) == needed   # torchaudio <= 2.8 pins the torch of its own version
+    for use in (use for _, use in TORCH_API_SINCE.values()):
+        use(torch)

@@ -129,3 +129,17 @@ def test_attached_trainer_puts_back_what_was_there():
     assert module._trainer is None
     with pytest.raises(RuntimeError):
         module.trainer  # noqa: B018  (the public getter raises when none is attached)
+
+
+def test_queue_backward_callback_runs_after_the_backward():
+    order: list[str] = []
+    x = torch.ones(2, requires_grad=True)
+    y = x * 2
+
+    def hook(grad: torch.Tensor) -> None:
+        compat.queue_backward_callback(lambda: order.append("after"))
+        order.append("hook")
+
+    y.register_hook(hook)
+    y.sum().backward()
+    assert order == ["hook", "after"]

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten  # no public pytree module in torch
 
 __all__ = ["TorchDispatchMode", "attached_trainer", "current_autograd_node", "foreach_abs", "foreach_copy_",
            "foreach_max", "foreach_mul_", "foreach_norm", "foreach_sub_", "found_inf", "module_hook_dicts",
-           "op_arguments",
+           "op_arguments", "queue_backward_callback",
            "scale_tensor", "scheduler_children", "scheduler_group_lists", "set_state_dict_metadata",
            "state_dict_metadata",
            "tensor_version", "tree_flatten", "unscaled"]
@@ -97,6 +97,12 @@ _MODULE_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_
 def module_hook_dicts(module: torch.nn.Module) -> list[Any]:
     """The hook dicts `module` holds (each an OrderedDict, possibly empty)."""
     return [getattr(module, name) for name in _MODULE_HOOK_DICTS if hasattr(module, name)]
+
+
+def queue_backward_callback(callback: Callable[[], None]) -> None:
+    """Run `callback` once the current backward pass has finished (call from inside a hook during backward):
+    autograd's engine queue, which has no public entry point."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
 # ---------------------------------------------------------------------------------------------- schedulers
