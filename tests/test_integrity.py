@@ -415,3 +415,32 @@ INTEGRITY_CASES = ("ckpt-bytes-flipped", "ckpt-nonfinite-state", "cache-damaged"
 def test_readme_lists_every_integrity_case():
     section = (ROOT / "README.md").read_text().split("## Reliability", 1)[1].split("\n## ", 1)[0]
     assert [c for c in INTEGRITY_CASES if f"| `{c}` |" not in section or "(integrity)" not in section] == []
+
+
+@pytest.mark.parametrize("damage", ["flip loss/ctc", "delete clip"])
+def test_trace_report_and_export_refuse_a_damaged_log_in_one_line(tmp_path, capsys, damage):
+    path = tmp_path / "run.h5"
+    write_log(path)
+    if damage == "flip loss/ctc":
+        data = bytearray(path.read_bytes())
+        at = _chunk_offset(path, "series/loss/ctc/value")
+        data[at:at + 16] = bytes(b ^ 0x5A for b in data[at:at + 16])
+        path.write_bytes(data)
+        named = "series loss/ctc: damaged"
+    else:
+        with h5py.File(path, "a") as f:
+            del f["series/clip"]
+        named = "series clip/coefficient: damaged: missing"
+    commands = [["trace", str(path)], ["report", str(path), "--out", str(tmp_path / "rep")]]
+    try:
+        import tensorboard  # noqa: F401
+        commands.append(["export", str(path), "--tensorboard", str(tmp_path / "tb")])
+    except ImportError:
+        pass
+    for command in commands:
+        assert main(command) == 2, command
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {named}"), (command, lines)
+        assert "outcome" not in captured.out
+    assert not (tmp_path / "rep").exists() and not (tmp_path / "tb").exists()
