@@ -312,6 +312,7 @@ def validate_parameters(params: Mapping[str, Any], *, lists: Iterable[str] = (),
 NOTEBOOK_PARAMETERS: dict[str, Check] = {
     "seeds": integer(1, "a number of seeds >= 1"),
     "workers": integer(0, "a number of workers >= 0 (0: one per CPU core)"),
+    "lrs": positive_number("a positive learning rate"),
     "boundary_lo": positive_number("a positive learning rate"),
     "boundary_hi": positive_number("a positive learning rate"),
     "boundary_rounds": integer(1, "an integer >= 1"),
@@ -323,7 +324,7 @@ NOTEBOOK_PARAMETERS: dict[str, Check] = {
     "cache_dir": PATH,
     "output_dir": PATH,
 }
-NOTEBOOK_LISTS = frozenset({"freeze_steps", "lr", "policy", "configurations", "boundary_precisions"})
+NOTEBOOK_LISTS = frozenset({"freeze_steps", "lr", "lrs", "policy", "configurations", "boundary_precisions"})
 
 
 def _default_check(default: Any) -> Check | None:
