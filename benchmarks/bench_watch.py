@@ -2,8 +2,11 @@
 
 The same plain-PyTorch loop (forward, CTC loss, zero_grad, backward, clip, AdamW step) runs with and without
 `watch` around it, on the same model, optimizer and batches, interleaved round by round (the order alternating) so
-drift in machine load hits both alike. Prints the median ms/step of each and the median per-round ratio; the last
-line is `watch overhead ratio: X.XXX`.
+drift in machine load hits both alike. A round's watch is attached before its steps are timed and detached after
+(a loop attaches once, however long it runs: the per-step cost is what the ratio measures; attach + detach is
+timed on its own and printed). Prints the median ms/step of each, by wall clock and by this process's CPU time
+(less sensitive to other jobs on a shared machine), and the median per-round ratios; the last line is
+`watch overhead ratio: X.XXX` (wall clock).
 
     python benchmarks/bench_watch.py --preset small --rounds 10 --steps 4
 """
@@ -11,8 +14,10 @@ line is `watch overhead ratio: X.XXX`.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -71,25 +76,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         batches = load_batches(Path(args.data), args.steps, args.batch_size, device, Path(scratch))
 
-    def plain() -> None:
-        loop(model, optimizer, batches)
+    attach_s: list[float] = []
 
-    def watched() -> None:
-        with watch(model, optimizer, say=lambda line: None) as w:
-            loop(model, optimizer, batches, w)
+    def run(with_watch: bool) -> tuple[float, float]:
+        """(wall, CPU) seconds per step of one round."""
+        w = None
+        if with_watch:
+            start = time.process_time()
+            w = watch(model, optimizer, say=lambda line: None).attach()
+            attach_s.append(time.process_time() - start)
+        cpu = time.process_time()
+        wall = timed(lambda: loop(model, optimizer, batches, w), device)
+        cpu = time.process_time() - cpu
+        if w is not None:
+            start = time.process_time()
+            w.detach()
+            attach_s[-1] += time.process_time() - start
+        return wall / args.steps, cpu / args.steps
 
-    plain(), watched()  # warm-up
-    times: dict[str, list[float]] = {"plain": [], "watch": []}
+    run(False), run(True)  # warm-up
+    times: dict[str, list[tuple[float, float]]] = {"plain": [], "watch": []}
     for r in range(args.rounds):
-        order = [("plain", plain), ("watch", watched)]
-        for name, fn in order if r % 2 == 0 else order[::-1]:
-            times[name].append(timed(fn, device) / args.steps)
-    ratios = [w / p for w, p in zip(times["watch"], times["plain"])]
+        for name in ("plain", "watch") if r % 2 == 0 else ("watch", "plain"):
+            times[name].append(run(name == "watch"))
+    wall_ratios = [w[0] / p[0] for w, p in zip(times["watch"], times["plain"])]
+    cpu_ratios = [w[1] / p[1] for w, p in zip(times["watch"], times["plain"])]
     print(f"preset {args.preset} | device {device} | {args.rounds} rounds x {args.steps} steps | batch "
-          f"{args.batch_size} | torch threads {torch.get_num_threads()}")
+          f"{args.batch_size} | torch threads {torch.get_num_threads()} | load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for name, values in times.items():
-        print(f"{name:6s} median {statistics.median(values) * 1e3:8.1f} ms/step")
-    print(f"watch overhead ratio: {statistics.median(ratios):.3f}")
+        print(f"{name:6s} median {statistics.median(v[0] for v in values) * 1e3:8.1f} ms/step wall, "
+              f"{statistics.median(v[1] for v in values) * 1e3:8.1f} ms/step CPU")
+    print(f"attach + detach median {statistics.median(attach_s) * 1e3:.2f} ms CPU (once per loop)")
+    print(f"watch overhead ratio (CPU time): {statistics.median(cpu_ratios):.3f}")
+    print(f"watch overhead ratio: {statistics.median(wall_ratios):.3f}")
 
 
 if __name__ == "__main__":

@@ -143,3 +143,23 @@ def test_steps_the_gradscaler_skipped_are_rows_of_their_own():
     assert scales[1:] == [scale * (0.5 if skip else 1.0) for scale, skip in zip(scales, skipped)][:-1]
     assert all(math.isfinite(x) for x in w.record.values("loss/total"))
     assert not any(f["kind"] == "nonfinite" for f in w.findings)  # a finite loss: an overflow, not a failure
+
+
+def test_the_clip_coefficient_is_the_clips_own():
+    import pytest
+
+    totals: list[float] = []
+
+    def clipped(model, optimizer, batch, i, w):
+        x, y = batch
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        w.loss(loss)
+        loss.backward()
+        totals.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)))
+        optimizer.step()
+
+    w = run(clipped)
+    assert w.record.values("clip/coefficient") == pytest.approx([min(1.0, 0.05 / (t + 1e-6)) for t in totals],
+                                                                rel=1e-4)
+    assert w.record.values("clip/total_norm") == pytest.approx(totals, rel=1e-4)

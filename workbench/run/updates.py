@@ -98,6 +98,7 @@ class OptimizerUpdates(StepObserver):
         self._pending: _Pending | None = None
         self._copies: tuple[tuple[str, ...], list[torch.Tensor]] | None = None
         self._hooks: list[Any] = []
+        self._held_cache: tuple[Any, set[int]] | None = None
         self.latest: Updates | None = None
         self.step = 0
 
@@ -113,28 +114,42 @@ class OptimizerUpdates(StepObserver):
         self.optimizer = optimizer
         return True
 
+    def held(self, optimizer: torch.optim.Optimizer) -> set[int]:
+        """ids of the optimizer's parameters, rebuilt only when its groups (or their lists) change."""
+        key = (id(optimizer), tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups))
+        if self._held_cache is None or self._held_cache[0] != key:
+            self._held_cache = (key, {id(p) for group in optimizer.param_groups for p in group["params"]})
+        return self._held_cache[1]
+
     def before(self, optimizer: torch.optim.Optimizer) -> bool:
         """Right before `optimizer` updates: note who got a gradient and copy what it will change. False (nothing
         noted) when the optimizer holds none of the model's parameters."""
         if not self.owns(optimizer):
             return False
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        received = [(n, p) for n, p in self.named.items() if p.grad is not None]
-        inside = [(n, p) for n, p in received if id(p) in held]
-        outside = [(n, p) for n, p in received if id(p) not in held and p.requires_grad]
-        idle = [n for n, p in self.named.items() if id(p) in held and p.requires_grad and p.grad is None]
+        held = self.held(optimizer)
+        inside: list[tuple[str, nn.Parameter]] = []
+        outside: list[tuple[str, nn.Parameter]] = []
+        idle: list[str] = []
+        for n, p in self.named.items():  # one pass: this runs at every step
+            if p.grad is None:
+                if p.requires_grad and id(p) in held:
+                    idle.append(n)
+            elif id(p) in held:
+                inside.append((n, p))
+            elif p.requires_grad:
+                outside.append((n, p))
         pending = _Pending(inside + outside, len(inside), [n for n, _ in outside], idle)
         with torch.no_grad():
-            if pending.received:
-                grads = [p.grad.detach() for _, p in pending.received]
-                pending.tensors["grad_norm"] = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-            if inside:
-                params = [p.detach() for _, p in inside]
+            # under no_grad the parameters are read as they are: a detach per tensor would cost a dispatch each
+            params = [p for _, p in inside]
+            if params:
                 key = tuple(n for n, _ in inside)
                 if self._copies is None or self._copies[0] != key:
                     self._copies = (key, [torch.empty_like(p) for p in params])
                 torch._foreach_copy_(self._copies[1], params)
-                pending.tensors["before_norm"] = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32))
+            if pending.received:  # the gradients' norms, then the parameters': one reduction
+                grads = [p.grad for _, p in pending.received]
+                pending.tensors["norms"] = torch.stack(torch._foreach_norm(grads + params, 2, dtype=torch.float32))
         self._pending = pending
         return True
 
@@ -145,8 +160,13 @@ class OptimizerUpdates(StepObserver):
             return
         with torch.no_grad():
             copies = self._copies[1]
-            torch._foreach_sub_(copies, [p.detach() for _, p in pending.received[:pending.inside]])
+            torch._foreach_sub_(copies, [p for _, p in pending.received[:pending.inside]])
             pending.tensors["diff"] = torch.stack(torch._foreach_norm(copies, 2, dtype=torch.float32))
+
+    def pending_inside(self) -> list[str]:
+        """Names of the parameters in the optimizer the bracketed update holds copies of (none when none)."""
+        pending = self._pending
+        return [] if pending is None else [n for n, _ in pending.received[:pending.inside]]
 
     def pack(self, packet: HostPacket) -> bool:
         """Queue the bracketed update in `packet` (the caller's one host copy); False when there is none."""
@@ -163,8 +183,9 @@ class OptimizerUpdates(StepObserver):
         names = [n for n, _ in pending.received]
         inside = names[:pending.inside]
         v = {k: s.value.tolist() for k, s in pending.slots.items()}
+        norms = v.get("norms", [])
         return Updates(received=names, inside=inside, outside=pending.outside, idle=pending.idle,
-                       norm=dict(zip(names, v.get("grad_norm", []))), before=dict(zip(inside, v.get("before_norm", []))),
+                       norm=dict(zip(names, norms[:len(names)])), before=dict(zip(inside, norms[len(names):])),
                        diff=dict(zip(inside, v.get("diff", []))))
 
     # ------------------------------------------------------------------------------------------- torch's hooks

@@ -17,11 +17,14 @@ the next forward). Leaving the block removes every one of them.
 
 Per optimizer step everything it measures moves to the host in ONE `to_host` copy (`HostPacket`): per-group
 gradient norm and non-finite count (as the optimizer sees them: after unscale_ and your clip), the clip
-coefficient (the gradient norm at the step over the norm at the end of the last backward, divided by the
-GradScaler's scale), the update ratio per group (||w_after - w_before|| / ||w_before||), the tensors that got a
-non-zero gradient but did not change, the parameters and buffers of frozen modules that changed, the loss and the
-scale. Memory: a copy of the parameters that got a gradient, held across the optimizer step (for the update
-ratio).
+coefficient (a tensor's gradient norm at the step over its norm at the end of the last backward, divided by the
+GradScaler's scale: every tensor's under a GradScaler, else the largest one's in the optimizer, since a clip by
+norm scales all alike), the update ratio per group (||w_after - w_before|| / ||w_before||, measured by
+`workbench.run.updates.OptimizerUpdates`, the observer `byo.instrument` and the Lightning callback share), the
+tensors that got a non-zero gradient but did not change, the parameters and buffers of frozen modules that changed,
+which parameters are non-finite (only those written since the last step are checked: those the update wrote by the
+norm of their change, any other on the device), the loss and the scale. Memory: a copy of the parameters that got
+a gradient, held across the optimizer step (for the update ratio).
 
 Steps are the loop's iterations, as a TrainStep counts them, so a watch log classifies like a TrainStep log of the
 same run. A step the GradScaler skips never reaches the optimizer (no step hook fires): watch tells iterations
@@ -56,6 +59,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -64,6 +68,7 @@ from workbench.instrument.host import HostPacket, Slot
 from workbench.records import Recorder, RunRecord
 from workbench.records.outcome import OutcomeRules, classify
 from workbench.records.recorder import nonfinite_params as count_nonfinite
+from workbench.train.host import nonfinite_flags
 from workbench.run.byo import Groups, _param_groups
 from workbench.run.updates import OptimizerUpdates, Updates
 
@@ -91,7 +96,7 @@ class _Iteration:
 
     def __init__(self) -> None:
         self.loss: dict[str, torch.Tensor] | None = None   # the last loss given in the iteration
-        self.bad: torch.Tensor | None = None                # how many losses given in it were non-finite
+        self.bad: torch.Tensor | None = None                # how many earlier losses given in it were non-finite
         self.weights: dict[str, float] = {}
         self.names: list[str] = []                          # tensors with a gradient at the end of its last backward
         self.norms: torch.Tensor | None = None              # (len(names),) their gradient norms there (scaled)
@@ -101,6 +106,8 @@ class _Snapshot:
     """What the pre-step hook queued for the step's copy, besides the update (`OptimizerUpdates`)."""
 
     def __init__(self) -> None:
+        self.by_diff: list[str] = []                            # parameters the update wrote (judged by it)
+        self.checked: list[int] = []                            # indices of the others checked on the device
         self.frozen: list[str] = []                             # frozen parameters written since the last step
         self.buffers: list[str] = []                            # frozen buffers compared with their last copy
         self.packet = HostPacket()
@@ -149,6 +156,7 @@ class Watch:
         self._stale: set[str] = set()
         self._checked: set[str] = set()
         self._callback_queued = False
+        self._ref: tuple[set[int], str, nn.Parameter] | None = None   # the clip coefficient's reference tensor
         self._scaling = scaler is not None and scaler.is_enabled()
         self._iterations: dict[int, _Iteration] = {}   # by the GradScaler's update count (0 without one)
         self._next = 0                                 # update count of the first iteration not yet recorded
@@ -156,7 +164,12 @@ class Watch:
         self._snap: _Snapshot | None = None
         self._low_clip = 0
         self._weights: dict[str, float] = {}
-        self._versions: dict[str, tuple[torch.Tensor, int]] = {}   # every parameter's version at the last step
+        self._params = list(self.named.values())
+        self._params_names = list(self.named)
+        self._index = {n: i for i, n in enumerate(self.named)}
+        self._versions: list[int] = []          # every parameter's version counter at the last step
+        self._unchecked: set[int] = set()       # parameters not checked for non-finite values yet
+        self._bad: set[str] = set()             # parameters holding a non-finite value, as last checked
         self._buffer_base: dict[str, torch.Tensor] = {}             # frozen buffers' values at the last step
         self._frozen_cache: tuple[tuple[bool, ...], dict[str, torch.Tensor]] | None = None
         self._t0 = 0.0
@@ -183,7 +196,8 @@ class Watch:
                                        "growth_factor": self.scaler.get_growth_factor(),
                                        "backoff_factor": self.scaler.get_backoff_factor()})
         self._next = self._scaler_updates()
-        self._versions = {n: (p, p._version) for n, p in self.named.items()}
+        self._versions = [p._version for p in self._params]
+        self._unchecked = set(range(len(self._params)))
         self._buffer_base = {n: t.detach().clone() for n, t in self._frozen_tensors().items()
                              if not isinstance(t, nn.Parameter)}
         self._t0 = time.perf_counter()
@@ -243,13 +257,35 @@ class Watch:
         return hook
 
     def _after_backward(self) -> None:
-        """End of a backward: the gradient norms before anything (unscale_, a clip, a skip) touched them."""
+        """End of a backward: gradient norms before anything (unscale_, a clip, a skip) touched them. Under a
+        GradScaler every tensor's (a skipped step's row needs them); without one only the largest tensor the
+        optimizer holds, the reference for the clip coefficient (a clip by norm scales every gradient alike)."""
         self._callback_queued = False
-        received = [(n, p.grad) for n, p in self.named.items() if p.grad is not None]
-        if received:
-            it = self._iteration()
-            it.names = [n for n, _ in received]
-            it.norms = torch.stack(torch._foreach_norm([g for _, g in received], 2, dtype=torch.float32))
+        if self._scaling:
+            received = [(n, p.grad) for n, p in self.named.items() if p.grad is not None]
+        else:
+            received = self._reference()
+        if not received:
+            return
+        names, grads = [n for n, _ in received], [g for _, g in received]
+        it = self._iteration()
+        it.names = names
+        with torch.no_grad():
+            it.norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+
+    def _reference(self) -> list[tuple[str, torch.Tensor]]:
+        """[(name, gradient)] of the largest parameter the optimizer holds that has a gradient (chosen again only
+        when the optimizer's groups change or it has none); [] when none has."""
+        held = self.updates.held(self.optimizer)
+        cached = self._ref
+        if cached is not None and cached[0] is held and cached[2].grad is not None:
+            return [(cached[1], cached[2].grad)]
+        found = [(p.numel(), n, p) for n, p in self.named.items() if id(p) in held and p.grad is not None]
+        if not found:
+            return []
+        _, name, param = max(found, key=lambda item: item[0])
+        self._ref = (held, name, param)
+        return [(name, param.grad)]
 
     def _scaler_updates(self) -> int:
         """How many times the GradScaler updated its scale (the version counter of its scale tensor, which
@@ -287,10 +323,12 @@ class Watch:
         if "total" not in terms:
             terms = {"total": sum(terms.values()), **terms}
         it = self._iteration()
-        it.loss = {k: v.detach().float().reshape(()) for k, v in terms.items()}
-        # A running device count, so a loop that gives losses without stepping (evaluation) keeps nothing else.
-        bad = (~torch.isfinite(it.loss["total"])).float()
-        it.bad = bad if it.bad is None else it.bad + bad
+        if it.loss is not None:
+            # An earlier loss of this iteration (micro-batches, or a loop that gives losses without stepping):
+            # folded into a running device count, so nothing else is kept; the last one is judged on the host.
+            bad = (~torch.isfinite(it.loss["total"])).float()
+            it.bad = bad if it.bad is None else it.bad + bad
+        it.loss = {k: v.detach() if v.dim() == 0 else v.detach().reshape(()) for k, v in terms.items()}
         it.weights = self._weights = dict(weights or {})
         self._hook_gradients()
 
@@ -313,10 +351,11 @@ class Watch:
         if it.norms is not None:
             snap.names["backward"] = it.names
             snap.slots["backward_norm"] = packet.add(it.norms)
-        if it.loss is not None and it.bad is not None:
+        if it.loss is not None:
             snap.names["loss"] = list(it.loss)
-            snap.slots["loss"] = packet.add(torch.stack(list(it.loss.values())))
-            snap.slots["loss_nonfinite"] = packet.add(it.bad.reshape(1))
+            snap.slots["loss"] = packet.add(torch.stack([v.float() for v in it.loss.values()]))
+            if it.bad is not None:
+                snap.slots["loss_nonfinite"] = packet.add(it.bad.reshape(1))
         self._snap = snap
 
     def _pack_skipped(self, upto: int, packet: HostPacket) -> list[tuple[_Iteration, dict[str, Slot]]]:
@@ -327,7 +366,7 @@ class Watch:
             it = self._iterations.pop(version, None) or _Iteration()
             slots = {}
             if it.loss is not None:
-                slots["loss"] = packet.add(torch.stack(list(it.loss.values())))
+                slots["loss"] = packet.add(torch.stack([v.float() for v in it.loss.values()]))
             if it.norms is not None:
                 slots["norms"] = packet.add(it.norms)
             skipped.append((it, slots))
@@ -357,8 +396,9 @@ class Watch:
         packet = snap.packet
         self.updates.after()
         self.updates.pack(packet)
-        self._check_frozen(snap)
-        snap.slots["params_nonfinite"] = packet.params_nonfinite(self.model)
+        moved = self._moved()
+        self._check_frozen(snap, moved)
+        self._check_params(snap, moved)
         outputs, self._outputs = self._outputs, []
         if outputs:
             snap.slots["outputs"] = packet.add(torch.stack([flag for _, flag in outputs]))
@@ -374,17 +414,37 @@ class Watch:
                 self._mark.pop(name, None)
         self._stale, self._checked = set(), set()
 
-    def _check_frozen(self, snap: _Snapshot) -> None:
+    def _moved(self) -> set[int]:
+        """Indices of the parameters whose version counter moved since the previous step (every in-place write
+        bumps it, an optimizer's update included; a write through `.data` does not and is not seen): host-side."""
+        versions = [p._version for p in self._params]
+        moved = {i for i, (now, then) in enumerate(zip(versions, self._versions)) if now != then}
+        self._versions = versions
+        return moved
+
+    def _check_params(self, snap: _Snapshot, moved: set[int]) -> None:
+        """Which parameters may have become non-finite: only those written since the last check. A parameter the
+        update wrote is non-finite when the norm of its change is (`Updates.diff`: before - after, finite only
+        when both are); any other one written, and every one at the first step, is checked on the device."""
+        inside = set(self.updates.pending_inside())
+        todo = moved | self._unchecked
+        snap.by_diff = [self._params_names[i] for i in todo if self._params_names[i] in inside
+                        and i not in self._unchecked]
+        snap.checked = sorted(i for i in todo if self._params_names[i] not in inside or i in self._unchecked)
+        if snap.checked:
+            snap.slots["param_flags"] = snap.packet.add(
+                nonfinite_flags([self._params[i].detach() for i in snap.checked]))
+        self._unchecked = set()
+
+    def _check_frozen(self, snap: _Snapshot, moved: set[int]) -> None:
         """After the update, what changed since the previous step (or the attach) in the modules frozen now: a
-        parameter changed when autograd's version counter moved (every in-place write bumps it, an optimizer's
-        update included; a write through `.data` does not and is not seen), at no device cost, so a module frozen
-        just before this step is judged on this step's update; a frozen buffer is compared with its copy (kernels
-        such as BatchNorm's write running statistics without bumping the counter; buffers are small)."""
+        parameter whose version counter moved (`_moved`), so a module frozen just before this step is judged on
+        this step's update, or that is no longer the tensor watch holds; a frozen buffer is compared with its copy
+        (kernels such as BatchNorm's write running statistics without bumping the counter; buffers are small)."""
         current = self._frozen_tensors()
-        versions = self._versions
-        snap.frozen = [n for n, t in current.items() if isinstance(t, nn.Parameter) and n in versions
-                       and (versions[n][0] is not t or versions[n][1] != t._version)]
-        self._versions = {n: (p, p._version) for n, p in self.named.items()}
+        index = self._index
+        snap.frozen = [n for n, t in current.items() if isinstance(t, nn.Parameter) and n in index
+                       and (index[n] in moved or self._params[index[n]] is not t)]
         base = self._buffer_base
         buffers = [(n, t.detach()) for n, t in current.items() if not isinstance(t, nn.Parameter)]
         compared = [(n, t) for n, t in buffers if n in base and base[n].shape == t.shape]
@@ -421,18 +481,24 @@ class Watch:
         row["skipped"] = False
         coef = None
         if "backward_norm" in v and norm:
-            backward = math.sqrt(sum(x ** 2 for x in v["backward_norm"].tolist()))
-            unscaled = backward / (row.get("scaler/scale_before") or 1.0)
-            if unscaled > 0 and math.isfinite(unscaled):
-                coef = min(1.0, row["grad_norm/global"] / unscaled)
+            # over the same tensors: their norm at the step over their (unscaled) norm at the end of the backward
+            same = [(norm[n], x) for n, x in zip(snap.names["backward"], v["backward_norm"].tolist()) if n in norm]
+            backward = math.sqrt(sum(x ** 2 for _, x in same)) / (row.get("scaler/scale_before") or 1.0)
+            ratio = math.sqrt(sum(x ** 2 for x, _ in same)) / backward if backward > 0 else math.nan
+            if math.isfinite(backward) and ratio > 0 and math.isfinite(ratio):
+                coef = min(1.0, ratio)
                 row["clip/coefficient"] = coef
-                row["clip/total_norm"] = unscaled
+                row["clip/total_norm"] = row["grad_norm/global"] / ratio
         row.update({f"weight/{k}": float(x) for k, x in self._weights.items()})
         if "loss" in v:
             row.update({f"loss/{k}": float(x) for k, x in zip(snap.names["loss"], v["loss"].tolist())})
-        flags = v["params_nonfinite"]
-        nonfinite_params = [n for n, f in zip(self.named, flags.tolist()) if f]
-        tensors, elements = count_nonfinite(self.model, flags)  # a read per non-finite tensor, only when one is
+        checked = dict(zip((self._params_names[i] for i in snap.checked), v.get("param_flags", np.zeros(0)).tolist()))
+        checked.update((n, not math.isfinite(u.diff.get(n, 0.0))) for n in snap.by_diff)
+        self._bad = {n for n in self._bad if n not in checked} | {n for n, bad in checked.items() if bad}
+        nonfinite_params = [n for n in self._params_names if n in self._bad]
+        tensors, elements = 0, 0
+        if nonfinite_params:  # a read per non-finite tensor, only on a step that has one
+            tensors, elements = count_nonfinite(self.model, np.array([n in self._bad for n in self._params_names]))
         row.update({"params_finite": tensors == 0, "params_nonfinite/tensors": tensors,
                     "params_nonfinite/elements": elements})
         self._params_finite = (tensors == 0, tensors, elements)
@@ -497,6 +563,8 @@ class Watch:
             self._report("no_gradient", idle, f"trainable tensors in the optimizer got no gradient "
                          f"({_some(idle)}; groups {', '.join(groups)}): detached from the loss?", key=",".join(groups))
         bad_loss = int(v["loss_nonfinite"][0]) if "loss_nonfinite" in v else 0
+        if "loss" in v:  # the last loss given, judged on the host
+            bad_loss += not math.isfinite(float(v["loss"][snap.names["loss"].index("total")]))
         bad_grads = [n for n in norm if not math.isfinite(norm[n])]
         if bad_loss or bad_grads or nonfinite_params:
             what = (["a loss"] if bad_loss else []) + ([f"gradients of {_some(bad_grads)}"] if bad_grads else []) + \
