@@ -35,9 +35,13 @@ class Evidence:
 
 
 def _outside(record: RunRecord) -> str | None:
-    coverage = record.tables.get("coverage", [])
-    if coverage:
-        return coverage[0]["line"]
+    # coverage findings also list frozen tensors the optimizer holds (harmless): only tensors outside count here
+    outside_rows = [c for c in record.tables.get("coverage", []) if c.get("outside_optimizer")]
+    if outside_rows:
+        first = outside_rows[0]
+        names = ", ".join(name for name, _ in first["outside_optimizer"][:3])
+        return (f"step {first['step']}: {len(first['outside_optimizer'])} trainable tensors with gradients outside "
+                f"the optimizer ({names}{', ...' if len(first['outside_optimizer']) > 3 else ''})")
     outside = {g: s for g, s in update_shares(record).items() if s["outside"]}
     if not outside:
         return None
