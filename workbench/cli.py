@@ -395,6 +395,7 @@ def _sweep_backend(backend: str, address: str | None) -> tuple[str, str | None]:
 def cmd_trace(args: argparse.Namespace) -> int:
     from workbench.records import read_record, summarize
     from workbench.records.unjudged import no_outcome
+    from workbench.run.watch import findings_text
     from workbench.views.logstate import check_readable
 
     limit = _positive("--limit", args.limit)
@@ -424,6 +425,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         print(f"  {c['line']}")
     if len(coverage) > limit:
         print(f"  ... {len(coverage) - limit} more")
+    print(findings_text(record, limit), end="")  # a watched run's findings (workbench.run.watch)
     return 0
 
 

@@ -93,7 +93,9 @@ def test_the_workbench_commands_read_a_watch_log(tmp_path, capsys):
     run(plain_step, make_optimizer=lambda m: torch.optim.SGD(m.features.parameters(), lr=0.1),
         log_path=tmp_path / "mine.h5")
     main(["trace", str(tmp_path / "mine.h5")])
-    assert "outcome: stalled" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "outcome: stalled" in out
+    assert "watch findings: 1\n  step 1: outside_optimizer: 2 trainable tensors received a gradient" in out
     main(["report", str(tmp_path / "mine.h5"), "--out", str(tmp_path / "report")])
     assert (tmp_path / "report" / "summary.json").exists()
     table = read_record(tmp_path / "mine.h5").tables["watch"]

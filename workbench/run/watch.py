@@ -72,7 +72,7 @@ from workbench.train.host import nonfinite_flags
 from workbench.run.byo import Groups, _param_groups
 from workbench.run.updates import OptimizerUpdates, Updates
 
-__all__ = ["FINDINGS", "Watch", "watch"]
+__all__ = ["FINDINGS", "Watch", "findings_text", "watch"]
 
 _HELD = 64   # skipped iterations held on the device before they are recorded in a copy of their own
 
@@ -625,6 +625,18 @@ class Watch:
         outcome = classify(self.record, self.rules)
         return {"outcome": outcome.kind, "outcome_reasons": outcome.reasons, "outcome_warnings": outcome.warnings,
                 "findings": [dict(f) for f in self.findings], "steps": self.step, "log_path": self.record.path}
+
+
+def findings_text(record: RunRecord, limit: int = 20) -> str:
+    """The findings `watch` recorded in a run log (its "watch" table), one line each, for `workbench trace`; empty
+    for a run that was not watched."""
+    rows = record.tables.get("watch", [])
+    if not rows:
+        return ""
+    lines = [f"watch findings: {len(rows)}"] + [f"  step {r['step']}: {r['kind']}: {r['message']}" for r in rows[:limit]]
+    if len(rows) > limit:
+        lines.append(f"  ... {len(rows) - limit} more")
+    return "\n".join(lines) + "\n"
 
 
 def _some(names: Sequence[str], k: int = 3) -> str:
