@@ -162,6 +162,24 @@ def test_updates_are_the_shared_observers_in_one_host_copy_per_step(tmp_path):
     assert cb.record.prefixed("not_updated") == {"encoder": [0] * 6, "head": [0] * 6}
 
 
+def test_gradients_a_module_does_not_clear_are_stale(tmp_path):
+    """A module whose optimizer_zero_grad clears only the encoder: the head's gradients accumulate across steps,
+    which the shared observer's gradient pre-hooks report as stale_grad/head from the second step on."""
+
+    class HeadNotCleared(Regressor):
+        def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+            for p in self.encoder.parameters():
+                p.grad = None
+
+    cb = WorkbenchCallback(None, trace=False, log=lambda s: None)
+    fit(HeadNotCleared(), tmp_path, [cb], steps=5)
+    assert cb.record.values("stale_grad/head") == [0, 2, 2, 2, 2]
+    assert cb.record.values("stale_grad/encoder") == [0] * 5
+    clean = WorkbenchCallback(None, trace=False, log=lambda s: None)
+    fit(Regressor(), tmp_path, [clean], steps=5)
+    assert clean.record.values("stale_grad/head") == [0] * 5
+
+
 def test_nothing_of_the_callback_stays_after_fit(tmp_path):
     module = Regressor()
     cb = WorkbenchCallback(None, log=lambda s: None)
@@ -172,6 +190,7 @@ def test_nothing_of_the_callback_stays_after_fit(tmp_path):
              for name, m in module.named_modules()}
     assert after == before
     assert not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in module.parameters())
+    assert not any(p._backward_hooks for p in module.parameters())  # the update observer's gradient pre-hooks
     assert cb.probe is None and cb.coverage is None and cb.updates is None and cb.tracer is None
     assert cb.recorder is None
     assert [type(c) for c in trainer.callbacks].count(WorkbenchCallback) == 1

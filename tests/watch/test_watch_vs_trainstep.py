@@ -82,7 +82,7 @@ def test_same_run_same_outcome(precision, init_scale, lr, policy, expected):
 
 def test_byo_and_watch_measure_updates_with_one_observer():
     """What the optimizer did is measured by one implementation (`workbench.run.updates`): on the same fp32 run,
-    TrainStep's log (byo) and watch's log hold the same update ratios and not-updated counts."""
+    TrainStep's log (byo) and watch's log hold the same update ratios, not-updated and stale-gradient counts."""
     from workbench.run.updates import OptimizerUpdates
 
     torch.manual_seed(0)
@@ -92,7 +92,7 @@ def test_byo_and_watch_measure_updates_with_one_observer():
         assert not s.probe.update_ratio  # the probe measures gradients only
     mine = through_trainstep("fp32", 1.0, 0.1, 12, "continue")
     theirs = by_hand_under_watch("fp32", 1.0, 0.1, 12)
-    for prefix in ("update_ratio", "not_updated"):
+    for prefix in ("update_ratio", "not_updated", "stale_grad"):
         a, b = mine.prefixed(prefix), theirs.prefixed(prefix)
         assert set(a) == set(b) == {"features", "head"}
         for group in a:

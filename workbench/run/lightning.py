@@ -6,7 +6,8 @@ gradual unfreezing. Needs the `lightning` extra (`pip install 'rnnt-workbench[li
 - the gradient-norm probe (`GradNormProbe`, per group) at `on_before_optimizer_step`, where Lightning has run the
   backward(s) and, under `16-mixed`, `scaler.unscale_(optimizer)`, and has not clipped yet;
 - what the optimizer did (`workbench.run.updates.OptimizerUpdates`, the observer `watch` and `byo.instrument`
-  use): update ratio and tensors not updated per group, bracketed by `on_before_optimizer_step` and the end of
+  use): update ratio, tensors not updated and tensors whose gradient was not cleared since the last step
+  (gradient pre-hooks, removed when fit ends) per group, bracketed by `on_before_optimizer_step` and the end of
   the step (Lightning's closure runs the backward inside `optimizer.step`, after torch's step pre-hook);
 - the optimizer-coverage check (`OptimizerCoverage`): trainable tensors with a gradient the optimizer does not
   hold, frozen tensors it holds;
@@ -192,8 +193,8 @@ class WorkbenchCallback(Callback):
     log: where the callback's lines go (coverage findings, tracer verdicts, the outcome at the end).
 
     After fit: `record` (the RunRecord), `summary()` (`records.summarize`), `outcome()` (`records.classify`).
-    Nothing of the callback stays on the module or the trainer's objects: it installs no hooks, and the probe,
-    coverage and tracer are released when fit ends.
+    Nothing of the callback stays on the module or the trainer's objects: its gradient pre-hooks are removed and
+    the probe, coverage, update observer and tracer released when fit ends.
     """
 
     def __init__(self, log_path: str | Path | None = None, *, groups: Any = None, trace: bool = True,
@@ -232,6 +233,7 @@ class WorkbenchCallback(Callback):
         groups: ParamGroups = _param_groups(pl_module, self.groups_spec)
         self.probe = GradNormProbe(pl_module, groups)
         self.updates = OptimizerUpdates(pl_module, groups, optimizer)
+        self.updates.marks.hook()  # gradients not cleared since the last step (stale_grad/<group>)
         self._named = dict(pl_module.named_parameters())
         self._verdicts_said = 0
         self.coverage = OptimizerCoverage(pl_module, probe=self.probe)
@@ -504,6 +506,8 @@ class WorkbenchCallback(Callback):
         recorder, self.recorder = self.recorder, None
         if self.probe is not None:
             self.probe.detach()
+        if self.updates is not None:
+            self.updates.unhook()  # its gradient pre-hooks
         if self.tracer is not None:
             self.tracer.detach(self.train_step)
             self.tracer.bundle = None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,7 @@ from workbench.instrument import ParamGroups
 from workbench.instrument.host import HostPacket, Slot
 from workbench.instrument.observer import StepObserver
 
-__all__ = ["OptimizerUpdates", "Updates"]
+__all__ = ["GradientMarks", "OptimizerUpdates", "Updates"]
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Updates:
     norm: dict[str, float]
     before: dict[str, float]
     diff: dict[str, float]
+    stale: list[str]   # inside ones whose gradient was not cleared since the previous update (`GradientMarks`)
 
     def movable(self) -> list[str]:
         """Received tensors whose gradient could move them: finite and above 1e-6 of the step's largest gradient
@@ -61,9 +62,10 @@ class Updates:
 
     def rows(self, groups: ParamGroups) -> dict[str, float | int]:
         """Per group with a gradient: `update_ratio/<group>` (||w_after - w_before|| / ||w_before|| over its
-        tensors in the optimizer; 0 when none is) and `not_updated/<group>` (its tensors that could move but did
-        not: unchanged in the optimizer, or outside it)."""
-        stuck, outside = set(self.stuck()), set(self.outside)
+        tensors in the optimizer; 0 when none is), `not_updated/<group>` (its tensors that could move but did
+        not: unchanged in the optimizer, or outside it) and `stale_grad/<group>` (its tensors in the optimizer
+        whose gradient was not cleared since the previous update)."""
+        stuck, outside, stale = set(self.stuck()), set(self.outside), set(self.stale)
         row: dict[str, float | int] = {}
         for group, members in groups.items():
             got = [n for n in members if n in self.norm]
@@ -73,17 +75,71 @@ class Updates:
             moved = math.sqrt(sum(self.diff.get(n, 0.0) ** 2 for n in got))
             row[f"update_ratio/{group}"] = moved / base if base > 0 else (0.0 if moved == 0 else math.inf)
             row[f"not_updated/{group}"] = sum(1 for n in got if n in stuck or n in outside)
+            row[f"stale_grad/{group}"] = sum(1 for n in got if n in stale)
         return row
+
+
+class GradientMarks:
+    """Which gradients were not cleared since the last update: one gradient pre-hook per trainable parameter.
+
+    A pre-hook runs before autograd accumulates into `p.grad`; the first time after an update, `p.grad` still
+    being the very tensor the update saw, unchanged (same object, same version), means nothing cleared it (no
+    zero_grad, or one over other parameters). Several backwards and then one update is accumulation, not stale:
+    only the first backward after an update is judged. `on_backward`: called once at the end of every backward
+    that reached a hooked parameter (queued on autograd's engine by the first hook to run).
+    """
+
+    def __init__(self, named: dict[str, nn.Parameter], on_backward: Callable[[], None] | None = None) -> None:
+        self.named, self.on_backward = named, on_backward
+        self._hooks: dict[str, Any] = {}
+        self._mark: dict[str, tuple[int, int]] = {}   # name -> (id, version) of its .grad at the last update
+        self._checked: set[str] = set()
+        self.stale: set[str] = set()                   # judged stale since the last update
+        self._queued = False
+
+    def hook(self) -> None:
+        """A pre-hook on every trainable parameter not hooked yet (a module unfrozen later included)."""
+        for name, p in self.named.items():
+            if p.requires_grad and name not in self._hooks:
+                self._hooks[name] = p.register_hook(self._hook(name, p))
+
+    def unhook(self) -> None:
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks = {}
+
+    def _hook(self, name: str, p: nn.Parameter) -> Callable[[torch.Tensor], None]:
+        def hook(_: torch.Tensor) -> None:
+            if name not in self._checked:
+                self._checked.add(name)
+                g = p.grad
+                if g is not None and self._mark.get(name) == (id(g), g._version):
+                    self.stale.add(name)
+            if self.on_backward is not None and not self._queued:
+                self._queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+        return hook
+
+    def _backward_done(self) -> None:
+        self._queued = False
+        if self.on_backward is not None:
+            self.on_backward()
+
+    def mark(self) -> None:
+        """After an update: remember every gradient as it is now, and start judging afresh."""
+        self._mark = {name: (id(p.grad), p.grad._version) for name, p in self.named.items() if p.grad is not None}
+        self.stale, self._checked = set(), set()
 
 
 class _Pending:
     """One update still on the device."""
 
     def __init__(self, received: list[tuple[str, nn.Parameter]], inside: int, outside: list[str],
-                 idle: list[str]) -> None:
-        self.received, self.inside, self.outside, self.idle = received, inside, outside, idle
+                 idle: list[str], stale: list[str]) -> None:
+        self.received, self.inside, self.outside, self.idle, self.stale = received, inside, outside, idle, stale
         self.tensors: dict[str, torch.Tensor] = {}
         self.slots: dict[str, Slot] = {}
+        self.marked = False   # the gradients were marked after the update
 
 
 class OptimizerUpdates(StepObserver):
@@ -91,9 +147,11 @@ class OptimizerUpdates(StepObserver):
     expected first (None: the first that steps any of the model's parameters); `latest` / `step`: the last
     decoded `Updates` and the step it belongs to (TrainStep observer)."""
 
-    def __init__(self, model: nn.Module, groups: ParamGroups, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def __init__(self, model: nn.Module, groups: ParamGroups, optimizer: torch.optim.Optimizer | None = None,
+                 on_backward: Callable[[], None] | None = None) -> None:
         self.model, self.groups, self.optimizer = model, groups, optimizer
         self.named = dict(model.named_parameters())
+        self.marks = GradientMarks(self.named, on_backward)
         self._mine = {id(p) for p in self.named.values()}
         self._pending: _Pending | None = None
         self._copies: tuple[tuple[str, ...], list[torch.Tensor]] | None = None
@@ -138,7 +196,9 @@ class OptimizerUpdates(StepObserver):
                 inside.append((n, p))
             elif p.requires_grad:
                 outside.append((n, p))
-        pending = _Pending(inside + outside, len(inside), [n for n, _ in outside], idle)
+        self.marks.hook()  # parameters made trainable since the last update (their first backward is not judged)
+        stale = sorted(self.marks.stale.intersection(n for n, _ in inside))
+        pending = _Pending(inside + outside, len(inside), [n for n, _ in outside], idle, stale)
         with torch.no_grad():
             # under no_grad the parameters are read as they are: a detach per tensor would cost a dispatch each
             params = [p for _, p in inside]
@@ -156,7 +216,11 @@ class OptimizerUpdates(StepObserver):
     def after(self) -> None:
         """Right after the update: the norm of each copied parameter's change (computed in place on the copies)."""
         pending = self._pending
-        if pending is None or not pending.inside or self._copies is None or "diff" in pending.tensors:
+        if pending is None or "diff" in pending.tensors or pending.marked:
+            return
+        pending.marked = True
+        self.marks.mark()
+        if not pending.inside or self._copies is None:
             return
         with torch.no_grad():
             copies = self._copies[1]
@@ -186,12 +250,14 @@ class OptimizerUpdates(StepObserver):
         norms = v.get("norms", [])
         return Updates(received=names, inside=inside, outside=pending.outside, idle=pending.idle,
                        norm=dict(zip(names, norms[:len(names)])), before=dict(zip(inside, norms[len(names):])),
-                       diff=dict(zip(inside, v.get("diff", []))))
+                       diff=dict(zip(inside, v.get("diff", []))), stale=pending.stale)
 
     # ------------------------------------------------------------------------------------------- torch's hooks
 
     def hook_optimizers(self) -> None:
-        """Bracket every optimizer step through torch's global step hooks (`unhook` removes them)."""
+        """Bracket every optimizer step through torch's global step hooks and judge the gradients through their
+        pre-hooks (`unhook` removes both)."""
+        self.marks.hook()
         if not self._hooks:
             self._hooks = [register_optimizer_step_pre_hook(self._pre_hook),
                            register_optimizer_step_post_hook(self._post_hook)]
@@ -207,6 +273,7 @@ class OptimizerUpdates(StepObserver):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self.marks.unhook()
 
     # ------------------------------------------------------------------------------------------- TrainStep
 

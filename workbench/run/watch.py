@@ -141,21 +141,16 @@ class Watch:
         self.log_path, self.overwrite, self.trace, self.rules, self.say = log_path, overwrite, trace, rules, say
         self.named = dict(model.named_parameters())
         self.group_of = {n: g for g, members in self.groups.items() for n in members}
-        self.updates = OptimizerUpdates(model, self.groups, optimizer)
+        self.updates = OptimizerUpdates(model, self.groups, optimizer, on_backward=self._after_backward)
         self.record = RunRecord({"model": type(model).__qualname__, "optimizer": type(optimizer).__qualname__,
                                  "loop": "watch", "groups": dict(self.groups.items())})
         self.findings: list[dict[str, Any]] = []
         self.step = 0
         self.recorder: Recorder | None = None
         self._handles: list[Any] = []
-        self._grad_hooks: dict[str, Any] = {}
         self._module_hooks: list[Any] = []
         self._outputs: list[tuple[str, torch.Tensor]] = []
         self._seen: set[tuple[str, str]] = set()
-        self._mark: dict[str, tuple[int, int]] = {}   # name -> (id, version) of its .grad after the last step
-        self._stale: set[str] = set()
-        self._checked: set[str] = set()
-        self._callback_queued = False
         self._ref: tuple[set[int], str, nn.Parameter] | None = None   # the clip coefficient's reference tensor
         self._scaling = scaler is not None and scaler.is_enabled()
         self._iterations: dict[int, _Iteration] = {}   # by the GradScaler's update count (0 without one)
@@ -188,7 +183,7 @@ class Watch:
         # steps of optimizers that hold none of the model's parameters are ignored.
         self._handles = [register_optimizer_step_pre_hook(self._pre_step),
                          register_optimizer_step_post_hook(self._post_step)]
-        self._hook_gradients()
+        self.updates.marks.hook()
         if self._scaling:
             assert self.scaler is not None
             self.recorder.note(scaler={"init_scale": self.scaler.get_scale(),
@@ -220,9 +215,10 @@ class Watch:
         with `status`. Detaching twice does nothing."""
         if self._handles and self._scaling:
             self._flush(self._scaler_updates())
-        for handle in [*self._handles, *self._grad_hooks.values(), *self._module_hooks]:
+        for handle in [*self._handles, *self._module_hooks]:
             handle.remove()
-        self._handles, self._grad_hooks, self._module_hooks = [], {}, []
+        self._handles, self._module_hooks = [], []
+        self.updates.marks.unhook()
         if self.recorder is not None:
             self.recorder.close(status, **attrs)
 
@@ -236,31 +232,10 @@ class Watch:
         else:
             self.detach("failed", error=repr(exc).replace("\n", " "))
 
-    def _hook_gradients(self) -> None:
-        """A gradient pre-hook on every trainable parameter not yet hooked (a module unfrozen later included)."""
-        for name, p in self.named.items():
-            if p.requires_grad and name not in self._grad_hooks:
-                self._grad_hooks[name] = p.register_hook(self._gradient_hook(name, p))
-
-    def _gradient_hook(self, name: str, p: nn.Parameter) -> Callable[[torch.Tensor], None]:
-        def hook(_: torch.Tensor) -> None:
-            # Runs before autograd accumulates into p.grad: the first time after a step, p.grad still being the
-            # very tensor the step saw, unchanged, means nothing cleared it.
-            if name not in self._checked:
-                self._checked.add(name)
-                g = p.grad
-                if g is not None and self._mark.get(name) == (id(g), g._version):
-                    self._stale.add(name)
-            if not self._callback_queued:
-                self._callback_queued = True
-                torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
-        return hook
-
     def _after_backward(self) -> None:
         """End of a backward: gradient norms before anything (unscale_, a clip, a skip) touched them. Under a
         GradScaler every tensor's (a skipped step's row needs them); without one only the largest tensor the
         optimizer holds, the reference for the clip coefficient (a clip by norm scales every gradient alike)."""
-        self._callback_queued = False
         if self._scaling:
             received = [(n, p.grad) for n, p in self.named.items() if p.grad is not None]
         else:
@@ -330,7 +305,7 @@ class Watch:
             it.bad = bad if it.bad is None else it.bad + bad
         it.loss = {k: v.detach() if v.dim() == 0 else v.detach().reshape(()) for k, v in terms.items()}
         it.weights = self._weights = dict(weights or {})
-        self._hook_gradients()
+        self.updates.marks.hook()  # a module unfrozen since the last step: hooked before its backward
 
     # ------------------------------------------------------------------------------------------- the step
 
@@ -338,7 +313,6 @@ class Watch:
         if not self.updates.before(optimizer):
             return  # an optimizer over none of the model's parameters
         self.optimizer = optimizer
-        self._hook_gradients()
         snap = _Snapshot()
         packet = snap.packet
         scale = getattr(self.scaler, "_scale", None) if self._scaling else None
@@ -407,12 +381,6 @@ class Watch:
             self._record_skipped(snap.skipped, float(snap.slots["scale"].value[0]))
         self.step += 1
         self._record(snap, outputs)
-        for name, p in self.named.items():
-            if p.grad is not None:
-                self._mark[name] = (id(p.grad), p.grad._version)
-            else:
-                self._mark.pop(name, None)
-        self._stale, self._checked = set(), set()
 
     def _moved(self) -> set[int]:
         """Indices of the parameters whose version counter moved since the previous step (every in-place write
@@ -508,8 +476,8 @@ class Watch:
 
     def _record_skipped(self, skipped: list[tuple[_Iteration, dict[str, Slot]]], scale: float) -> None:
         """One row per iteration whose step the GradScaler skipped, in order, as a TrainStep records it: its loss,
-        its gradient norms at the end of its backward (unscaled by its scale), no update (no update ratio). `scale`: the scale after
-        the last of them (each skip multiplied it by the backoff factor)."""
+        its gradient norms at the end of its backward (unscaled by its scale), no update (no update ratio).
+        `scale`: the scale after the last of them (each skip multiplied it by the backoff factor)."""
         assert self.scaler is not None and self.recorder is not None
         backoff = self.scaler.get_backoff_factor()
         held = {id(p) for p in self._optimizer_params()}
@@ -553,7 +521,7 @@ class Watch:
         if changed:
             self._report("frozen_changed", changed, f"{len(changed)} parameters or buffers of frozen modules changed "
                          f"since the previous step ({_some(changed)})")
-        stale = sorted(set(self._stale) & set(u.inside))
+        stale = u.stale
         if stale:
             self._report("stale_grad", stale, f"{len(stale)} gradients were not cleared since the previous optimizer "
                          f"step ({_some(stale)}): they accumulate across steps")
@@ -633,7 +601,8 @@ def findings_text(record: RunRecord, limit: int = 20) -> str:
     rows = record.tables.get("watch", [])
     if not rows:
         return ""
-    lines = [f"watch findings: {len(rows)}"] + [f"  step {r['step']}: {r['kind']}: {r['message']}" for r in rows[:limit]]
+    lines = [f"watch findings: {len(rows)}"]
+    lines += [f"  step {r['step']}: {r['kind']}: {r['message']}" for r in rows[:limit]]
     if len(rows) > limit:
         lines.append(f"  ... {len(rows) - limit} more")
     return "\n".join(lines) + "\n"
