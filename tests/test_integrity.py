@@ -290,9 +290,15 @@ def _outcome(path: Path) -> str:
     return summarize(read_record(path))["outcome"]
 
 
-def test_property_run_log_flips_are_reported_or_change_nothing(tmp_path):
+@pytest.mark.parametrize("close", [True, False], ids=["closed", "running"])
+def test_property_run_log_flips_are_reported_or_change_nothing(tmp_path, close):
     path = tmp_path / "run.h5"
-    write_log(path)
+    writer = write_log(path, close=close)
+    if not close:  # a killed run's log (no trailer yet): checked against its manifest as HDF5 parses it
+        writer._h5.flush()
+        shutil.copyfile(path, tmp_path / "killed.h5")
+        writer.close()
+        path = tmp_path / "killed.h5"
     data, intact = path.read_bytes(), _content(path)
     rng = random.Random(23)
     damaged = 0
@@ -307,7 +313,8 @@ def test_property_run_log_flips_are_reported_or_change_nothing(tmp_path):
         else:
             assert content == intact, f"trial {trial}: damaged content read silently"
         flipped.unlink()
-    assert damaged >= TRIALS * 0.9, damaged
+    # a closed log's trailer covers every byte; a running log's free space and unused chunk rows are not content
+    assert damaged >= TRIALS * (0.9 if close else 0.5), damaged
 
 
 @pytest.mark.parametrize("close", [True, False], ids=["closed", "running"])
