@@ -92,21 +92,24 @@ class GradientMarks:
     def __init__(self, named: dict[str, nn.Parameter], on_backward: Callable[[], None] | None = None) -> None:
         self.named, self.on_backward = named, on_backward
         self._hooks: dict[str, Any] = {}
+        self._unhooked = list(named)
         self._mark: dict[str, tuple[int, int]] = {}   # name -> (id, version) of its .grad at the last update
         self._checked: set[str] = set()
         self.stale: set[str] = set()                   # judged stale since the last update
         self._queued = False
 
     def hook(self) -> None:
-        """A pre-hook on every trainable parameter not hooked yet (a module unfrozen later included)."""
-        for name, p in self.named.items():
-            if p.requires_grad and name not in self._hooks:
-                self._hooks[name] = p.register_hook(self._hook(name, p))
+        """A pre-hook on every trainable parameter not hooked yet (a module unfrozen later included); called at
+        every step, so it looks only at the parameters still without one."""
+        for name in [n for n in self._unhooked if self.named[n].requires_grad]:
+            self._hooks[name] = self.named[name].register_hook(self._hook(name, self.named[name]))
+            self._unhooked.remove(name)
 
     def unhook(self) -> None:
         for handle in self._hooks.values():
             handle.remove()
         self._hooks = {}
+        self._unhooked = list(self.named)
 
     def _hook(self, name: str, p: nn.Parameter) -> Callable[[torch.Tensor], None]:
         def hook(_: torch.Tensor) -> None:
