@@ -353,3 +353,16 @@ def test_api_errors_say_what_was_wrong():
     with instrument(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: None, trace=False) as s:
         with pytest.raises(TypeError, match="NoneType None"):
             s.step(gru_batch(0))
+
+
+def test_closing_the_session_removes_the_update_observers_hooks():
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+    model = RootScaled()
+    g = torch.Generator().manual_seed(0)
+    with instrument(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, trace=False) as session:
+        session.step((torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)))
+        assert _global_optimizer_pre_hooks and any(p._backward_hooks for p in model.parameters())
+    assert not _global_optimizer_pre_hooks and not _global_optimizer_post_hooks
+    assert not any(p._backward_hooks for p in model.parameters())
+    assert session.record.values("stale_grad/head") == [0]
