@@ -163,3 +163,27 @@ def test_the_clip_coefficient_is_the_clips_own():
     assert w.record.values("clip/coefficient") == pytest.approx([min(1.0, 0.05 / (t + 1e-6)) for t in totals],
                                                                 rel=1e-4)
     assert w.record.values("clip/total_norm") == pytest.approx(totals, rel=1e-4)
+
+
+def test_a_loop_whose_every_step_is_skipped_keeps_a_bounded_backlog():
+    """70 iterations, every one skipped (a scale at 2**127 backing off by 0.999 stays too large): more than the
+    64 held on the device are recorded in a copy of their own, in order, and none is lost at the detach."""
+    import pytest
+
+    def amp_step(model, optimizer, batch, i, w):
+        x, y = batch
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y, reduction="sum")
+        w.loss(loss)
+        SCALER.scale(loss).backward()
+        SCALER.step(optimizer)
+        SCALER.update()
+        assert len(w._iterations) <= 65
+
+    global SCALER
+    SCALER = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, backoff_factor=0.999)
+    w = run(amp_step, steps=70, scaler=SCALER)
+    assert w.record.steps == list(range(1, 71)) and all(w.record.values("skipped"))
+    scales = w.record.values("scaler/scale_before")
+    assert scales == pytest.approx([2.0 ** 127 * 0.999 ** k for k in range(70)], rel=1e-5)
+    assert w.summary()["outcome"] == "stalled"  # every update was skipped
