@@ -18,6 +18,7 @@ from workbench.studies import reproduce
 from workbench.studies.diagnose import CANDIDATES, Candidate, DiagnoseError, diagnose, notebook_section
 from workbench.studies.diagnose.candidates import changed, derive
 from workbench.studies.diagnose.report import recommend
+from workbench.studies.diagnose.runner import same_run
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data_samples"
 SEED_KINDS = {"outside_optimizer": "", "stale_gradients": "", "clip_nonfinite": "", "fp16_overflow": ""}
@@ -34,7 +35,7 @@ def test_the_seed_runs_evidence_calls_for_notebook_01s_single_changes_each_chang
     # a loss that falls too slowly once the optimizer is rebuilt: the decoder's own lr, notebook 01's run again
     (cls, then), = derive({"slow_loss": ""}, picked["rebuild_at_stage_change"])
     assert cls.name == "decoder_lr"
-    assert dataclasses.replace(then, name="x") == dataclasses.replace(notebook["rebuild_decoder_lr_0.001"], name="x")
+    assert same_run(then) == same_run(notebook["rebuild_decoder_lr_0.001"])  # the same training, so reused
     assert set(changed(control, picked["fp32"])) == {"precision"}
     # a change the run already has is no candidate: an fp32 run that rebuilds gets neither
     fixed = dataclasses.replace(control, precision="fp32", rebuild_at_stage_change=True)
@@ -160,3 +161,13 @@ def test_the_readmes_candidate_example_runs_as_written(tmp_path):
     proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "['clip_optimizer_params', 'zero_grad_model', 'tenth_lr']"
+
+
+@pytest.mark.slow
+def test_a_validation_changes_no_training_number_so_diagnose_reuses_runs_that_measured_one(ctc_checkpoint):
+    settings = dataclasses.replace(reproduce.seed_run(6), rebuild_at_stage_change=True, decoder_lr=1e-3)
+    measured = run_joint(ctc_checkpoint, SAMPLE, dataclasses.replace(settings, eval_at_start=True,
+                                                                     eval_after_attach=2, eval_at_end=True))
+    bare = run_joint(ctc_checkpoint, SAMPLE, same_run(settings))
+    assert measured.tables.get("validation") and not bare.tables.get("validation")
+    assert measured.losses == bare.losses and measured.prefixed("update_ratio") == bare.prefixed("update_ratio")

@@ -30,7 +30,7 @@ from workbench.train.policies import POLICIES
 
 CANDIDATES: dict[str, type[Candidate]] = {}
 # Settings that say how a run is measured or named, not how it trains: not counted as a change.
-NOT_CHANGES = ("name", "seed", "eval_at_start", "eval_after_attach", "attribution_steps", "trace")
+NOT_CHANGES = ("name", "seed", "eval_at_start", "eval_at_end", "eval_after_attach", "attribution_steps", "trace")
 
 
 class Candidate:
@@ -174,11 +174,9 @@ class DecoderLr(Candidate, name="decoder_lr", answers=("slow_loss",)):
     code = f"put the fresh decoder in an optimizer group of its own at lr {reproduce.DECODER_LR:g}"
 
     def settings(self, control: RunSettings) -> RunSettings | None:
-        # the validation before step 1 measures the untrained decoder, as notebook 01's decoder-lr run does, so
-        # that run (the optimizer rebuilt, then this) is the same run
         if control.decoder_lr is not None or control.ctc_only:
             return None
-        return dataclasses.replace(control, decoder_lr=reproduce.DECODER_LR, eval_at_start=True)
+        return dataclasses.replace(control, decoder_lr=reproduce.DECODER_LR)
 
 
 def derive(kinds: dict[str, str], control: RunSettings,
