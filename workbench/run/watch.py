@@ -46,7 +46,9 @@ Findings (a dict each: kind, step, tensors, message; printed once, in one line, 
 
 What watch cannot see: a step skipped without a GradScaler passed to watch (the loop's own guard, or a scaler it
 was not given), the update of a skipped step (there is none: its row has no update ratio), gradients that a
-loop clears between backward and step (they read as not updated), anything outside `model`, and with
+loop clears between backward and step (they read as not updated), writes through `.data` (they do not move the
+version counter: a frozen parameter changed that way, or a non-finite value written so into a parameter the
+optimizer does not update, is not seen), anything outside `model`, and with
 torch.compile'd optimizers or several processes, whatever the hooks are not called for. With several optimizers over
 one model, each step is judged against the optimizer that is stepping (the other's tensors read as outside it).
 """
