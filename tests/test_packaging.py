@@ -69,8 +69,8 @@ ADAPTER = "train/compat.py"
 OWN_PRIVATE = {("train/host.py", "_value"),   # HostPacket filling its own Slot
                ("studies/sweep/runner.py", "_exit"),   # os._exit, public stdlib
                ("run/byo.py", "_fields")}   # a namedtuple's documented _fields
-# Files whose private accesses still wait for the adapter (strict xfail below: it fails once they are gone).
-PENDING = {"run/watch.py", "run/updates.py"}
+# Files whose private accesses still wait for the adapter (none: watch.py and updates.py use it now).
+PENDING: set[str] = set()
 
 
 def _private(name: str) -> bool:
@@ -106,13 +106,6 @@ def test_private_torch_and_lightning_access_only_in_the_adapter():
     rels = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py"))
     hits = _scan([r for r in rels if r != ADAPTER and r not in PENDING])
     assert not hits, "private access outside workbench/train/compat.py:\n" + "\n".join(hits)
-
-
-@pytest.mark.xfail(strict=True, reason="watch.py and updates.py (helper C's, in edit) still read "
-                                       "torch._foreach_*, GradScaler._scale and Tensor._version directly")
-def test_pending_files_use_the_adapter():
-    hits = _scan(sorted(PENDING))
-    assert not hits, "\n".join(hits)
 
 
 def test_the_scan_reports_private_reads_and_imports():

@@ -30,6 +30,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from workbench.instrument import ParamGroups
 from workbench.instrument.host import HostPacket, Slot
 from workbench.instrument.observer import StepObserver
+from workbench.train import compat
 
 __all__ = ["GradientMarks", "OptimizerUpdates", "Updates"]
 
@@ -116,11 +117,11 @@ class GradientMarks:
             if name not in self._checked:
                 self._checked.add(name)
                 g = p.grad
-                if g is not None and self._mark.get(name) == (id(g), g._version):
+                if g is not None and self._mark.get(name) == (id(g), compat.tensor_version(g)):
                     self.stale.add(name)
             if self.on_backward is not None and not self._queued:
                 self._queued = True
-                torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+                compat.queue_backward_callback(self._backward_done)
         return hook
 
     def _backward_done(self) -> None:
@@ -130,7 +131,8 @@ class GradientMarks:
 
     def mark(self) -> None:
         """After an update: remember every gradient as it is now, and start judging afresh."""
-        self._mark = {name: (id(p.grad), p.grad._version) for name, p in self.named.items() if p.grad is not None}
+        self._mark = {name: (id(p.grad), compat.tensor_version(p.grad)) for name, p in self.named.items()
+                      if p.grad is not None}
         self.stale, self._checked = set(), set()
 
 
@@ -209,10 +211,10 @@ class OptimizerUpdates(StepObserver):
                 key = tuple(n for n, _ in inside)
                 if self._copies is None or self._copies[0] != key:
                     self._copies = (key, [torch.empty_like(p) for p in params])
-                torch._foreach_copy_(self._copies[1], params)
+                compat.foreach_copy_(self._copies[1], params)
             if pending.received:  # the gradients' norms, then the parameters': one reduction
                 grads = [p.grad for _, p in pending.received]
-                pending.tensors["norms"] = torch.stack(torch._foreach_norm(grads + params, 2, dtype=torch.float32))
+                pending.tensors["norms"] = torch.stack(compat.foreach_norm(grads + params, 2, dtype=torch.float32))
         self._pending = pending
         return True
 
@@ -227,8 +229,8 @@ class OptimizerUpdates(StepObserver):
             return
         with torch.no_grad():
             copies = self._copies[1]
-            torch._foreach_sub_(copies, [p for _, p in pending.received[:pending.inside]])
-            pending.tensors["diff"] = torch.stack(torch._foreach_norm(copies, 2, dtype=torch.float32))
+            compat.foreach_sub_(copies, [p for _, p in pending.received[:pending.inside]])
+            pending.tensors["diff"] = torch.stack(compat.foreach_norm(copies, 2, dtype=torch.float32))
 
     def pending_inside(self) -> list[str]:
         """Names of the parameters in the optimizer the bracketed update holds copies of (none when none)."""

@@ -70,6 +70,7 @@ from workbench.instrument.host import HostPacket, Slot
 from workbench.records import Recorder, RunRecord
 from workbench.records.outcome import OutcomeRules, classify
 from workbench.records.recorder import nonfinite_params as count_nonfinite
+from workbench.train import compat
 from workbench.train.host import nonfinite_flags
 from workbench.run.byo import Groups, _param_groups
 from workbench.run.updates import OptimizerUpdates, Updates
@@ -193,7 +194,7 @@ class Watch:
                                        "growth_factor": self.scaler.get_growth_factor(),
                                        "backoff_factor": self.scaler.get_backoff_factor()})
         self._next = self._scaler_updates()
-        self._versions = [p._version for p in self._params]
+        self._versions = [compat.tensor_version(p) for p in self._params]
         self._unchecked = set(range(len(self._params)))
         self._buffer_base = {n: t.detach().clone() for n, t in self._frozen_tensors().items()
                              if not isinstance(t, nn.Parameter)}
@@ -248,7 +249,7 @@ class Watch:
         it = self._iteration()
         it.names = names
         with torch.no_grad():
-            it.norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+            it.norms = torch.stack(compat.foreach_norm(grads, 2, dtype=torch.float32))
 
     def _reference(self) -> list[tuple[str, torch.Tensor]]:
         """[(name, gradient)] of the largest parameter the optimizer holds that has a gradient (chosen again only
@@ -267,8 +268,8 @@ class Watch:
     def _scaler_updates(self) -> int:
         """How many times the GradScaler updated its scale (the version counter of its scale tensor, which
         `update()` writes in place once per iteration): the index of the current iteration; 0 without one."""
-        scale = getattr(self.scaler, "_scale", None) if self._scaling else None
-        return scale._version if isinstance(scale, torch.Tensor) else 0
+        scale = compat.scale_tensor(self.scaler) if self._scaling and self.scaler is not None else None
+        return compat.tensor_version(scale) if scale is not None else 0
 
     def _iteration(self) -> _Iteration:
         """The current iteration's record; more than `_HELD` skipped iterations held are recorded first (a loop
@@ -317,8 +318,8 @@ class Watch:
         self.optimizer = optimizer
         snap = _Snapshot()
         packet = snap.packet
-        scale = getattr(self.scaler, "_scale", None) if self._scaling else None
-        if isinstance(scale, torch.Tensor):
+        scale = compat.scale_tensor(self.scaler) if self._scaling and self.scaler is not None else None
+        if scale is not None:
             snap.slots["scale"] = packet.add(scale.detach().float().reshape(1))
         now = self._scaler_updates()
         snap.skipped = self._pack_skipped(now, packet)
@@ -358,8 +359,10 @@ class Watch:
         skipped = self._pack_skipped(upto, packet)
         if not skipped:
             return
-        assert self.scaler is not None and isinstance(self.scaler._scale, torch.Tensor)
-        scale = packet.add(self.scaler._scale.detach().float().reshape(1))
+        assert self.scaler is not None
+        current = compat.scale_tensor(self.scaler)
+        assert current is not None  # updates happened, so the scale tensor exists
+        scale = packet.add(current.detach().float().reshape(1))
         packet.read()
         self._record_skipped(skipped, float(scale.value[0]))
 
@@ -387,7 +390,7 @@ class Watch:
     def _moved(self) -> set[int]:
         """Indices of the parameters whose version counter moved since the previous step (every in-place write
         bumps it, an optimizer's update included; a write through `.data` does not and is not seen): host-side."""
-        versions = [p._version for p in self._params]
+        versions = [compat.tensor_version(p) for p in self._params]
         moved = {i for i, (now, then) in enumerate(zip(versions, self._versions)) if now != then}
         self._versions = versions
         return moved
