@@ -75,9 +75,14 @@ def test_adam_under_a_tiny_clip_coefficient_is_not_stalled_but_warned():
 
 
 def test_updates_too_small_to_move_a_group_stall_the_run():
-    # lr 1e-7: every update applied, each moving the weights by ~2e-6 of their norm
-    outcome = classify(record(FALLING, ratio=2e-6))
+    # lr 1e-7 with Adam: every update applied, each moving the weights by ~2e-8 of their norm
+    outcome = classify(record(FALLING, ratio=2e-8))
     assert outcome.kind == "stalled" and any("too small to train it" in r for r in outcome.reasons)
+
+
+def test_a_pretrained_group_fine_tuned_at_a_small_lr_is_not_stalled_by_its_update_size():
+    # notebook 01 at small, lr 1e-5: the CTC head's median update was 1.6e-6 of its norm while the loss fell
+    assert classify(record(FALLING, ratio=1.6e-6)).kind == "healthy"
 
 
 def test_a_group_outside_the_optimizer_on_most_steps_is_not_healthy():
