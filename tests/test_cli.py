@@ -18,7 +18,7 @@ from workbench.records.runlog import RunLogError
 from workbench.train.checkpoint import CheckpointError, check_checkpoint, load_checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data_samples"
-SUBCOMMANDS = ["synth", "validate", "train", "pretrain", "run", "sweep", "trace", "report", "notebooks"]
+SUBCOMMANDS = ["synth", "validate", "train", "pretrain", "run", "sweep", "trace", "report", "notebooks", "diagnose"]
 
 
 def _run(*args, timeout=120):
