@@ -155,3 +155,13 @@ def test_a_block_from_before_sections_keeps_each_notebooks_findings_until_it_is_
     assert "- old 01" in kept["01_reproduce_nan_explosion"] and "earlier regeneration" in \
         kept["01_reproduce_nan_explosion"]
     assert "old 02" not in fv.current_block(readme)
+
+
+def test_a_notebook_summary_records_where_it_came_from(tmp_path):
+    from workbench.views.notebook import write_summary
+
+    written = json.loads(write_summary(tmp_path, "s.json", {"a": 1}).read_text())
+    assert set(written["provenance"]) == {"commit", "date", "machine"} and written["a"] == 1
+    assert written["provenance"]["commit"] != "unknown"  # the tests run from a checkout
+    kept = {"commit": "abc1234", "date": "d", "machine": "m"}
+    assert json.loads(write_summary(tmp_path, "t.json", {"provenance": kept}).read_text())["provenance"] == kept

@@ -14,14 +14,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from workbench.views.notebook import provenance as notebook_provenance
 
 START, END = "<!-- findings:start -->", "<!-- findings:end -->"
 NOTEBOOKS = {"01_reproduce_nan_explosion": "01_summary.json", "02_compare_freeze_lengths": "02_summary.json"}
@@ -64,19 +63,11 @@ def sections(text: str) -> dict[str, str]:
 
 
 def provenance(summary_path: Path, summary: Mapping[str, Any]) -> dict[str, str]:
-    """Where a summary came from: its own `provenance` when the notebook recorded one, else the commit of the
-    checkout this package runs from, the summary file's time and this machine (the findings are regenerated where
-    the notebooks ran)."""
+    """Where a summary came from: the `provenance` the notebook recorded when it wrote it, else (older summaries)
+    the commit of the checkout this package runs from, the summary file's time and this machine."""
     if isinstance(summary.get("provenance"), Mapping):
         return dict(summary["provenance"])
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(summary_path.stat().st_mtime))
-    machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()})"
-    return {"commit": commit, "date": date, "machine": machine}
+    return notebook_provenance(summary_path.stat().st_mtime)
 
 
 def _counts(outcomes: Mapping[str, int]) -> str:

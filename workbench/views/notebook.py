@@ -146,10 +146,28 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def provenance(when: float | None = None) -> dict[str, str]:
+    """Where results come from: the commit of the checkout this package runs from ("unknown" outside one), the
+    date (`when`, seconds since the epoch; default now) and this machine."""
+    import platform
+    import subprocess
+    import time
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
+    machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()})"
+    return {"commit": commit, "date": date, "machine": machine}
+
+
 def write_summary(output_dir: str | Path, name: str, summary: Mapping[str, Any]) -> Path:
-    """Write `<output_dir>/<name>` as strict JSON (non-finite floats become strings)."""
+    """Write `<output_dir>/<name>` as strict JSON (non-finite floats become strings), with its `provenance`
+    (commit, date, machine) unless the summary carries one."""
     path = Path(output_dir) / name
-    path.write_text(json.dumps(json_safe(dict(summary)), indent=2, default=str))
+    path.write_text(json.dumps(json_safe({"provenance": provenance(), **summary}), indent=2, default=str))
     return path
 
 
