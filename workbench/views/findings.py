@@ -133,8 +133,8 @@ def digest_01(s: Mapping[str, Any]) -> dict[str, Any]:
     seeds = s.get("signature_by_seed", [])
     answers = [f"Does the seed's NaN explosion reproduce? Its signature in {sum(map(bool, seeds))} of {len(seeds)} "
                f"seeds. Healthy in every seed: {', '.join(healthy) if healthy else 'no configuration'}."]
-    answers += [line for line in s.get("conclusions", []) if line.startswith("Final CTC errors minus")]
-    answers += _comparisons(s)
+    effects = [line for line in s.get("conclusions", []) if line.startswith("Final CTC errors minus")]
+    answers += [" ".join(effects + _comparisons(s))] if effects or _comparisons(s) else []
     return {"question": "Does the seed's NaN explosion reproduce, and which single change makes training healthy?",
             "table": table, "answers": answers, "numbers": numbers, "scope": s.get("scope", "")}
 
@@ -170,21 +170,29 @@ def digest_02(s: Mapping[str, Any]) -> dict[str, Any]:
                  None)
     # the N answers of the main comparison (fp16, equal steps after the unfreeze) and the precision and budget
     # answers; the other precisions' and budgets' N answers are in the table and in docs/findings.md
-    answers = [a for a in found.get("answers", [])[1:] if ", fp16, equal steps after the unfreeze:" in a
-               or a.startswith("Did ")]
+    answers = [a for a in found.get("answers", [])[1:] if ", fp16, equal steps after the unfreeze:" in a]
+    others = [a for a in found.get("answers", [])[1:] if a.startswith("Did ")]
+    answers += [" ".join(others)] if others else []
     if first:
         answers.append(f"First failure with a causal chain: {first['outcome']} at lr {first['lr']:g}: "
                        f"{_short(first['decisive_link'])}")
-    # the fixed grid's measures: N compared as paired effects in errors, RNN-T only where the decoder works
+    # the fixed grid's measures in one line: N compared as paired effects in errors, RNN-T only where it works
+    grid = []
     for e in s.get("effects", []):
-        what = ("CTC errors after attaching vs step-matched control" if e["measure"].startswith("ctc") else
-                "final RNN-T errors")
-        text = (e["reason"] if e["effect"] is None else
-                f"{e['effect']['diff_errors']:+.1f} errors [{e['effect']['low']:+.1f}, {e['effect']['high']:+.1f}] "
-                f"of {e['effect']['ref_tokens']}")
-        answers.append(f"Grid, {e['policy']} lr {e['lr']:g}, {what}, N={e['b']} minus N={e['a']}: {text}.")
-    answers += [line for line in s.get("conclusions", []) if line.startswith("The fresh decoder was functional")]
-    answers += _comparisons(s)
+        if e["effect"] is None:
+            continue
+        what = "CTC errors after attaching vs step-matched control" if e["measure"].startswith("ctc") else \
+            "final RNN-T errors"
+        grid.append(f"{e['policy']} lr {e['lr']:g}, {what}, N={e['b']} minus N={e['a']}: {e['effect']['diff_errors']:+.1f} "
+                    f"[{e['effect']['low']:+.1f}, {e['effect']['high']:+.1f}] of {e['effect']['ref_tokens']}")
+    skipped = sorted({"the decoder was not functional in every seed of both" if "functional" in e["reason"] else
+                      "not measured in every seed" for e in s.get("effects", []) if e["effect"] is None})
+    functional = [line for line in s.get("conclusions", []) if line.startswith("The fresh decoder was functional")]
+    if grid or functional:
+        answers.append("Fixed grid, the largest N against the smallest (paired errors, 95% interval): " + "; ".join(grid)
+                       + (f" ({len(s['effects']) - len(grid)} more not made: {'; '.join(skipped)})." if skipped
+                          else ".")
+                       + "".join(f" {line}" for line in functional + _comparisons(s)))
     return {"question": "Does the freeze length N move the stability boundary (lr at which the joint stage stops "
                         "being healthy) by more than the seeds' spread?",
             "table": table,
