@@ -116,3 +116,17 @@ def test_a_second_run_into_the_same_folder_is_refused(summary, ctc_cache):
             parameters=dict(preset="tiny", seed=0, output_dir=str(out), cache_dir=str(ctc_cache)),
             kernel_name="rnnt-workbench", cwd=str(ROOT), progress_bar=False)
     assert (out / "01_summary.json").read_bytes() == before
+
+
+def test_the_notebook_ends_with_diagnose_finding_a_fix_on_its_own(summary):
+    """Notebook 01's last section: `workbench diagnose` on the seed's run, reusing the sweep's runs."""
+    data, _, _ = summary
+    diagnosis = data["diagnosis"]
+    seed_outcomes = [r["outcome"] for r in data["runs"] if r["config"] == "seed_faithful"]
+    assert diagnosis["control"]["outcomes"] == seed_outcomes and diagnosis["scope"]["seeds"] == data["seeds"]
+    assert diagnosis["scope"]["reused_runs"] > 0  # the configurations' runs are not run twice
+    best = next(c for c in diagnosis["candidates"] if c["name"] == diagnosis["recommended"])
+    assert best["healthy"] == best["seeds"] == 3 and best["coverage"]
+    finite_outside = [c for c in diagnosis["candidates"] if c["outside_seeds"] and "diverged" not in c["outcomes"]]
+    assert finite_outside and all(c["outcomes"] == ["stalled"] * 3 for c in finite_outside)
+    assert isinstance(diagnosis["same_as_notebook"], bool) and "notebook" in diagnosis["lines"][-1]
