@@ -536,6 +536,18 @@ CASES = [
          ["03_interactive_explorer.ipynb", "NotebookFailed: In [", "DataError", "nodata", "kept as",
           "03_interactive_explorer.failed.ipynb"],
          writes=["nb/*"], check=_failed_notebook_kept, drive=_rerun_after_failure),
+    # the boundary search's and diagnose's arguments (a search or a diagnosis interrupted resumes from its finished
+    # runs: tests/studies/test_boundary.py and the sweep's resume cases above)
+    Case("boundary-lo-negative", "notebooks --only 02 -p boundary_lo=-1",
+         ["notebooks", "--only", "02", "--out", "nb", "-p", "boundary_lo=-1"], 2,
+         ["boundary_lo (02_compare_freeze_lengths.ipynb)", "expected a positive learning rate", "-1"]),
+    Case("boundary-precision-unknown", "notebooks --only 02 -p boundary_precisions=[\"fp8\"]",
+         ["notebooks", "--only", "02", "--out", "nb", "-p", 'boundary_precisions=["fp8"]'], 2,
+         ["boundary_precisions (02_compare_freeze_lengths.ipynb)", "expected one of fp32, bf16, fp16", "'fp8'"]),
+    Case("diagnose-missing-log", "diagnose a run log that does not exist", ["diagnose", "none.h5"], 2,
+         ["runlog none.h5", "expected a run log file (.h5)", "no such file"]),
+    Case("diagnose-seeds-zero", "diagnose --seeds 0", ["diagnose", "finished.h5", "--seeds", "0"], 2,
+         ["--seeds", "'0'"], _put("finished.h5")),
     Case("usage-missing-out", "run without --out", ["run", "--checkpoint", "x.pt"], 2,
          ["the following arguments are required: --out"]),
     Case("debug-traceback", "--debug shows the traceback", ["--debug", "run", "--checkpoint", "text.pt", "--out",
