@@ -256,14 +256,17 @@ class Watch:
         when the optimizer's groups change or it has none); [] when none has."""
         held = self.updates.held(self.optimizer)
         cached = self._ref
-        if cached is not None and cached[0] is held and cached[2].grad is not None:
-            return [(cached[1], cached[2].grad)]
+        if cached is not None and cached[0] is held:
+            grad = cached[2].grad
+            if grad is not None:
+                return [(cached[1], grad)]
         found = [(p.numel(), n, p) for n, p in self.named.items() if id(p) in held and p.grad is not None]
         if not found:
             return []
         _, name, param = max(found, key=lambda item: item[0])
         self._ref = (held, name, param)
-        return [(name, param.grad)]
+        grad = param.grad
+        return [] if grad is None else [(name, grad)]
 
     def _scaler_updates(self) -> int:
         """How many times the GradScaler updated its scale (the version counter of its scale tensor, which
