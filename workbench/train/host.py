@@ -81,11 +81,11 @@ class HostPacket:
 
 
 def nonfinite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """(k,) float32 on the first tensor's device: 1 where a tensor holds a NaN or inf. Its max |x| in float32 is
-    finite exactly then; a 2-norm would also flag a finite tensor whose sum of squares overflows (|x| ~ 1e19)."""
+    """(k,) float32 on the first tensor's device: 1 where a tensor holds a NaN or inf (its float32 norm is not
+    finite; an fp16 norm would overflow long before the values do)."""
     if not tensors:
         return torch.zeros(0)
     device = tensors[0].device
     with torch.no_grad():
-        norms = compat.foreach_norm(tensors, float("inf"), dtype=torch.float32)
+        norms = compat.foreach_norm(tensors, 2, dtype=torch.float32)
         return (~torch.isfinite(torch.stack([n.to(device) for n in norms]))).float()
