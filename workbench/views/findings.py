@@ -134,7 +134,8 @@ def digest_01(s: Mapping[str, Any]) -> dict[str, Any]:
     answers = [f"Does the seed's NaN explosion reproduce? Its signature in {sum(map(bool, seeds))} of {len(seeds)} "
                f"seeds. Healthy in every seed: {', '.join(healthy) if healthy else 'no configuration'}."]
     effects = [line for line in s.get("conclusions", []) if line.startswith("Final CTC errors minus")]
-    answers += [" ".join(effects + _comparisons(s))] if effects or _comparisons(s) else []
+    counted = effects + _comparisons(s)
+    answers += [" ".join(counted)] if counted else []
     return {"question": "Does the seed's NaN explosion reproduce, and which single change makes training healthy?",
             "table": table, "answers": answers, "numbers": numbers, "scope": s.get("scope", "")}
 
