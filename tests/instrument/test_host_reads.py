@@ -68,6 +68,35 @@ def byo(precision: str, policy: str | None = None, **options: Any) -> Callable[[
     return run
 
 
+def watched(precision: str) -> Callable[[int], HostReads]:
+    """The user's own loop under `workbench.watch` (fp16: autocast with a GradScaler, unscale_ before the clip)."""
+    from workbench import watch
+
+    def run(steps: int) -> HostReads:
+        model = mlp()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
+        with watch(model, optimizer, scaler=scaler, say=lambda line: None) as w, HostReads() as reads:
+            for batch in batches(steps):
+                with torch.autocast("cpu", dtype=torch.float16, enabled=scaler is not None):
+                    terms = user_loss(model, batch)
+                loss = terms["ce"] + terms["l2"]
+                w.loss(loss)
+                optimizer.zero_grad()
+                if scaler is None:
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    scaler.step(optimizer)
+                    scaler.update()
+        return reads
+    return run
+
+
 def lightning(steps: int) -> HostReads:
     pl = pytest.importorskip("lightning.pytorch")
     from torch.utils.data import DataLoader, TensorDataset
@@ -96,7 +125,7 @@ def lightning(steps: int) -> HostReads:
     return reads
 
 
-# name -> (run, transfers per step, other reads per step). Add `watch` here when it lands.
+# name -> (run, transfers per step, other reads per step).
 # Without a GradScaler, `skip_step` (the corrected loop's default) must know on the host whether the norm is
 # finite before it calls optimizer.step(): that decision takes the step's copy early, and the parameters'
 # non-finite check after the update (the recorder's, the tracer's) then crosses in a second copy. Under fp16 the
@@ -112,6 +141,8 @@ ENTRY_POINTS: dict[str, tuple[Callable[[int], HostReads], int, int]] = {
     "byo.instrument fp16": (byo("fp16"), 1, 0),
     "byo.instrument fp16 activations": (byo("fp16", activations=True), 1, 0),
     "Lightning callback fp32": (lightning, 1, 0),
+    "watch fp32": (watched("fp32"), 1, 0),
+    "watch fp16 GradScaler": (watched("fp16"), 1, 0),
 }
 
 
