@@ -94,9 +94,12 @@ def test_incomplete_log_is_redone_and_finished_log_kept(checkpoint, tmp_path):
     assert log_status(sweep.log_path(second)) == "incomplete"
     kept = sweep.log_path(first).read_bytes()
     partial = sweep.log_path(second).read_bytes()
+    # a sweep killed while it wrote index.json leaves its temp file behind
+    (sweep.out / ".index.json.99999.tmp").write_text('{"runs": {')
 
     outcome = sweep.run(workers=1, progress=False)
     assert outcome.reused == [first] and outcome.done == [second] and not outcome.failed
+    assert not list(sweep.out.glob(".index.json.*.tmp"))
     assert sweep.log_path(first).read_bytes() == kept
     # the partial log was moved aside with its reason, never deleted
     (aside,) = (sweep.out / "runs" / "set_aside").glob(f"{second}.*.h5")

@@ -259,6 +259,9 @@ class Sweep:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise SweepError(f"another sweep is running in {self.out}") from None
+            # a sweep killed while writing index.json left its temp file; with the lock held no writer is alive
+            for stale in self.out.glob(".index.json.*.tmp"):
+                stale.unlink(missing_ok=True)
             yield
 
     def _entry(self, rid: str) -> dict[str, Any]:
