@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -384,20 +385,19 @@ def test_sweep_resume_reruns_a_damaged_finished_run_with_one_line(ctc_checkpoint
     assert read_record(log).status == "finished"
 
 
-def _limited(limit_bytes: int):
-    """A preexec_fn giving the child a file size limit (as `ulimit -f` does): writes past it fail with EFBIG."""
-    import resource
-
-    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
-
 @pytest.mark.parametrize("limit, at", [(200 * 1024, "at step 1"), (1024, "before its first step")])
 def test_full_disk_during_a_run_is_one_line_and_every_reader_says_where_it_stopped(ctc_checkpoint, tmp_path, limit,
                                                                                   at):
     out = tmp_path / "r.h5"
-    proc = subprocess.run([sys.executable, "-m", "workbench", "run", "--checkpoint", str(ctc_checkpoint), "--data",
+    # torch 2.6 writes a generated module into the temp folder whenever torch._dynamo is imported (the optimizer
+    # does); that write is torch's, not the run log's, so the child imports it first, then takes the file size
+    # limit (as `ulimit -f` would), then runs the command. No bytecode writes: a .pyc cut short by the limit would
+    # break every later import of that module from this checkout.
+    child = (f"import resource, runpy, torch._dynamo; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+             f"runpy.run_module('workbench', run_name='__main__', alter_sys=True)")
+    proc = subprocess.run([sys.executable, "-c", child, "run", "--checkpoint", str(ctc_checkpoint), "--data",
                            str(SAMPLE), "--out", str(out), "--steps", "3"], capture_output=True, text=True,
-                          timeout=180, cwd=ROOT, preexec_fn=_limited(limit))
+                          timeout=180, cwd=ROOT, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert proc.returncode == 1, proc.stderr[-3000:]  # not 139 (a segmentation fault)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{out}: write failed {at} (File too large)" in lines[0], lines[:5]

@@ -210,3 +210,14 @@ def test_torch_floors_cover_every_api_the_code_needs():
     assert _floor(deps["torchaudio"]) == needed   # torchaudio <= 2.8 pins the torch of its own version
     for use in (use for _, use in TORCH_API_SINCE.values()):
         use(torch)
+
+
+def test_the_floor_job_installs_exactly_the_floor_pair():
+    # `make test` runs the fast tests again in a venv with these versions (`make test-floor`): it must be the
+    # floor pyproject declares, or CI proves some other pair.
+    deps = {_name(r): r for r in _project()["dependencies"]}
+    line = next(ln for ln in (ROOT / "Makefile").read_text().splitlines() if ln.startswith("FLOOR_TORCH"))
+    pins = dict(re.findall(r"(torch|torchaudio)==([0-9.]+)", line))
+    assert set(pins) == {"torch", "torchaudio"}, line
+    for name, version in pins.items():
+        assert tuple(int(x) for x in version.split("."))[:2] == _floor(deps[name]), (name, version, deps[name])
