@@ -136,7 +136,7 @@ ENTRY_POINTS: dict[str, tuple[Callable[[int], HostReads], int, int]] = {
     "TrainStep fp16 GradScaler": (train_step("fp16"), 1, 0),
     "TrainStep fp32 skip_before_backward": (train_step("fp32", "skip_before_backward"), 1, 1),
     "TrainStep fp32 stop": (train_step("fp32", "stop"), 1, 1),
-    "byo.instrument fp32": (byo("fp32"), 2, 0),
+    "byo.instrument fp32": (byo("fp32"), 1, 0),
     "byo.instrument fp32 continue": (byo("fp32", "continue"), 1, 0),
     "byo.instrument fp16": (byo("fp16"), 1, 0),
     "byo.instrument fp16 activations": (byo("fp16", activations=True), 1, 0),

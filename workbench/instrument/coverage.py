@@ -70,8 +70,8 @@ class OptimizerCoverage(StepObserver):
     the probe's host copy, so coverage adds no copy; they arrive when the probe copies (every `probe.every`
     steps). Without a probe, coverage computes the norms of offending parameters itself, only on steps with
     offending parameters, and queues them in the step's host copy (one copy of its own at `on_step_end`
-    outside a TrainStep). `latest` is the newest finding, `findings` the
-    steps with problems.
+    outside a TrainStep). `latest` is the newest finding, `findings` the steps with problems; `row(step)` and
+    `events(step)` answer for the newest step and the one before (a recorder whose step ends late asks then).
     """
 
     def __init__(self, model: nn.Module, probe: GradNormProbe | None = None) -> None:
@@ -83,6 +83,7 @@ class OptimizerCoverage(StepObserver):
         self.latest: CoverageFinding | None = None
         self.findings: list[CoverageFinding] = []
         self._awaiting: dict[int, CoverageFinding] = {}
+        self._recent: dict[int, CoverageFinding] = {}  # the last two steps': a late recorder asks for the previous
         self._norms: torch.Tensor | None = None
         self._slot: Slot | None = None
         if probe is not None:
@@ -96,6 +97,7 @@ class OptimizerCoverage(StepObserver):
         frozen = [name for name, p in self._named if id(p) in held and not p.requires_grad]
         finding = CoverageFinding(ctx.step, [(name, math.nan) for name, _ in outside], frozen)
         self.latest = finding
+        self._recent = {k: f for k, f in self._recent.items() if k == ctx.step - 1} | {ctx.step: finding}
         self._norms = None
         if finding.ok:
             return
@@ -131,8 +133,8 @@ class OptimizerCoverage(StepObserver):
     def row(self, step: int) -> dict[str, int]:
         """With a probe: `outside_optimizer/<group>`, the group's tensors that got a gradient outside the optimizer
         at `step` (0 for every group when the optimizer holds them all)."""
-        finding = self.latest
-        if self.probe is None or finding is None or finding.step != step:
+        finding = self._recent.get(step)
+        if self.probe is None or finding is None:
             return {}
         outside = {name for name, _ in finding.outside_optimizer}
         return {f"outside_optimizer/{group}": sum(name in outside for name in members)
@@ -140,8 +142,8 @@ class OptimizerCoverage(StepObserver):
 
     def events(self, step: int) -> list[tuple[str, dict[str, Any]]]:
         """The finding of `step` as a "coverage" event when it found a problem."""
-        finding = self.latest
-        if finding is None or finding.step != step or finding.ok:
+        finding = self._recent.get(step)
+        if finding is None or finding.ok:
             return []
         return [("coverage", {"step": step, "line": finding.one_line(), "outside_optimizer": finding.outside_optimizer,
                               "frozen_in_optimizer": finding.frozen_in_optimizer})]

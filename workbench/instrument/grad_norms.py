@@ -202,7 +202,8 @@ class GradNormProbe(StepObserver):
         self._layouts: dict[tuple[tuple[int, ...], torch.device], _Layout] = {}
         self._current: _Pending | None = None
         self._pending: list[_Pending] = []
-        self._queued: tuple[list[_Pending], list[Slot]] | None = None
+        self._queued: tuple[list[_Pending], list[Slot]] | None = None  # queued at on_after_backward
+        self._packed: dict[int, tuple[list[_Pending], list[Slot]]] = {}  # past on_pack, by step, until its end
         self._snapshot: _Snapshot | None = None
         self._listeners: list[Callable[[StepStats], None]] = []
         self._last_step = 0
@@ -324,13 +325,15 @@ class GradNormProbe(StepObserver):
             current.has_ratio = True
         tail += current.packed()[len(current.parts):]  # the carried values, when any
         if tail:
+            # It may cross in the next step's copy: the step's end then follows that step's on_after_backward.
             self._queued[1].append(ctx.packet.add(torch.cat(tail)))
+        self._packed[ctx.step], self._queued = self._queued, None
 
     def on_step_end(self, ctx: Any) -> None:
         """TrainStep event: decode what the step's copy brought. Called without `on_pack` (a loop that is not a
         TrainStep), it finishes the step and copies to the host itself every `every` steps."""
-        if self._queued is not None:
-            (pending, slots), self._queued = self._queued, None
+        if ctx.step in self._packed:
+            pending, slots = self._packed.pop(ctx.step)
             self._deliver(pending, np.concatenate([slot.value for slot in slots]))
             return
         self._finish_step()

@@ -597,7 +597,9 @@ class NonFiniteTracer(StepObserver):
     the loss total and grad norm (on the host with the step's result), one multi-tensor reduction over the
     gradients (queued at `on_after_backward`) and the step's shared check over the parameters
     (`HostPacket.params_nonfinite`, at `on_pack`), both in the step's host copy (outside a TrainStep, one
-    reduction and one read of its own). A non-finite step is replayed whole with
+    reduction and one read of its own). When that check ends the step late (a `skip_step` decision read takes the
+    step's one copy: see `workbench.train.step`), the step's bundle is kept until then, beside the next step's. A
+    non-finite step is replayed whole with
     `trace_step`; its StepTrace goes to `traces` (and to a run's recorder through `events`), its first
     non-finite tensor to `verdicts`, and the bundle to `save_dir/step_<n>.pt` when `save_dir` is set. Tracing
     stops once the chain is complete: a non-finite value reached the parameters, or a step's guards caught the
@@ -619,6 +621,7 @@ class NonFiniteTracer(StepObserver):
         self._complete = False
         self._grads: Slot | None = None
         self._checks: list[Slot] | None = None
+        self._bundles: dict[int, ReplayBundle] = {}  # by step, until its end (which may follow the next start)
 
     def detach(self, step: Any | None = None) -> None:
         """Stop observing the attached step (and remove the tracer from `step.observers` when given)."""
@@ -633,11 +636,12 @@ class NonFiniteTracer(StepObserver):
     def on_step_start(self, ctx: StepContext) -> None:
         if self._train_step is None:
             raise RuntimeError("NonFiniteTracer needs the TrainStep to replay steps: call tracer.attach(step)")
+        self._bundles = {k: b for k, b in self._bundles.items() if k == ctx.step - 1}
         if self.exhausted:
             self.bundle = None
             return
-        self.bundle = capture(self._train_step, ctx.batches, ctx.weights, rnnt=ctx.rnnt, mode=ctx.mode,
-                              index=ctx.step)
+        self.bundle = self._bundles[ctx.step] = capture(self._train_step, ctx.batches, ctx.weights, rnnt=ctx.rnnt,
+                                                        mode=ctx.mode, index=ctx.step)
 
     def on_after_backward(self, ctx: StepContext) -> None:
         """TrainStep event: queue the gradients' non-finite check (the clip scales them by a finite factor or
@@ -650,15 +654,17 @@ class NonFiniteTracer(StepObserver):
         """TrainStep event: queue the parameters' non-finite check (the step's shared one) after the update."""
         if self.bundle is not None:
             self._checks = [ctx.packet.params_nonfinite(ctx.model)] + ([self._grads] if self._grads is not None else [])
+            self._grads = None
 
     def on_step_end(self, ctx: StepContext) -> None:
-        checks, self._checks, self._grads = self._checks, None, None
-        if self.bundle is None or not self._went_nonfinite(ctx, checks):
+        checks, self._checks = self._checks, None
+        bundle = self._bundles.pop(ctx.step, None)
+        if bundle is None or self.exhausted or not self._went_nonfinite(ctx, checks):
             return
         if self.save_dir is not None:
             Path(self.save_dir).mkdir(parents=True, exist_ok=True)
-            save_bundle(Path(self.save_dir) / f"step_{ctx.step}.pt", self.bundle)
-        trace = trace_step(self._train_step, self.bundle)
+            save_bundle(Path(self.save_dir) / f"step_{ctx.step}.pt", bundle)
+        trace = trace_step(self._train_step, bundle)
         if not trace.findings:
             self.unreproduced.append(ctx.step)
             return

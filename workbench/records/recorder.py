@@ -17,7 +17,11 @@ itself:
     params_finite         every parameter finite after the update; params_nonfinite/tensors and
                           params_nonfinite/elements count what is not (the step's shared non-finite check,
                           `HostPacket.params_nonfinite`, in the step's one host copy; elements are counted,
-                          with a read per non-finite tensor, only on a step that has one)
+                          with a read per non-finite tensor, only on a step that has one). Checked after the
+                          update, so when the step's one copy was taken before it (a `skip_step` decision), it
+                          crosses in the next step's copy and the row is written then, under its own step
+
+Rows are written in step order; `TrainStep.settle()` writes a row still waiting for the next step's copy.
 
 Attach it after the instruments it reads, so their values for the step are final when it records.
 """
@@ -49,8 +53,15 @@ def nonfinite_params(model: torch.nn.Module, flags: np.ndarray | None = None) ->
     return len(bad), sum(int((~torch.isfinite(p)).sum()) for p in bad)
 
 
-def step_row(ctx: StepContext) -> dict[str, Any]:
-    """What the step itself says about itself (see the module docstring)."""
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """`lr/<group>` of each optimizer group (a tensor lr as a float, so a live figure never reads a tensor)."""
+    return {f"lr/{group.get('name', f'group{k}')}": float(group["lr"]) if isinstance(group["lr"], torch.Tensor)
+            else group["lr"] for k, group in enumerate(optimizer.param_groups)}
+
+
+def step_row(ctx: StepContext, lrs: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """What the step itself says about itself (see the module docstring). `lrs`: the learning rates the step
+    used, when taken earlier than this call (the run engine may set the next step's before a late call)."""
     result = ctx.result
     row: dict[str, Any] = {f"loss/{k}": v for k, v in result.losses.items()}
     row.update({"skipped": result.skipped, "nonfinite_grad": result.reason == "nonfinite_grad",
@@ -61,10 +72,7 @@ def step_row(ctx: StepContext) -> dict[str, Any]:
         row["clip/total_norm"] = result.grad_norm
     if result.clip_coef is not None:
         row["clip/coefficient"] = result.clip_coef
-    for k, group in enumerate(ctx.optimizer.param_groups):
-        # A tensor lr is recorded as a float, so a live figure never reads a tensor when it redraws.
-        lr = group["lr"]
-        row[f"lr/{group.get('name', f'group{k}')}"] = float(lr) if isinstance(lr, torch.Tensor) else lr
+    row.update(learning_rates(ctx.optimizer) if lrs is None else lrs)
     if dataclasses.is_dataclass(ctx.weights):
         row.update({f"weight/{k}": float(v) for k, v in dataclasses.asdict(ctx.weights).items()})
     tensors, elements = nonfinite_params(ctx.model, ctx.packet.params_nonfinite(ctx.model).value)
@@ -94,13 +102,16 @@ class Recorder(StepObserver):
                 for key, labels in getattr(source, "vector_labels", {}).items():
                     self.writer.declare_vector(key, labels)
         record.attrs.update(attrs or {})
+        self._lrs: dict[int, dict[str, float]] = {}
 
     def on_pack(self, ctx: StepContext) -> None:
-        """TrainStep event: queue the step's shared non-finite check over the parameters for its host copy."""
+        """TrainStep event: queue the step's shared non-finite check over the parameters for its host copy (which
+        may be the next step's: then `on_step_end` comes during that step) and note the step's learning rates."""
         ctx.packet.params_nonfinite(ctx.model)
+        self._lrs = {ctx.step: learning_rates(ctx.optimizer)}
 
     def on_step_end(self, ctx: StepContext) -> None:
-        self.record_step(ctx.step, step_row(ctx))
+        self.record_step(ctx.step, step_row(ctx, self._lrs.pop(ctx.step, None)))
 
     def record_step(self, step: int, row: Mapping[str, Any]) -> None:
         """Record one step: `row` (what the step says about itself, `step_row`'s keys) and what every source

@@ -105,10 +105,12 @@ class RunEngine:
             results.append(self.step(next(batches)))
             if on_step is not None:
                 on_step(i, results[-1])
+        self.train_step.settle()  # the last step's post-update values reach the record (see TrainStep.settle)
         return results
 
     def close(self, status: str = "finished", **attrs: Any) -> None:
         """Detach every instrument and close the recorder with the run's results and final status."""
+        self.train_step.settle()
         for observer in [*self.instruments, self.recorder]:
             if observer is not None:
                 observer.detach()

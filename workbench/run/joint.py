@@ -127,6 +127,8 @@ def run_joint(
         eval_step = attached + settings.eval_after_attach - 1 if settings.eval_after_attach else None
 
         def after_step(i: int, result: StepResult) -> None:
+            if i == eval_step or on_step is not None:
+                step.settle()  # the record up to step i: its parameter check may wait for the next step's copy
             if i == eval_step and record.first_nonfinite_param_step() is None:
                 recorder.event("validation", _validate(
                     model, val_loader, dev, i, rnnt=rnnt,

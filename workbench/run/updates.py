@@ -291,7 +291,8 @@ class OptimizerUpdates(StepObserver):
         super().detach()
 
     def on_step_start(self, ctx: Any) -> None:
-        self._pending = None  # an update the last step did not reach (skipped) must not be taken for this one
+        if self._pending is not None and not self._pending.slots:  # a packed one waits for its (late) step end
+            self._pending = None  # an update the last step did not reach (skipped) must not be taken for this one
 
     def on_pack(self, ctx: Any) -> None:
         self.pack(ctx.packet)

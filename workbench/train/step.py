@@ -27,8 +27,15 @@ every observer's go to the host together: `ctx.packet` (a `workbench.train.host.
 Decisions the step must take on the host before that add a read, each documented where it is taken:
 - `stop` and `skip_before_backward` read each micro-batch's loss finiteness before its backward;
 - `skip_step` and `stop` without a GradScaler need the norm's finiteness before the optimizer step: the packet
-  is read there (carrying everything queued so far), and whatever observers queue after the update crosses
-  in a second copy at the end;
+  is read there (carrying everything queued so far), and that read is the step's one copy. What observers
+  queue after the update (`on_pack`: the parameters' non-finite check, the size of the update) rides the NEXT
+  step's read instead of a second copy: those observers get `on_step_end(ctx)` for step k late, right after
+  step k+1's decision read (after that step's `on_step_start`, `on_losses` and `on_after_backward`, so they
+  keep step k's state apart from step k+1's), or at `settle()`, which a run calls before it reads its record
+  and when it ends (`RunEngine.run` and `RunEngine.close` do: one more copy per run, for its last step;
+  `run.joint` settles after each step when a callback reads the record). Observers that queued nothing at `on_pack`
+  get `on_step_end` at the end of the step as always; `ctx` keeps naming step k, so rows written late carry
+  their own step;
 - with a GradScaler the skip is the scaler's own decision: torch reads its found-inf flags inside
   `GradScaler.step` (one `.item()` per device), and `GradScaler.update` keeps the scale on the device. An
   optimizer's own step may read too (e.g. Adam's CPU step counter, `capturable=False`); those reads are torch's.
@@ -50,6 +57,28 @@ from workbench.train import compat
 from workbench.train.device import autocast
 from workbench.train.host import HostPacket, Slot
 from workbench.train.optim import optimizer_params
+
+
+class _StepPacket(HostPacket):
+    """A step's HostPacket that counts what it was asked for (`asked`: values queued and shared checks requested)
+    and notes whether it was read (`crossed`), so TrainStep knows which observers wait for a later copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+        self.crossed = False
+
+    def add(self, t: torch.Tensor) -> Slot:
+        self.asked += 1
+        return super().add(t)
+
+    def params_nonfinite(self, model: nn.Module) -> Slot:
+        self.asked += 1
+        return super().params_nonfinite(model)
+
+    def read(self) -> None:
+        super().read()
+        self.crossed = True
 
 
 class LossFn(Protocol):
@@ -150,7 +179,8 @@ class StepResult:
 @dataclass
 class StepContext:
     """What observers see. `losses` holds the (last micro-batch's) loss tensors; `result` is set at the end;
-    `packet` carries the step's device values to the host (None outside TrainStep.run)."""
+    `packet` carries the step's device values to the host (None outside TrainStep.run); when the step read it
+    before its update, `on_pack` gets a new one that crosses with the next step's copy."""
 
     step: int
     model: nn.Module
@@ -214,6 +244,9 @@ class TrainStep:
         self.scaler = scaler if scaler is not None else make_scaler(config.precision, device, config.init_scale)
         self.observers = list(observers)
         self.step_index = 0
+        # The previous step's post-update values (a packet not read yet) and the observers waiting for them.
+        self._carry: _StepPacket | None = None
+        self._waiting: list[tuple[Any, StepContext]] = []
 
     def _notify(self, event: str, ctx: StepContext) -> None:
         for obs in self.observers:
@@ -275,7 +308,8 @@ class TrainStep:
             self.scaler.update()
             return found_inf
         if policy in ("skip_step", "stop"):
-            packet.read()  # the one read these policies need before the update (see the module docstring)
+            packet.read()  # the step's one copy, taken before the update (see the module docstring)
+            self.settle()  # it brought the previous step's post-update values: end that step for its observers
             value = float(norm.value[0])
             if not math.isfinite(value) and policy == "stop":
                 raise NonFiniteError(f"step {self.step_index}: non-finite gradient norm {value}")
@@ -291,6 +325,17 @@ class TrainStep:
             return None
         scale = compat.scale_tensor(self.scaler)
         return self.scaler.get_scale() if scale is None else packet.add(scale.clone())
+
+    def settle(self) -> None:
+        """End the previous step for the observers still waiting for its post-update values: bring them to the
+        host (one copy, unless this step's decision read already brought them) and call their `on_step_end`.
+        Nothing to do, and no copy, when none wait. Call it before reading a run's record between steps."""
+        carry, waiting = self._carry, self._waiting
+        self._carry, self._waiting = None, []
+        if carry is not None and not carry.crossed:
+            carry.read()
+        for observer, ctx in waiting:
+            observer.on_step_end(ctx)
 
     # ---------------------------------------------------------------------------------------------- the step
 
@@ -309,7 +354,8 @@ class TrainStep:
         policy = self.config.semantics.nonfinite_policy
         t0 = time.perf_counter()
         self.step_index += 1
-        packet = HostPacket()
+        # The step's values join what the previous step queued after its update: one read brings both.
+        packet = self._carry if self._carry is not None else _StepPacket()
         ctx = StepContext(self.step_index, self.model, self.optimizer, self.scaler, batches, weights, rnnt, mode,
                           packet=packet)
         self.model.train()
@@ -355,8 +401,12 @@ class TrainStep:
                 update_skipped = self.update(norm_slot, packet)
             monitor.after("update")
 
-        self._notify("on_pack", ctx)
-        packet.read()  # the step's one copy: its values and every observer's
+        if self._waiting:  # no decision read brought the previous step's values (it raised before one)
+            self.settle()
+        late = self._pack(ctx)
+        self._waiting = [(obs, ctx) for obs in late]
+        if not packet.crossed:
+            packet.read()  # the step's one copy: its values and every observer's
         if isinstance(update_skipped, Slot):
             update_skipped = bool(update_skipped.value[0] > 0)
         if update_skipped:
@@ -370,5 +420,28 @@ class TrainStep:
         result = StepResult(self.step_index, dict(zip(totals, loss_slot.value.tolist())), skipped, reason, grad_norm,
                             scale_value, (time.perf_counter() - t0) * 1000.0, clip_coef)
         ctx.result = result
-        self._notify("on_step_end", ctx)
+        for obs in self.observers:
+            hook = getattr(obs, "on_step_end", None)
+            if hook is not None and not any(obs is other for other in late):
+                hook(ctx)
         return result
+
+    def _pack(self, ctx: StepContext) -> list[Any]:
+        """`on_pack` for every observer. After a decision read they queue in a new packet that waits for the next
+        step's read (`self._carry`); returns the observers that queued there (their step ends late)."""
+        packet = ctx.packet
+        if not isinstance(packet, _StepPacket) or not packet.crossed:
+            self._notify("on_pack", ctx)
+            return []
+        ctx.packet = after = _StepPacket()
+        late = []
+        for obs in self.observers:
+            hook = getattr(obs, "on_pack", None)
+            if hook is not None:
+                asked = after.asked
+                hook(ctx)
+                if after.asked > asked:
+                    late.append(obs)
+        if late:
+            self._carry = after
+        return late
