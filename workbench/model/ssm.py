@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -294,12 +294,37 @@ def selective_scan_reference(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
         return torch.cat(ys, dim=-1).transpose(1, 2) + u * D
 
 
+class SelectiveScan(nn.Module):
+    """`selective_scan` as a module without parameters or buffers, so instruments can see it as one step.
+
+    `checked_as_unit` marks a module whose ops are one computation's internals (here a recurrence over every
+    frame: thousands of small ops per call): an instrument that inspects every op, such as the non-finite
+    tracer's replay, may check only the unit's inputs and outputs (and, in backward, the gradients its autograd
+    nodes return) and look inside only when those are the first non-finite values.
+
+    Args:
+        impl (str): as in `selective_scan`.
+    """
+
+    checked_as_unit: ClassVar[bool] = True
+
+    def __init__(self, impl: str = "auto") -> None:
+        super().__init__()
+        self.impl = impl
+
+    def forward(self, u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                D: torch.Tensor) -> torch.Tensor:
+        """Shapes as in `selective_scan`: u, dt (batch, time, d_inner), A (d_inner, d_state), B, C (batch, time,
+        d_state), D (d_inner,) -> (batch, time, d_inner) float32."""
+        return selective_scan(u, dt, A, B, C, D, impl=self.impl)
+
+
 class SelectiveSSM(nn.Module):
     """Mamba block on width d: gated, causal-conv, input-dependent (selective) diagonal SSM.
 
     in_proj (d -> 2 d_inner, no bias) splits into x and gate z; x -> depthwise causal Conv1d(d_conv) -> SiLU;
     x_proj (d_inner -> dt_rank + 2 d_state, no bias) gives dt, B, C; dt_proj (dt_rank -> d_inner) -> softplus;
-    A = -exp(A_log); y = selective_scan(...) * SiLU(z); out_proj (d_inner -> d, no bias).
+    A = -exp(A_log); y = scan(...) (a `SelectiveScan`) * SiLU(z); out_proj (d_inner -> d, no bias).
 
     Initialisation is Mamba's: A_log = log(1..d_state) per channel, D = 1, dt_proj weight U(+-dt_rank^-0.5) and
     bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max] (floored at dt_init_floor). A model-level
@@ -325,6 +350,7 @@ class SelectiveSSM(nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
+        self.scan = SelectiveScan()
         with torch.no_grad():
             std = dt_rank ** -0.5
             self.dt_proj.weight.uniform_(-std, std)
@@ -356,7 +382,7 @@ class SelectiveSSM(nn.Module):
         dt = F.softplus(self.dt_proj(dt))
         if mask is not None:
             dt = dt.masked_fill(~mask.unsqueeze(-1), 0.0)
-        y = selective_scan(u, dt, self.A, B, C, self.D)
+        y = self.scan(u, dt, self.A, B, C, self.D)
         return self.out_proj(y * F.silu(z))
 
 

@@ -1,0 +1,110 @@
+"""Cost of the tracer's replay of a non-finite step against the plain step it replays.
+
+The reference model at a preset, fresh from its initialisation, takes one fp16 step with a GradScaler at its
+default initial scale (65536) on one batch: the scaled backward overflows float16 in the joint network, a real
+non-finite step that the GradScaler catches (the same mechanism as notebook 01's first step). Per round, after one
+untimed warm-up round:
+
+    plain   the step on a replica of the model restored to the bundle (`TrainStep` on the same state and RNG)
+    replay  `trace_step` on that bundle: the replica's construction plus the whole step replayed under the
+            tracer's checks (what `NonFiniteTracer` runs when a step goes non-finite)
+
+Prints both times per round, the replay's findings, and last `tracer replay ratio: X.XX` (median over rounds of
+replay / plain).
+
+    python benchmarks/bench_tracer.py --preset small --rounds 3
+    python benchmarks/bench_tracer.py --preset seed --rounds 1 --warmup 0
+
+`--lengths b2t` (the default at `seed`) runs on a synthetic set with the real Brain-to-Text '25 trial lengths
+(generated once into runs/data/), `sample` (the default otherwise) on data_samples/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch
+
+from bench_instrumentation import load_batches, timed
+from workbench.data import real_length_dataset
+from workbench.instrument.replay import bundle_rng, capture, replica
+from workbench.instrument.tracer import StepTrace, trace_step
+from workbench.model import HybridModel, get_config
+from workbench.model.losses import LossWeights
+from workbench.train import StepConfig, StepResult, TrainStep, build_optimizer
+from workbench.train.device import pick_device, seed_everything
+
+ROOT = Path(__file__).resolve().parents[1]
+_R = TypeVar("_R")
+
+
+def timed_call(run: Callable[[], _R], device: torch.device) -> tuple[float, _R]:
+    """(seconds, result) of `run()`, synchronising the device around it."""
+    results: list[_R] = []
+    seconds = timed(lambda: results.append(run()), device)
+    return seconds, results[0]
+
+
+def nonfinite(result: StepResult) -> bool:
+    """The step went non-finite: a non-finite loss or gradient norm, or an update the GradScaler skipped."""
+    norm = result.grad_norm
+    return (not all(math.isfinite(v) for v in result.losses.values()) or (norm is not None and not math.isfinite(norm))
+            or result.reason == "nonfinite_grad")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of (plain step, replay)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lengths", choices=("sample", "b2t"), default=None,
+                        help="trial lengths: data_samples/ or the real B2T lengths (default: b2t at seed)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    lengths = args.lengths or ("b2t" if args.preset == "seed" else "sample")
+
+    seed_everything(0)
+    device = pick_device(args.device)
+    data = real_length_dataset(ROOT / "runs" / "data") if lengths == "b2t" else ROOT / "data_samples"
+    with tempfile.TemporaryDirectory() as scratch:
+        [batch] = load_batches(data, 1, args.batch_size, device, Path(scratch))
+    model = HybridModel(get_config(args.preset)).to(device)
+    step = TrainStep(model, build_optimizer(model.parameters(), lr=1e-4), StepConfig(precision="fp16"), device)
+    weights = LossWeights(ctc=0.3, rnnt=1.0, mode=0.0)
+    bundle = capture(step, batch, weights, index=1)
+    print(f"device {device}, preset {args.preset}, data {data.name} (padded T {batch.features.shape[1]}, batch "
+          f"{args.batch_size}), {sum(p.numel() for p in model.parameters())} parameters, fp16 with a GradScaler "
+          f"at scale {step.config.init_scale:g}, {args.warmup} warm-up + {args.rounds} timed rounds")
+
+    plain_s, replay_s = [], []
+    trace: StepTrace | None = None
+    for k in range(args.warmup + args.rounds):
+        rep = replica(step, bundle)
+        with bundle_rng(bundle):
+            seconds, result = timed_call(functools.partial(rep, batch, weights), device)
+        if not nonfinite(result):
+            raise SystemExit(f"the step stayed finite ({result}): nothing to replay at this preset and batch")
+        replay, trace = timed_call(functools.partial(trace_step, step, bundle), device)
+        timed_round = k >= args.warmup
+        if timed_round:
+            plain_s.append(seconds)
+            replay_s.append(replay)
+        print(f"  {'round' if timed_round else 'warm-up'} {k + 1}: plain step {seconds:.2f} s, replay {replay:.2f} s")
+    assert trace is not None
+    if not trace.findings:
+        raise SystemExit("the replay stayed finite: the step did not reproduce")
+    for finding in trace.findings:
+        print(f"  finding: {finding.line()}")
+    print(f"  plain step median {statistics.median(plain_s):.2f} s, replay median {statistics.median(replay_s):.2f} s")
+    print(f"tracer replay ratio: {statistics.median(r / p for r, p in zip(replay_s, plain_s)):.2f}")
+
+
+if __name__ == "__main__":
+    main()
