@@ -25,7 +25,8 @@ the optimizer did (update ratio and tensors not updated per group: `workbench.ru
 activation statistics, and on the first non-finite step replays it and names the first non-finite tensor and
 the op that produced it. Everything goes to `s.record` (a `workbench.records.RunRecord`) and, with `log_path`,
 to the HDF5 run log (`workbench.records.read_record` reads it back); `workbench.views.plots.training_figure`
-draws either.
+draws either. With `log_path` the session also keeps, beside the log, the replay bundle of the first step at which
+the run's evidence appears (`workbench.run.kept`), which `workbench diagnose` continues with each candidate fix.
 
 Low level, for your own training loop: a `GradNormProbe` needs no TrainStep. Call `collect` after your
 backward and, with a GradScaler, after `scaler.unscale_(optimizer)` (it raises if you forgot)::
@@ -46,6 +47,7 @@ backward and, with a GradScaler, after `scaler.unscale_(optimizer)` (it raises i
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -58,8 +60,10 @@ from workbench.instrument import (
     ActivationStats, GradNormProbe, NonFiniteTracer, OptimizerCoverage, ParamGroups, Verdict, default_groups,
     groups_from_patterns,
 )
+from workbench.instrument.replay import capture
 from workbench.records import Recorder, RunRecord, summarize
 from workbench.run.engine import RunEngine
+from workbench.run.kept import BundleKeeper, import_path, optimizer_layout
 from workbench.run.updates import OptimizerUpdates
 from workbench.train.device import autocast_dtype
 from workbench.train.step import LoopSemantics, StepConfig, StepResult, TrainStep, get_semantics
@@ -166,17 +170,19 @@ class Session:
 
     Attributes: `engine` (the RunEngine), `train_step`, `probe` (GradNormProbe), `coverage` (OptimizerCoverage),
     `tracer` (NonFiniteTracer or None), `activations` (ActivationStats or None), `record` (the RunRecord of every
-    step) and `results` (the StepResult of every step).
+    step), `results` (the StepResult of every step) and `keeper` (the BundleKeeper, with a log).
     """
 
     def __init__(self, engine: RunEngine, probe: GradNormProbe, coverage: OptimizerCoverage,
-                 tracer: NonFiniteTracer | None, activations: ActivationStats | None, record: RunRecord) -> None:
+                 tracer: NonFiniteTracer | None, activations: ActivationStats | None, record: RunRecord,
+                 keeper: BundleKeeper | None = None) -> None:
         self.engine = engine
         self.probe = probe
         self.coverage = coverage
         self.tracer = tracer
         self.activations = activations
         self.record = record
+        self.keeper = keeper
         self.results: list[StepResult] = []
         self.closed = False
 
@@ -206,21 +212,39 @@ class Session:
         moved to the model's device). Returns the step's losses (floats), skip reason, grad norm and scale."""
         if self.closed:
             raise RuntimeError("this instrumented session is closed")
-        result = self.engine.step(UserBatch(batch).to(self.train_step.device))
+        batch = UserBatch(batch).to(self.train_step.device)
+        keeping = self.keeper is not None and not self.keeper.done
+        # the tracer captures every step start while it traces; once it stops, the session captures its own
+        own = keeping and (self.tracer is None or self.tracer.exhausted)
+        bundle = capture(self.train_step, batch, None, index=self.train_step.step_index + 1) if own else None
+        layout = optimizer_layout(self.optimizer, self.model) if keeping else {}
+        result = self.engine.step(batch)
         self.results.append(result)
+        if self.keeper is not None and keeping:
+            traced = self.tracer.bundle if self.tracer is not None else None
+            self._keep(self.keeper, bundle if own else traced, layout, result)
         return result
+
+    def _keep(self, keeper: BundleKeeper, bundle: Any, layout: dict[str, Any], result: StepResult) -> None:
+        finding = self.coverage.latest
+        outside = finding is not None and finding.step == result.step and bool(finding.outside_optimizer)
+        finite = self.record.values("params_finite")[-1:] != [False]
+        nonfinite = not (math.isfinite(result.losses.get("total", math.nan)) and finite
+                         and (result.grad_norm is None or math.isfinite(result.grad_norm)))
+        keeper.offer(bundle, layout, outside=outside, nonfinite=nonfinite)
 
     def summary(self) -> dict[str, Any]:
         """The run's summary (`workbench.records.summarize`): steps, first non-finite loss step, skipped and
         overflow steps, tensors found outside the optimizer, the tracer's verdicts, the final losses, the log."""
         return summarize(self.record)
 
-    def close(self, *, status: str = "finished", error: str | None = None) -> None:
-        """Detach every instrument (activation hooks included) and close the run log. Closing twice does nothing."""
+    def close(self, *, status: str = "finished", error: str | None = None, **attrs: Any) -> None:
+        """Detach every instrument (activation hooks included) and close the run log, storing `attrs` (run-level
+        results such as `wall_s`) with it. Closing twice does nothing."""
         if self.closed:
             return
         self.closed = True
-        self.engine.close(status, **({"error": error} if error is not None else {}))
+        self.engine.close(status, **attrs, **({"error": error} if error is not None else {}))
 
     def __enter__(self) -> Session:
         return self
@@ -248,6 +272,7 @@ def instrument(
     activations: bool | Sequence[str] = False,
     trace: bool = True,
     device: torch.device | str | None = None,
+    keep_bundle: bool = True,
 ) -> Session:
     """Instrument `model` trained by `optimizer` on `loss_fn(model, batch) -> Tensor | dict[str, Tensor]`.
 
@@ -267,6 +292,9 @@ def instrument(
     trace: replay the first non-finite step and name the first non-finite tensor (costs one state-dict copy
         per step until then).
     device: where batches go (default: the device of the model's first parameter).
+    keep_bundle: with `log_path`, keep the replay bundle of the first step at which the run's evidence appears
+        beside the log (`<stem>.bundle.pt`, see `workbench.run.kept`) for `workbench diagnose`; it costs one
+        state-dict copy per step once the tracer has stopped (the tracer's own copy before that).
     """
     first = next(model.parameters(), None)
     if first is None:
@@ -297,6 +325,11 @@ def instrument(
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     recorder = Recorder(record, sources=instruments, log_path=log_path, overwrite=overwrite,
                         attrs={"torch": torch.__version__, "device": str(device)})
+    keeper = None
+    if log_path is not None and keep_bundle:
+        keeper = BundleKeeper(log_path, recorder, {
+            "source": "byo", "model_class": import_path(type(model)), "loss_fn": import_path(loss_fn),
+            "precision": precision, "clip": clip, "init_scale": init_scale, "semantics": dataclasses.asdict(sem)})
     # Observers and forward hooks go on last, once nothing above can fail and leave them behind.
     engine = RunEngine(train_step, instruments=instruments, recorder=recorder)
-    return Session(engine, probe, instruments[1], tracer, acts, record)
+    return Session(engine, probe, instruments[1], tracer, acts, record, keeper)

@@ -35,6 +35,11 @@ Run-log keys per step are those of `records.recorder.step_row` (`loss/<term>` wi
 `lr/<group>`, `params_finite`, `params_nonfinite/*`), plus the probe's and the coverage's series. Steps are
 Lightning's optimizer steps, counted from 1 (`trainer.global_step` after the step).
 
+Kept bundle (for `workbench diagnose`). With a log, while the tracer runs, the callback keeps beside the log the
+replay bundle of the run's first step at which the evidence appears (`workbench.run.kept`: the first non-finite
+step, else the first with a trainable tensor outside the optimizer, else the earliest), with the module's class
+and `hparams`; diagnose continues it through the same replay of `training_step`.
+
 Replay (the tracer). A replay bundle is taken at each optimizer step's first micro-batch (`on_train_batch_start`;
 the later micro-batches of a gradient-accumulation window are added to it) and replayed by a `TrainStep` whose loss
 calls the replica module's `training_step(batch, batch_idx)` (with `self.global_step` and `self.current_epoch` of
@@ -59,6 +64,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 import warnings
@@ -76,13 +82,15 @@ from workbench.instrument import GradNormProbe, NonFiniteTracer, OptimizerCovera
 from workbench.records import Recorder, RunRecord, classify, summarize
 from workbench.records.recorder import nonfinite_params
 from workbench.run.byo import UserBatch, _param_groups
+from workbench.run.kept import BundleKeeper, import_path, optimizer_layout
 from workbench.run.updates import OptimizerUpdates
 from workbench.train import compat
 from workbench.train.optim import change_optimizer, optimizer_params
 from workbench.train.host import HostPacket
 from workbench.train.step import LoopSemantics, StepConfig, StepContext, StepResult, TrainStep
 
-__all__ = ["LIGHTNING_SEMANTICS", "LightningSetupError", "StepUnfreeze", "WorkbenchCallback", "precision_of"]
+__all__ = ["LIGHTNING_SEMANTICS", "LightningSetupError", "StepUnfreeze", "WorkbenchCallback", "configured_optimizer",
+           "precision_of", "training_step_loss"]
 
 # Lightning's automatic optimization as TrainStep switches: zero_grad and clip over the optimizer's parameters,
 # non-finite updates applied (a GradScaler, under 16-mixed, skips them itself).
@@ -125,6 +133,16 @@ def _loss_terms(output: Any) -> dict[str, torch.Tensor]:
     return {}
 
 
+def _json_hparams(module: pl.LightningModule) -> dict[str, Any] | None:
+    """The module's `hparams` when they are plain JSON values (diagnose rebuilds the module from them), else None."""
+    try:
+        hparams = dict(module.hparams)
+        json.dumps(hparams, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    return hparams
+
+
 class _ReplayTrainer:
     """What a replica module's `self.trainer` is during a replay: the step's `global_step` and `current_epoch`,
     and `barebones` (so `self.log` returns at once); anything else is an AttributeError naming it."""
@@ -153,6 +171,28 @@ class _TrainingStepLoss:
         if not terms:
             raise RuntimeError("training_step returned no loss in the replay")
         return terms
+
+
+def training_step_loss(module: pl.LightningModule, data: Any) -> dict[str, torch.Tensor]:
+    """The module's `training_step` on a kept bundle's captured batch `data` ((batch, batch_idx, global_step,
+    epoch)), as the tracer's replay runs it: `workbench diagnose` continues a Lightning run with it."""
+    return _TrainingStepLoss()(module, UserBatch(data), None, rnnt=False, mode=False, normalization="")
+
+
+def configured_optimizer(module: pl.LightningModule) -> torch.optim.Optimizer:
+    """The first optimizer `module.configure_optimizers()` returns (an optimizer, a list or tuple whose first
+    entry is one or a list of them, or a dict with "optimizer"), built over the module's trainable tensors as they
+    are now."""
+    found: Any = module.configure_optimizers()
+    while not isinstance(found, torch.optim.Optimizer):
+        if isinstance(found, Mapping) and "optimizer" in found:
+            found = found["optimizer"]
+        elif isinstance(found, (list, tuple)) and found:
+            found = found[0]
+        else:
+            raise LightningSetupError(f"{type(module).__qualname__}.configure_optimizers returned "
+                                      f"{type(found).__name__}: expected an optimizer")
+    return found
 
 
 class _ProbeSource:
@@ -216,6 +256,7 @@ class WorkbenchCallback(Callback):
         self.tracer: NonFiniteTracer | None = None
         self.train_step: TrainStep | None = None
         self.tracer_off: str | None = None
+        self.keeper: BundleKeeper | None = None
         self._reset_step()
         self._reported: set[tuple[str, ...]] = set()
 
@@ -272,6 +313,11 @@ class WorkbenchCallback(Callback):
                                        "growth_interval": scaler.get_growth_interval(),
                                        "growth_factor": scaler.get_growth_factor(),
                                        "backoff_factor": scaler.get_backoff_factor()})
+        if self.log_path is not None and self.tracer is not None:
+            self.keeper = BundleKeeper(self.log_path, self.recorder, {
+                "source": "lightning", "model_class": import_path(type(pl_module)),
+                "hparams": _json_hparams(pl_module), "precision": precision, "clip": settings["clip"],
+                "semantics": dataclasses.asdict(LIGHTNING_SEMANTICS)}, say=self.say)
         self._t_fit = time.perf_counter()
 
     @staticmethod
@@ -313,6 +359,7 @@ class WorkbenchCallback(Callback):
         self._lrs: dict[str, float] = {}
         self._optimizer_now: torch.optim.Optimizer | None = None
         self._packet: HostPacket | None = None
+        self._kept: tuple[Any, dict[str, Any]] | None = None  # this step's bundle and optimizer layout
 
     @property
     def active(self) -> bool:
@@ -335,6 +382,8 @@ class WorkbenchCallback(Callback):
             self.train_step.step_index = step
             ctx = StepContext(step, pl_module, trainer.optimizers[0], self.train_step.scaler, [captured], None)
             self.tracer.on_step_start(ctx)
+            if self.keeper is not None and not self.keeper.done:
+                self._kept = (self.tracer.bundle, optimizer_layout(trainer.optimizers[0], pl_module))
         elif self.tracer.bundle is not None:
             self.tracer.bundle.batches.append(copy.deepcopy(captured.to(torch.device("cpu"))))
 
@@ -368,6 +417,10 @@ class WorkbenchCallback(Callback):
         self._lrs = {str(g.get("name", f"group{k}")): float(g["lr"]) for k, g in enumerate(optimizer.param_groups)}
         self._optimizer_now = optimizer
         self._stepped = True
+        if self.tracer is not None and self.tracer.bundle is not None:
+            # the module's on_train_batch_start runs after the callbacks': a tensor it made trainable there is
+            # trainable in this step's forward and backward, so the bundle's replay must make it trainable too
+            self.tracer.bundle.trainable = [n for n, p in pl_module.named_parameters() if p.requires_grad]
 
     def _end_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After the optimizer step of this window: one host copy, the row, the logs, the tracer."""
@@ -421,6 +474,12 @@ class WorkbenchCallback(Callback):
                     "params_nonfinite/elements": elements})
         losses = {k[len("loss/"):]: v for k, v in row.items() if k.startswith("loss/")}
         self._trace(step, pl_module, losses, skipped, total, stats, bad)
+        if self._kept is not None:
+            finding = self.coverage.latest
+            grads_bad = stats is not None and bool(np.any(stats.param_nonfinite))
+            self.keeper.offer(*self._kept, outside=finding is not None and finding.step == step
+                              and bool(finding.outside_optimizer),
+                              nonfinite=grads_bad or bool(bad) or any(not math.isfinite(v) for v in losses.values()))
         self.recorder.record_step(step, row)
         self._send(trainer, step)
         self._say_findings(step)
@@ -511,7 +570,7 @@ class WorkbenchCallback(Callback):
         if self.tracer is not None:
             self.tracer.detach(self.train_step)
             self.tracer.bundle = None
-        self.probe = self.coverage = self.updates = self.tracer = self.train_step = None
+        self.probe = self.coverage = self.updates = self.tracer = self.train_step = self.keeper = None
         self._reset_step()
         if recorder is not None:
             recorder.close(status, **attrs)

@@ -6,10 +6,15 @@
 
 `diagnose` reads the run's outcome and evidence (`evidence.gather`: its causal chain, optimizer coverage, stall
 reasons), derives the candidate single changes from the registry (`candidates`), runs the unchanged run (the
-control, which must reproduce the failure) and every candidate over the seeds from the run's CTC-warm checkpoint
-with the same data order (`runner`), classifies every run and recommends the healthy candidate that changes least
-(`report`). Scope: joint-stage runs forked from a checkpoint (`workbench run`, sweeps, the notebooks); run logs of
-`byo.instrument` sessions and of the Lightning callback are refused with one line.
+control, which must reproduce the failure) and every candidate over the seeds, classifies every run and recommends
+the healthy candidate that changes least (`report`). Two kinds of run log:
+
+- joint-stage runs forked from a CTC-warm checkpoint (`workbench run`, sweeps, the notebooks): every run starts
+  from that checkpoint with the same data order per seed, through the sweep's runner (`runner`);
+- `byo.instrument` sessions and Lightning runs with `WorkbenchCallback`: every run continues the replay bundle the
+  run kept beside its log (its first non-finite step, else its first step with a tensor outside the optimizer,
+  else its earliest), for K steps on the bundle's captured batches (`continued`); the user's model and loss
+  function (or LightningModule) are passed in Python or imported from the class the log names.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TextIO
+from typing import Any, Callable, Mapping, Sequence, TextIO
 
 from workbench.records import OutcomeRules, RunRecord, read_record
 from workbench.run.settings import RunSettings, SettingsError
+from workbench.studies.diagnose import continued
 from workbench.studies.diagnose.candidates import CANDIDATES, Candidate, changed, derive
 from workbench.studies.diagnose.evidence import KINDS, Evidence, gather
+from workbench.studies.diagnose.loop import Loop
 from workbench.studies.diagnose.report import Diagnosis, recommend, row
 from workbench.studies.diagnose.runner import reusable, run_all, runs_for, same_run, seeds_from
 from workbench.train.checkpoint import CheckpointError, check_checkpoint, checkpoint_config, describe_config
@@ -38,9 +45,12 @@ class DiagnoseError(ValueError):
 def _control(record: RunRecord, where: str, steps: int | None) -> RunSettings:
     """The run's own settings as the control: its length, or `steps` after its first failing step."""
     if "checkpoint" not in record.attrs:
+        why = record.attrs.get("replay_error") or record.attrs.get("tracer_off") or \
+            "a byo or Lightning log written without a log path, or before runs kept one"
         raise DiagnoseError(f"{where}: expected the log of a joint-stage run forked from a CTC-warm checkpoint "
-                            f"(workbench run, a sweep, the notebooks), got one without a checkpoint attribute (a "
-                            f"byo or Lightning session log?); diagnose cannot rerun it")
+                            f"(workbench run, a sweep, the notebooks) or of a byo.instrument or Lightning run that "
+                            f"kept a replay bundle, got one with neither a checkpoint nor a replay attribute "
+                            f"({why}); diagnose cannot rerun it")
     try:
         control = dataclasses.replace(RunSettings(**record.settings), name="control")
     except (SettingsError, TypeError) as exc:
@@ -79,20 +89,30 @@ class Tried:
     `first+second`), with its settings and what it stands for."""
 
     name: str
-    settings: RunSettings
+    settings: RunSettings | Loop
     code: str
     coverage: bool
     what: str
     answers: tuple[str, ...]
 
     @classmethod
-    def of(cls, candidate: type[Candidate], settings: RunSettings) -> Tried:
+    def of(cls, candidate: type[Candidate], settings: RunSettings | Loop) -> Tried:
         return cls(candidate.name, settings, candidate.code, candidate.coverage, candidate.describe(),
                    candidate.answers)
 
-    def then(self, candidate: type[Candidate], settings: RunSettings) -> Tried:
+    def then(self, candidate: type[Candidate], settings: RunSettings | Loop) -> Tried:
         return Tried(f"{self.name}+{candidate.name}", settings, f"{self.code}; and {candidate.code}",
                      self.coverage or candidate.coverage, f"{self.what} {candidate.describe()}", candidate.answers)
+
+
+def _settings(tried: Tried) -> RunSettings:
+    assert isinstance(tried.settings, RunSettings)  # a joint-stage run's candidates change its settings
+    return tried.settings
+
+
+def _loop(tried: Tried) -> Loop:
+    assert isinstance(tried.settings, Loop)  # a kept bundle's candidates change the loop that continues it
+    return tried.settings
 
 
 def _follow_ups(tried: Sequence[Tried], records: Mapping[tuple[str, int], RunRecord], seeds: Sequence[int],
@@ -118,8 +138,10 @@ def diagnose(run: RunRecord | str | Path, *, seeds: int = 3, steps: int | None =
              candidates: Sequence[str] = (), out: str | Path | None = None, data: str | Path | None = None,
              workers: int | None = None, device: str = "cpu", reuse: Mapping[str, RunRecord] | None = None,
              reuse_only: bool = False, rules: OutcomeRules = OutcomeRules(),
-             progress: bool | TextIO = False) -> Diagnosis:
-    """Diagnose a failing joint-stage run (its record or its log's path).
+             progress: bool | TextIO = False, model: Any = None, loss_fn: Any = None,
+             module: Any = None) -> Diagnosis:
+    """Diagnose a failing run (its record or its log's path): a joint-stage run, or a byo.instrument or Lightning
+    run that kept a replay bundle (`_diagnose_kept`; `model` and `loss_fn`, or `module`, are the user's objects).
 
     seeds: how many seeds, from the run's own. steps: the candidate runs' length as K steps after the run's first
     non-finite step (default: the run's length). candidates: names to try instead of those the evidence calls for.
@@ -135,16 +157,15 @@ def diagnose(run: RunRecord | str | Path, *, seeds: int = 3, steps: int | None =
     where = record.path or record.name
     if seeds < 1:
         raise DiagnoseError(f"seeds: expected at least 1, got {seeds}")
+    if "checkpoint" not in record.attrs and "replay" in record.attrs:
+        return _diagnose_kept(record, where, seeds=seeds, steps=steps, only=tuple(candidates), out=out,
+                              device=device, rules=rules, model=model, loss_fn=loss_fn, module=module)
     control = _control(record, where, steps)
     checkpoint, root, model = _source(record, where, data)
     found = gather(record, rules)
     only = tuple(candidates)
     seed_list = seeds_from(control.seed, seeds)
-    if out is None:
-        if record.path is None:
-            raise DiagnoseError(f"{where}: out: expected a folder for the candidate runs (the record has no log "
-                                f"path to put them beside)")
-        out = Path(record.path).with_name(Path(record.path).stem + "_diagnose")
+    out = _out(record, where, out)
     known = reusable(reuse or {})
     left_out: list[str] = []
     records: dict[tuple[str, int], RunRecord] = {}
@@ -155,20 +176,56 @@ def diagnose(run: RunRecord | str | Path, *, seeds: int = 3, steps: int | None =
         nonlocal reused
         if reuse_only:
             ready = [t for t in tried if all(same_run(s) in known
-                                             for s in runs_for([("", t.settings)], seed_list).values())]
+                                             for s in runs_for([("", _settings(t))], seed_list).values())]
             left_out.extend(t.name for t in tried if t not in ready)
             tried = ready
-        done, failed, n = run_all(runs_for([(t.name, t.settings) for t in tried], seed_list), checkpoint=checkpoint,
+        done, failed, n = run_all(runs_for([(t.name, _settings(t)) for t in tried], seed_list), checkpoint=checkpoint,
                                   data=root, out=out, workers=workers, device=device, reuse=known, progress=progress)
         records.update(done)
         errors.update(failed)
         reused += n
         return tried
 
-    first = [Tried.of(cls, settings) for cls, settings in derive(found.kinds, control, only)]
-    first = run_round([Tried("control", control, "", False, "the run unchanged", ()), *first])[1:]
-    tried = first + run_round(_follow_ups(first, records, seed_list, only, rules))
+    tried = _rounds(control, found, only, records, seed_list, rules, run_round)
+    scope = {"log": record.path, "run": record.name, "run_outcome": found.outcome.kind, "model": model,
+             "checkpoint": str(checkpoint), "data": str(root), "device": device, "steps": control.steps,
+             "seeds": seed_list, "lr": control.lr, "precision": control.precision, "semantics": control.semantics,
+             "runs": len(records) + len(errors), "reused_runs": reused, "left_out": left_out, "out": str(out)}
+    scope_text = (f"{model}, data {root.name}, {device}, {control.precision}, lr {control.lr:g}, {control.steps} "
+                  f"steps, seeds {seed_list}")
+    found_ = _conclude(control, tried, records, errors, found, seed_list, rules, scope, scope_text)
+    if left_out:
+        found_.lines.append(f"Left out (no run of theirs to reuse in every seed): {', '.join(left_out)}.")
+    return found_
 
+
+def _out(record: RunRecord, where: str, out: str | Path | None) -> Path:
+    """The folder of the candidate runs: `out`, or `<log>_diagnose/` beside the log."""
+    if out is not None:
+        return Path(out)
+    if record.path is None:
+        raise DiagnoseError(f"{where}: out: expected a folder for the candidate runs (the record has no log "
+                            f"path to put them beside)")
+    return Path(record.path).with_name(Path(record.path).stem + "_diagnose")
+
+
+CONTROL = ("control", "", False, "the run unchanged", ())
+
+
+def _rounds(control: RunSettings | Loop, found: Evidence, only: tuple[str, ...],
+            records: Mapping[tuple[str, int], RunRecord], seeds: Sequence[int], rules: OutcomeRules,
+            run_round: Callable[[list[Tried]], list[Tried]]) -> list[Tried]:
+    """Run the control and the candidates the evidence calls for, then (`_follow_ups`) those their own runs call
+    for; the candidates tried, in order."""
+    first = [Tried.of(cls, settings) for cls, settings in derive(found.kinds, control, only)]
+    first = run_round([Tried(CONTROL[0], control, *CONTROL[1:]), *first])[1:]
+    return first + run_round(_follow_ups(first, records, seeds, only, rules))
+
+
+def _conclude(control: RunSettings | Loop, tried: Sequence[Tried], records: Mapping[tuple[str, int], RunRecord],
+              errors: Mapping[tuple[str, int], str], found: Evidence, seeds: list[int], rules: OutcomeRules,
+              scope: dict[str, Any], scope_text: str) -> Diagnosis:
+    """The rows of the control and every candidate tried, and the recommendation."""
     def of(name: str) -> tuple[dict[int, RunRecord], dict[int, str]]:
         return ({s: r for (n, s), r in records.items() if n == name},
                 {s: e for (n, s), e in errors.items() if n == name})
@@ -177,22 +234,56 @@ def diagnose(run: RunRecord | str | Path, *, seeds: int = 3, steps: int | None =
         runs = of(t.name)[0]
         return {"code": t.code, "coverage": t.coverage, "what": t.what,
                 "answers": {k: found.kinds[k] for k in t.answers if k in found.kinds},
-                "runs": [runs[s].name if s in runs else None for s in seed_list]}
+                "runs": [runs[s].name if s in runs else None for s in seeds]}
 
-    rows = [row(t.name, changed(control, t.settings), *of(t.name), seed_list, rules, **extra(t)) for t in tried]
-    control_row = row("control", {}, *of("control"), seed_list, rules,
-                      **extra(Tried("control", control, "", False, "the run unchanged", ())))
-    scope = {"log": record.path, "run": record.name, "run_outcome": found.outcome.kind, "model": model,
-             "checkpoint": str(checkpoint), "data": str(root), "device": device, "steps": control.steps,
-             "seeds": seed_list, "lr": control.lr, "precision": control.precision, "semantics": control.semantics,
-             "runs": len(records) + len(errors), "reused_runs": reused, "left_out": left_out, "out": str(out)}
-    scope_text = (f"{model}, data {root.name}, {device}, {control.precision}, lr {control.lr:g}, {control.steps} "
-                  f"steps, seeds {seed_list}")
-    control_row["reproduced"] = control_row["outcomes"].count(found.outcome.kind) == len(seed_list)
+    rows = [row(t.name, changed(control, t.settings), *of(t.name), seeds, rules, **extra(t)) for t in tried]
+    control_row = row("control", {}, *of("control"), seeds, rules, **extra(Tried(CONTROL[0], control, *CONTROL[1:])))
+    control_row["reproduced"] = control_row["outcomes"].count(found.outcome.kind) == len(seeds)
     recommended, lines = recommend(control_row, rows, found.outcome.kind, scope_text)
-    if left_out:
-        lines.append(f"Left out (no run of theirs to reuse in every seed): {', '.join(left_out)}.")
     return Diagnosis(control_row, rows, recommended, lines, found.kinds, scope)
+
+
+def _diagnose_kept(record: RunRecord, where: str, *, seeds: int, steps: int | None, only: tuple[str, ...],
+                   out: str | Path | None, device: str, rules: OutcomeRules, model: Any, loss_fn: Any,
+                   module: Any) -> Diagnosis:
+    """Diagnose a byo.instrument or Lightning run from the bundle it kept (`continued`): the control and every
+    candidate continue the bundle's step for `steps` steps (default: the run's length) on its captured batches,
+    over seeds 0..seeds-1 (a seed sets torch's RNG for those steps)."""
+    try:
+        kept = continued.load(record, where, model=model, loss_fn=loss_fn, module=module, device=device)
+    except continued.KeptError as exc:
+        raise DiagnoseError(str(exc)) from None
+    if steps is None:
+        steps = len(record.steps)
+    if steps < 1:
+        raise DiagnoseError(f"steps: expected a positive number of steps to continue the kept bundle, got {steps}")
+    found = gather(record, rules)
+    seed_list = seeds_from(0, seeds)
+    folder = _out(record, where, out)
+    records: dict[tuple[str, int], RunRecord] = {}
+    errors: dict[tuple[str, int], str] = {}
+
+    def run_round(tried: list[Tried]) -> list[Tried]:
+        done, failed = continued.run_all(kept, {(t.name, seed): _loop(t) for t in tried for seed in seed_list},
+                                         steps, folder)
+        records.update(done)
+        errors.update(failed)
+        return tried
+
+    control = kept.control
+    tried = _rounds(control, found, only, records, seed_list, rules, run_round)
+    replay = kept.replay
+    scope = {"log": record.path, "run": record.name, "run_outcome": found.outcome.kind, "source": replay["source"],
+             "model": record.settings.get("model"), "bundle": replay["bundle"], "bundle_step": replay["step"],
+             "bundle_why": replay["why"], "batches": f"the bundle's {len(kept.bundle.batches)} captured "
+             f"micro-batch(es), repeated every step", "device": device, "steps": steps, "seeds": seed_list,
+             "seeds_vary": "torch's RNG during the continued steps (dropout and other draws); the starting state "
+                           "and batches are the same in every seed",
+             "precision": control.precision, "runs": len(records) + len(errors), "out": str(folder)}
+    scope_text = (f"{replay['source']} run of {scope['model']}, its kept bundle of step {replay['step']} "
+                  f"({replay['why']}) continued {steps} steps on its captured batches, {device}, "
+                  f"{control.precision}, seeds {seed_list}")
+    return _conclude(control, tried, records, errors, found, seed_list, rules, scope, scope_text)
 
 
 def notebook_section(run: RunRecord, records: Mapping[str, RunRecord], *, seeds: int, out: str | Path,

@@ -1,9 +1,11 @@
 """The candidate fixes `diagnose` tries: each one named, documented intervention, registered by class.
 
 A candidate answers evidence kinds (`workbench.studies.diagnose.evidence.KINDS`): it is tried on a run whose
-evidence holds one of them. `settings(control)` is the run with this one change (None where the run has it
-already, or where it cannot apply); `code` is the code-level change it stands for, in one line; `coverage` marks
-an optimizer-coverage fix (every trainable tensor in the optimizer). Where a candidate is a change notebook 01
+evidence holds one of them. `settings(control)` is our own joint-stage run with this one change (None where the
+run has it already, or where no run setting expresses it); `continued(loop)` is the same change to the loop a kept
+replay bundle of a `byo.instrument` or Lightning run is continued with (`loop.Loop`; None where it does not apply);
+`code` is the code-level change it stands for, in one line; `coverage` marks an optimizer-coverage fix (every
+trainable tensor in the optimizer). Where a candidate is a change notebook 01
 runs, its settings come from `workbench.studies.reproduce.configurations` (one place for each change).
 
 To add one, subclass `Candidate` in any file with its name and the evidence it answers as class keywords and
@@ -26,6 +28,7 @@ from typing import Any, ClassVar
 from workbench.run.settings import RunSettings
 from workbench.studies import reproduce
 from workbench.studies.diagnose.evidence import KINDS
+from workbench.studies.diagnose.loop import Loop
 from workbench.train.policies import POLICIES
 
 CANDIDATES: dict[str, type[Candidate]] = {}
@@ -63,6 +66,10 @@ class Candidate:
         """Whether the change is not already part of `control`."""
         return True
 
+    def continued(self, loop: Loop) -> Loop | None:
+        """The loop of a kept bundle's continuation with this change; None (the default) where it does not apply."""
+        return None
+
     @classmethod
     def describe(cls) -> str:
         """The first line of the class docstring: what the candidate changes."""
@@ -74,7 +81,7 @@ def notebook_change(control: RunSettings, config: str) -> RunSettings:
     return reproduce.configurations(control, [1], only=[config])[0]
 
 
-def changed(control: RunSettings, candidate: RunSettings) -> dict[str, tuple[Any, Any]]:
+def changed(control: RunSettings | Loop, candidate: RunSettings | Loop) -> dict[str, tuple[Any, Any]]:
     """The settings that differ (name -> (control's, candidate's)), leaving out those in `NOT_CHANGES`."""
     a, b = control.to_dict(), candidate.to_dict()
     return {k: (a[k], b[k]) for k in a if k not in NOT_CHANGES and a[k] != b[k]}
@@ -93,6 +100,24 @@ class RebuildAtStageChange(Candidate, name="rebuild_at_stage_change", answers=("
 
     def applies(self, control: RunSettings) -> bool:
         return not _loop(control, "rebuild_at_stage_change")
+
+    def continued(self, loop: Loop) -> Loop | None:
+        return dataclasses.replace(loop, optimizer="rebuilt") if loop.optimizer == "kept" else None
+
+
+class AddMissingGroup(Candidate, name="add_missing_group", answers=("outside_optimizer",)):
+    """Keep the optimizer and its state, and add the trainable tensors it lacks as a group of their own."""
+
+    code = "optimizer.add_param_group({'params': the trainable tensors it does not hold}) when they become trainable"
+    coverage = True
+
+    def settings(self, control: RunSettings) -> RunSettings | None:
+        # our joint stage rebuilds or keeps its optimizer at the stage change (rebuild_at_stage_change); no run
+        # setting adds the missing decoder to the kept one, so this candidate is for kept bundles only
+        return None
+
+    def continued(self, loop: Loop) -> Loop | None:
+        return dataclasses.replace(loop, optimizer="kept+missing") if loop.optimizer == "kept" else None
 
 
 class RebuildAtUnfreeze(Candidate, name="rebuild_at_unfreeze", answers=("kept_at_unfreeze",)):
@@ -127,6 +152,10 @@ class ClipOptimizerParams(Candidate, name="clip_optimizer_params", answers=("cli
     def applies(self, control: RunSettings) -> bool:
         return _loop(control, "clip_scope") != "optimizer"
 
+    def continued(self, loop: Loop) -> Loop | None:
+        return dataclasses.replace(loop, clip_scope="optimizer") if loop.clip is not None and \
+            loop.clip_scope != "optimizer" else None
+
 
 class ZeroGradModel(Candidate, name="zero_grad_model", answers=("stale_gradients", "clip_nonfinite")):
     """Zero every gradient of the model before the backward."""
@@ -136,6 +165,23 @@ class ZeroGradModel(Candidate, name="zero_grad_model", answers=("stale_gradients
 
     def applies(self, control: RunSettings) -> bool:
         return _loop(control, "zero_grad_scope") != "model"
+
+    def continued(self, loop: Loop) -> Loop | None:
+        return dataclasses.replace(loop, zero_grad_scope="model") if loop.zero_grad_scope != "model" else None
+
+
+class ClipAfterUnscale(Candidate, name="clip_after_unscale", answers=("clip_collapsed",)):
+    """Unscale the fp16 gradients before clipping them (the clip measured the loss-scaled norm)."""
+
+    code = "scaler.unscale_(optimizer) before clip_grad_norm_"
+
+    def settings(self, control: RunSettings) -> RunSettings | None:
+        # both of our loops unscale before they clip (LoopSemantics.unscale_before_clip, not a run setting)
+        return None
+
+    def continued(self, loop: Loop) -> Loop | None:
+        return dataclasses.replace(loop, unscale_before_clip=True) if loop.precision == "fp16" and \
+            loop.clip is not None and not loop.unscale_before_clip else None
 
 
 class Bf16(Candidate, name="bf16", answers=("fp16_overflow",)):
@@ -147,6 +193,9 @@ class Bf16(Candidate, name="bf16", answers=("fp16_overflow",)):
     def applies(self, control: RunSettings) -> bool:
         return control.precision != "bf16"
 
+    def continued(self, loop: Loop) -> Loop | None:
+        return dataclasses.replace(loop, precision="bf16", init_scale=None) if loop.precision != "bf16" else None
+
 
 class Fp32(Candidate, name="fp32", answers=("fp16_overflow",)):
     """Train in fp32 (no autocast)."""
@@ -157,6 +206,9 @@ class Fp32(Candidate, name="fp32", answers=("fp16_overflow",)):
     def applies(self, control: RunSettings) -> bool:
         return control.precision != "fp32"
 
+    def continued(self, loop: Loop) -> Loop | None:
+        return dataclasses.replace(loop, precision="fp32", init_scale=None) if loop.precision != "fp32" else None
+
 
 class InitScale4096(Candidate, name="init_scale_4096", answers=("fp16_overflow",)):
     """Start the GradScaler at 4096 instead of 65536."""
@@ -166,6 +218,10 @@ class InitScale4096(Candidate, name="init_scale_4096", answers=("fp16_overflow",
 
     def applies(self, control: RunSettings) -> bool:
         return control.precision == "fp16" and (control.init_scale > 4096 or control.carry_scaler)
+
+    def continued(self, loop: Loop) -> Loop | None:
+        fp16_above = loop.precision == "fp16" and loop.init_scale is not None and loop.init_scale > 4096
+        return dataclasses.replace(loop, init_scale=4096.0) if fp16_above else None
 
 
 class DecoderLr(Candidate, name="decoder_lr", answers=("slow_loss",)):
@@ -179,11 +235,11 @@ class DecoderLr(Candidate, name="decoder_lr", answers=("slow_loss",)):
         return dataclasses.replace(control, decoder_lr=reproduce.DECODER_LR)
 
 
-def derive(kinds: dict[str, str], control: RunSettings,
-           only: tuple[str, ...] = ()) -> list[tuple[type[Candidate], RunSettings]]:
-    """The candidates the evidence `kinds` calls for that change something about `control`, in registry order,
-    with their settings; `only` names the candidates to try instead, whatever the evidence (ValueError for an
-    unknown name)."""
+def derive(kinds: dict[str, str], control: RunSettings | Loop,
+           only: tuple[str, ...] = ()) -> list[tuple[type[Candidate], Any]]:
+    """The candidates the evidence `kinds` calls for that change something about `control` (our run's settings, or
+    the loop of a kept bundle), in registry order, with their settings (or loop); `only` names the candidates to try
+    instead, whatever the evidence (ValueError for an unknown name)."""
     unknown = [n for n in only if n not in CANDIDATES]
     if unknown:
         raise ValueError(f"candidates: unknown {', '.join(unknown)}; expected some of {', '.join(CANDIDATES)}")
@@ -192,7 +248,7 @@ def derive(kinds: dict[str, str], control: RunSettings,
         wanted = name in only if only else bool(set(cls.answers) & set(kinds))
         if not wanted:
             continue
-        settings = cls().settings(control)
+        settings = cls().continued(control) if isinstance(control, Loop) else cls().settings(control)
         if settings is not None and changed(control, settings):
             picked.append((cls, settings))
     return picked

@@ -5,6 +5,8 @@ causal chain, its optimizer-coverage findings and its settings, each with the li
     kept_at_unfreeze   a freezing policy kept the optimizer at the unfreeze (the module trains outside it)
     stale_gradients    the loop zeroes only the optimizer's gradients while tensors outside it hold gradients
     clip_nonfinite     a non-finite total norm made the clip coefficient non-finite and it scaled every gradient
+    clip_collapsed     a finite clip coefficient below `clip_floor` on more than `clip_share` of the updates (an fp16
+                       loop that clips the loss-scaled gradients before unscaling them shows it)
     fp16_overflow      the first non-finite value was produced by an op in float16
     slow_loss          finite, but the loss did not fall by `min_drop` beyond its noise (stalled or inconclusive
                        on the loss)
@@ -12,6 +14,8 @@ causal chain, its optimizer-coverage findings and its settings, each with the li
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +25,7 @@ from workbench.records.outcome import loss_trend, update_shares
 from workbench.train.policies import POLICIES
 
 KINDS: tuple[str, ...] = ("outside_optimizer", "kept_at_unfreeze", "stale_gradients", "clip_nonfinite",
-                          "fp16_overflow", "slow_loss")
+                          "clip_collapsed", "fp16_overflow", "slow_loss")
 
 
 @dataclass
@@ -47,6 +51,18 @@ def _outside(record: RunRecord) -> str | None:
         return None
     return "; ".join(f"{g} outside the optimizer on {s['outside']} of its {s['steps']} steps with gradients"
                      for g, s in sorted(outside.items()))
+
+
+def _collapsed(record: RunRecord, rules: OutcomeRules) -> str | None:
+    # finite coefficients only: a NaN one is clip_nonfinite, and an applied update with it diverges anyway
+    skipped = set(record.skipped)
+    coefs = [c for s, c in zip(record.steps, record.values("clip/coefficient"))
+             if s not in skipped and c is not None and math.isfinite(c)]
+    low = [c for c in coefs if c < rules.clip_floor]
+    if not coefs or len(low) / len(coefs) <= rules.clip_share:
+        return None
+    return (f"the clip coefficient was below {rules.clip_floor:g} on {len(low)} of {len(coefs)} finite updates "
+            f"(median {statistics.median(coefs):.2g})")
 
 
 def _slow(record: RunRecord, outcome: Outcome, rules: OutcomeRules) -> str | None:
@@ -81,6 +97,9 @@ def gather(record: RunRecord, rules: OutcomeRules = OutcomeRules()) -> Evidence:
     clip = next((k for k in chain if k["kind"] == "escape" and k["guard"] == "the clip"), None)
     if clip is not None:
         found["clip_nonfinite"] = clip["line"]
+    collapsed = _collapsed(record, rules)
+    if collapsed is not None:
+        found["clip_collapsed"] = collapsed
     producer = next((k for k in chain if k["kind"] == "producer"), None)
     if producer is not None and producer["dtype"] == "float16":
         found["fp16_overflow"] = producer["line"]
