@@ -7,6 +7,10 @@ every seed."""
 from __future__ import annotations
 
 import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +164,13 @@ def test_diagnose_of_a_lightning_run_recommends_a_coverage_fix_healthy_in_every_
     best = next(c for c in found.candidates if c["name"] == found.recommended)
     assert best["coverage"] and best["healthy"] == 3 and best["outside_seeds"] == 0, found.table()
     assert f"Recommended: {found.recommended}, healthy in 3/3 seeds" in printed and "3/3 stalled" in printed
+
+
+def test_the_readmes_byo_diagnose_example_runs_as_written(tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "model=model, loss_fn=" in b]
+    (tmp_path / "example.py").write_text(code)
+    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "control                  nothing                         3/3 stalled" in proc.stdout
+    assert "Recommended: rebuild_at_stage_change, healthy in 3/3 seeds" in proc.stdout
