@@ -142,6 +142,8 @@ def test_diagnose_of_the_seeds_run_recommends_an_optimizer_coverage_fix_healthy_
 
 
 @pytest.mark.slow
+# a stalled and a diverged configuration at tiny; benchmarks/bench_diagnose.py --configs all diagnoses every
+# notebook-01 configuration that is not healthy
 @pytest.mark.parametrize("config", ["fp32", "freeze_params_N1_no_rebuild"])
 def test_a_notebook_configuration_that_is_not_healthy_gets_a_recommendation_healthy_in_every_seed(
         config, ctc_checkpoint, tmp_path):

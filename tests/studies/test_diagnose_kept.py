@@ -7,6 +7,7 @@ every seed."""
 from __future__ import annotations
 
 import logging
+import math
 import re
 import subprocess
 import sys
@@ -71,6 +72,22 @@ def test_a_byo_session_keeps_the_bundle_of_its_first_step_with_the_evidence(tmp_
     assert bundle_path(tmp_path / "stale.h5").is_file() and replay["bundle"] == "stale.bundle.pt"
 
 
+def test_a_run_that_goes_non_finite_keeps_the_bundle_of_its_first_non_finite_step(tmp_path):
+    # plain SGD at lr 10 on this regression overshoots further every step until the weights overflow
+    model = Net()
+    model.head.requires_grad_(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=10.0)
+    with instrument(model, optimizer, mse, clip=None, log_path=tmp_path / "blows.h5") as session:
+        for k in range(1, 31):
+            session.step(batch(k))
+    record = read_record(tmp_path / "blows.h5")
+    norms, losses = record.values("clip/total_norm"), record.values("loss/total")
+    first = next(s for s, n, v in zip(record.steps, norms, losses) if not (math.isfinite(n) and math.isfinite(v)))
+    assert first < record.first_nonfinite_step()  # the gradient norm overflowed before the loss did
+    assert (record.attrs["replay"]["step"], record.attrs["replay"]["why"]) == (first, "the first non-finite step")
+
+
+@pytest.mark.slow
 def test_diagnose_of_a_byo_session_recommends_a_coverage_fix_healthy_in_every_seed(tmp_path):
     log = tmp_path / "byo.h5"
     byo_run(log)
@@ -140,6 +157,7 @@ class StaleHead(pl.LightningModule):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec")
 def test_diagnose_of_a_lightning_run_recommends_a_coverage_fix_healthy_in_every_seed(tmp_path, capsys):
     from torch.utils.data import DataLoader, TensorDataset
@@ -166,6 +184,7 @@ def test_diagnose_of_a_lightning_run_recommends_a_coverage_fix_healthy_in_every_
     assert f"Recommended: {found.recommended}, healthy in 3/3 seeds" in printed and "3/3 stalled" in printed
 
 
+@pytest.mark.slow
 def test_the_readmes_byo_diagnose_example_runs_as_written(tmp_path):
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     (code,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "model=model, loss_fn=" in b]
