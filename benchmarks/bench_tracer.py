@@ -1,16 +1,18 @@
 """Cost of the tracer's replay of a non-finite step against the plain step it replays.
 
 The reference model at a preset, fresh from its initialisation, takes one fp16 step with a GradScaler at its
-default initial scale (65536) on one batch: the scaled backward overflows float16 in the joint network, a real
-non-finite step that the GradScaler catches (the same mechanism as notebook 01's first step). Per round, after one
+default initial scale (65536) on one batch: the scaled backward overflows a float16 gradient (in the joint network
+on data_samples/, in the CTC head at the real trial lengths), a real non-finite step that the GradScaler catches
+(the mechanism of notebook 01's first caught step). Per round, after one
 untimed warm-up round:
 
     plain   the step on a replica of the model restored to the bundle (`TrainStep` on the same state and RNG)
     replay  `trace_step` on that bundle: the replica's construction plus the whole step replayed under the
             tracer's checks (what `NonFiniteTracer` runs when a step goes non-finite)
 
-Prints both times per round, the replay's findings, and last `tracer replay ratio: X.XX` (median over rounds of
-replay / plain).
+Prints both times per round (wall and this process's CPU time), the replay's findings, and last `tracer replay
+ratio: X.XX`: the median over rounds of replay / plain in CPU time on the CPU (run with OMP_NUM_THREADS=1; other
+work on a loaded machine moves it less than the wall time), in wall time on a GPU.
 
     python benchmarks/bench_tracer.py --preset small --rounds 3
     python benchmarks/bench_tracer.py --preset seed --rounds 1 --warmup 0
@@ -26,12 +28,13 @@ import functools
 import math
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
 
-from bench_instrumentation import load_batches, timed
+from bench_instrumentation import load_batches
 from workbench.data import real_length_dataset
 from workbench.instrument.replay import bundle_rng, capture, replica
 from workbench.instrument.tracer import StepTrace, trace_step
@@ -44,11 +47,15 @@ ROOT = Path(__file__).resolve().parents[1]
 _R = TypeVar("_R")
 
 
-def timed_call(run: Callable[[], _R], device: torch.device) -> tuple[float, _R]:
-    """(seconds, result) of `run()`, synchronising the device around it."""
-    results: list[_R] = []
-    seconds = timed(lambda: results.append(run()), device)
-    return seconds, results[0]
+def timed_call(run: Callable[[], _R], device: torch.device) -> tuple[float, float, _R]:
+    """(wall seconds, this process's CPU seconds, result) of `run()`, synchronising a GPU around it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu, result
 
 
 def nonfinite(result: StepResult) -> bool:
@@ -83,26 +90,31 @@ def main() -> None:
           f"{args.batch_size}), {sum(p.numel() for p in model.parameters())} parameters, fp16 with a GradScaler "
           f"at scale {step.config.init_scale:g}, {args.warmup} warm-up + {args.rounds} timed rounds")
 
+    # On the CPU the measure is the process's CPU time (one thread with OMP_NUM_THREADS=1): other work on a loaded
+    # machine moves it less than the wall time. On a GPU it is the wall time.
+    measure = "wall" if device.type == "cuda" else "CPU"
     plain_s, replay_s = [], []
     trace: StepTrace | None = None
     for k in range(args.warmup + args.rounds):
         rep = replica(step, bundle)
         with bundle_rng(bundle):
-            seconds, result = timed_call(functools.partial(rep, batch, weights), device)
+            wall, cpu, result = timed_call(functools.partial(rep, batch, weights), device)
         if not nonfinite(result):
             raise SystemExit(f"the step stayed finite ({result}): nothing to replay at this preset and batch")
-        replay, trace = timed_call(functools.partial(trace_step, step, bundle), device)
+        replay_wall, replay_cpu, trace = timed_call(functools.partial(trace_step, step, bundle), device)
         timed_round = k >= args.warmup
         if timed_round:
-            plain_s.append(seconds)
-            replay_s.append(replay)
-        print(f"  {'round' if timed_round else 'warm-up'} {k + 1}: plain step {seconds:.2f} s, replay {replay:.2f} s")
+            plain_s.append(wall if measure == "wall" else cpu)
+            replay_s.append(replay_wall if measure == "wall" else replay_cpu)
+        print(f"  {'round' if timed_round else 'warm-up'} {k + 1}: plain step {wall:.2f} s wall, {cpu:.2f} s CPU; "
+              f"replay {replay_wall:.2f} s wall, {replay_cpu:.2f} s CPU", flush=True)
     assert trace is not None
     if not trace.findings:
         raise SystemExit("the replay stayed finite: the step did not reproduce")
     for finding in trace.findings:
         print(f"  finding: {finding.line()}")
-    print(f"  plain step median {statistics.median(plain_s):.2f} s, replay median {statistics.median(replay_s):.2f} s")
+    print(f"  {measure} time: plain step median {statistics.median(plain_s):.2f} s, replay median "
+          f"{statistics.median(replay_s):.2f} s")
     print(f"tracer replay ratio: {statistics.median(r / p for r, p in zip(replay_s, plain_s)):.2f}")
 
 

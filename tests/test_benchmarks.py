@@ -28,6 +28,13 @@ def test_instrumentation_benchmark_prints_its_ratio():
 
 
 @pytest.mark.slow
+def test_tracer_benchmark_prints_its_ratio():
+    out = _script("bench_tracer.py", "--preset", "tiny", "--rounds", "1", "--warmup", "0")
+    assert re.search(r"tracer replay ratio: \d+\.\d{2}$", out.strip())
+    assert "finding: step 1 backward: producer" in out
+
+
+@pytest.mark.slow
 def test_device_check_reports_both_loops_on_cpu(tmp_path):
     out = _script("check_cuda.py", "--device", "cpu", "--presets", "tiny", "--steps", "4", "--ctc-steps", "5",
                   "--rounds", "1", "--timing-steps", "1", "--cache", str(tmp_path))

@@ -19,6 +19,14 @@ the floating outputs of every op, in execution order, through four phases:
 - clip: `clip_grad_norm_` / `get_total_norm` over the step's clip parameters.
 - update: `scaler.step` or `optimizer.step`.
 
+Cost. An op output is checked by one `aminmax` pass and one read (finite exactly when its min and max are),
+and a phase stops checking once its producer is found. Modules marked `checked_as_unit` (the selective scan,
+whose recurrence runs thousands of small ops per call) are checked as one op each, at their outputs in forward
+and at the gradients their autograd nodes return in backward; only when one of those is a phase's first
+unexplained non-finite value is the step replayed again with that unit checked op by op (`_Replay`). With the
+scan checked op by op, replaying a seed-size step took over 25 times the step; `benchmarks/bench_tracer.py`
+measures the ratio now.
+
 Each phase ends with a check of its outcome (loss, gradients, grad norm, parameters and optimizer state); the
 verdict comes from the first phase whose outcome is non-finite, so an intermediate inf that the model discards
 (`torch.where` over a log, a CTC zero_infinity path) is not blamed on a healthy step.
