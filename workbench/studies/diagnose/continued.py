@@ -32,6 +32,7 @@ from workbench.instrument.replay import ReplayBundle, load_bundle, replica
 from workbench.records import RunRecord
 from workbench.run.byo import instrument
 from workbench.studies.diagnose.loop import Loop
+from workbench.train.device import pick_device
 from workbench.train.optim import optimizer_params
 from workbench.train.step import StepConfig, TrainStep
 
@@ -110,8 +111,9 @@ def _what_to_pass(source: str) -> str:
 
 def load(record: RunRecord, where: str, *, model: nn.Module | None = None, loss_fn: Callable | None = None,
          module: Any = None, device: str = "cpu") -> Kept:
-    """The kept bundle of `record` (a log with a `replay` attribute) with what continues it; KeptError when the
-    bundle is missing or unreadable, or the user's objects are not given and cannot be imported and built."""
+    """The kept bundle of `record` (a log with a `replay` attribute) with what continues it on `device` (auto, cpu,
+    cuda or cuda:N); KeptError when the bundle is missing or unreadable, or the user's objects are not given and
+    cannot be imported and built."""
     replay = dict(record.attrs["replay"])
     source = replay.get("source")
     if source not in SOURCES:
@@ -158,7 +160,7 @@ def load(record: RunRecord, where: str, *, model: nn.Module | None = None, loss_
         raise KeptError(f"{where}: the {'module' if source == 'lightning' else 'model'} given has no parameter "
                         f"{lacking[0]!r}: expected an object of the run's own class, {record.settings.get('model')}")
     groups = ParamGroups({g: list(members) for g, members in record.settings.get("groups", {}).items()})
-    return Kept(replay, bundle, given, loss, groups, rebuild, torch.device(device))
+    return Kept(replay, bundle, given, loss, groups, rebuild, pick_device(device))
 
 
 def run(kept: Kept, loop: Loop, seed: int, steps: int, log_path: Path) -> RunRecord:
