@@ -24,6 +24,7 @@ from workbench.run.byo import instrument
 from workbench.run.kept import bundle_path
 from workbench.studies.diagnose import DiagnoseError, diagnose
 from workbench.studies.diagnose import continued
+from workbench.train.step import get_semantics
 
 
 def batch(k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +105,25 @@ def test_diagnose_of_a_byo_session_recommends_a_coverage_fix_healthy_in_every_se
     # the seeds draw different dropout masks: different runs from the same state
     losses = [read_record(tmp_path / "byo_diagnose" / f"control-seed{s}.h5").losses for s in (0, 1)]
     assert losses[0] != losses[1]
+
+
+def test_an_fp16_loop_that_clips_before_unscaling_gets_clip_after_unscale(tmp_path):
+    # SGD's step shrinks with the clip coefficient, which the loss scale (65536) pushed below 1e-3
+    model = Net()
+    model.head.requires_grad_(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loop = get_semantics("corrected", unscale_before_clip=False)
+    with instrument(model, optimizer, mse, precision="fp16", clip=1.0, semantics=loop,
+                    log_path=tmp_path / "fp16.h5") as session:
+        for k in range(1, 21):
+            session.step(batch(k))
+    found = diagnose(tmp_path / "fp16.h5", seeds=3, model=Net(), loss_fn=mse)
+    assert "clip_collapsed" in found.evidence and found.scope["run_outcome"] != "healthy"
+    assert found.control["reproduced"], found.lines
+    by = {c["name"]: c for c in found.candidates}
+    assert by["clip_after_unscale"]["changes"] == "unscale_before_clip False -> True"
+    assert found.recommended == "clip_after_unscale" and by["clip_after_unscale"]["healthy"] == 3, found.table()
+    assert found.lines[-1] == "In code: scaler.unscale_(optimizer) before clip_grad_norm_."
 
 
 def test_the_same_seed_continues_a_kept_bundle_to_the_same_numbers(tmp_path):

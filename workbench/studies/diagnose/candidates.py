@@ -194,7 +194,7 @@ class Bf16(Candidate, name="bf16", answers=("fp16_overflow",)):
         return control.precision != "bf16"
 
     def continued(self, loop: Loop) -> Loop | None:
-        return dataclasses.replace(loop, precision="bf16", init_scale=None) if loop.precision != "bf16" else None
+        return dataclasses.replace(loop, precision="bf16") if loop.precision != "bf16" else None
 
 
 class Fp32(Candidate, name="fp32", answers=("fp16_overflow",)):
@@ -207,7 +207,7 @@ class Fp32(Candidate, name="fp32", answers=("fp16_overflow",)):
         return control.precision != "fp32"
 
     def continued(self, loop: Loop) -> Loop | None:
-        return dataclasses.replace(loop, precision="fp32", init_scale=None) if loop.precision != "fp32" else None
+        return dataclasses.replace(loop, precision="fp32") if loop.precision != "fp32" else None
 
 
 class InitScale4096(Candidate, name="init_scale_4096", answers=("fp16_overflow",)):

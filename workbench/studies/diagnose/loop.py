@@ -18,8 +18,8 @@ class Loop:
     """How the bundle's step and the K steps after it run.
 
     precision, clip, clip_scope, zero_grad_scope, unscale_before_clip, nonfinite_policy: the step's (see
-    `workbench.train.step.LoopSemantics`). init_scale: the GradScaler's scale to start from (the control's is the
-    bundle's own, with the rest of its GradScaler state; None without fp16). optimizer: "kept" (the run's optimizer
+    `workbench.train.step.LoopSemantics`). init_scale: the GradScaler's scale to start from under fp16 (the
+    control's is the bundle's own, with the rest of its GradScaler state; None when the run had no GradScaler). optimizer: "kept" (the run's optimizer
     with its state), "rebuilt" (over every trainable tensor with fresh state: the LightningModule's
     `configure_optimizers`, or the run's optimizer class with its first group's settings), "kept+missing" (the
     run's optimizer and state, with the trainable tensors it lacks added as one group at its first group's
