@@ -21,6 +21,7 @@ runs/data/, see `workbench.data.real_length_dataset`) instead of data_samples/.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -54,14 +55,16 @@ def load_batches(root: Path, n: int, batch_size: int, device: torch.device, scra
     return [collate(trials[i * batch_size:(i + 1) * batch_size]).to(device) for i in range(n)]
 
 
-def timed(run: Callable[[], Any], device: torch.device) -> float:
+def timed(run: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall, CPU) seconds of `run()`: the process's CPU time counts only while it runs, so other work on a
+    loaded machine moves it less than the wall time (on a GPU the wall time is the measure)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def overhead(model: HybridModel, batches: list[Batch], device: torch.device, rounds: int,
@@ -96,12 +99,17 @@ def overhead(model: HybridModel, batches: list[Batch], device: torch.device, rou
         in_model = sum(r.startswith("workbench/model/") for r in counted.outside)
         reads[name] = (counted.per_step(len(batches)), in_model / len(batches))
     times: dict[str, list[float]] = {name: [] for name in configs}
+    cpu: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(rounds):
         for name, run in configs.items():
-            times[name].append(timed(run, device))
+            wall, used = timed(run, device)
+            times[name].append(wall)
+            cpu[name].append(used)
     return {"median_s": {name: statistics.median(values) for name, values in times.items()},
             "ratio": {name: statistics.median(t / p for t, p in zip(times[name], times["plain"]))
                       for name in ("a", "b")},
+            "cpu_ratio": {name: statistics.median(t / p for t, p in zip(cpu[name], cpu["plain"]))
+                          for name in ("a", "b")},
             "reads_per_step": reads, "policy": step.config.semantics.nonfinite_policy,
             "tensors": len(probe.param_labels), "groups": len(probe.groups), "hooked": len(acts.modules)}
 
@@ -138,6 +146,8 @@ def main() -> None:
               f"({in_model:g} of them in the reference model's loss, {total - in_model:g} by the step and instruments)")
     print(f"  (reads: copies through to_host plus any other read from workbench code; fp32, nonfinite policy "
           f"{result['policy']})")
+    print(f"  CPU-time ratios (median per round): a {result['cpu_ratio']['a']:.3f}, b {result['cpu_ratio']['b']:.3f}; "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
     print(f"  b (+ activations) / plain median ratio: {result['ratio']['b']:.3f}")
     print(f"grad-norm instrumentation overhead ratio: {result['ratio']['a']:.3f}")
 
