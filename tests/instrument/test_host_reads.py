@@ -127,10 +127,11 @@ def lightning(steps: int) -> HostReads:
 
 # name -> (run, transfers per step, other reads per step).
 # Without a GradScaler, `skip_step` (the corrected loop's default) must know on the host whether the norm is
-# finite before it calls optimizer.step(): that decision takes the step's copy early, and the parameters'
-# non-finite check after the update (the recorder's, the tracer's) then crosses in a second copy. Under fp16 the
-# GradScaler decides (torch's own read) and under `continue` nothing is decided: one copy. `skip_before_backward`
-# and `stop` read the loss before backward: one read each, outside the packet.
+# finite before it calls optimizer.step(): that decision read is the step's one copy, and what observers measure
+# after the update (the parameters' non-finite check, the update's size) rides the next step's copy (the last
+# step's at the session's close, outside the count: one copy per run). Under fp16 the GradScaler decides (torch's
+# own read) and under `continue` nothing is decided: one copy. `skip_before_backward` and `stop` read the loss
+# before backward: one read each, outside the packet.
 ENTRY_POINTS: dict[str, tuple[Callable[[int], HostReads], int, int]] = {
     "TrainStep fp32": (train_step("fp32"), 1, 0),
     "TrainStep fp16 GradScaler": (train_step("fp16"), 1, 0),
