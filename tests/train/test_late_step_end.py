@@ -6,19 +6,21 @@ run ending right after a bad step still records it."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
+from typing import Any
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from workbench.records import RunRecord
+from host_reads import HostReads  # tests/host_reads.py (tests/ is on the path through its conftest)
+from workbench.instrument import GradNormProbe, OptimizerCoverage
+from workbench.records import Recorder, RunRecord
 from workbench.records.outcome import classify
-from workbench.run.byo import Session, instrument
-from workbench.train.step import get_semantics
+from workbench.run.byo import Session, UserBatch, _LossAdapter, instrument
+from workbench.run.engine import RunEngine
+from workbench.train.step import StepConfig, TrainStep, get_semantics
 
 
 def mlp() -> nn.Module:
@@ -112,3 +114,31 @@ def test_the_overflow_run_matches_the_run_copied_at_the_end_of_each_step():
     assert sorted(a) == sorted(b) and all(same(a[k], b[k]) for k in a), [k for k in a if not same(a[k], b[k])]
     assert classify(late.record) == classify(on_time.record)
     assert [v.line() for v in late.verdicts] == [v.line() for v in on_time.verdicts]
+
+
+def engine_run(policy: str, steps: int) -> tuple[RunRecord, int]:
+    """A RunEngine over a TrainStep with the probe's own update ratio (as `run.joint` builds it), its coverage and a
+    recorder; returns the record and the host copies made during the steps."""
+    model = mlp()
+    step = TrainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                     StepConfig(semantics=get_semantics("corrected", nonfinite_policy=policy)), torch.device("cpu"),
+                     loss_fn=_LossAdapter(user_loss))
+    probe = GradNormProbe(model, {"first": "0", "last": "2"}, update_ratio=True)
+    record = RunRecord({})
+    instruments = [probe, OptimizerCoverage(model, probe=probe)]
+    engine = RunEngine(step, instruments=instruments, recorder=Recorder(record, sources=instruments))
+    with HostReads() as reads:
+        for batch in batches(steps):
+            engine.step(UserBatch(batch))
+    engine.close()
+    assert reads.outside == []
+    return record, reads.transfers
+
+
+def test_the_probes_own_update_ratio_crosses_late_with_the_same_rows():
+    late, late_copies = engine_run("skip_step", 5)
+    on_time, on_time_copies = engine_run("continue", 5)
+    assert late_copies == on_time_copies == 5  # the last step's ratio crosses at close, outside the count
+    a, b = rows(late), rows(on_time)
+    assert "update_ratio/first" in a and late.steps == [1, 2, 3, 4, 5]
+    assert sorted(a) == sorted(b) and all(same(a[k], b[k]) for k in a), [k for k in a if not same(a[k], b[k])]
