@@ -126,6 +126,19 @@ def test_an_fp16_loop_that_clips_before_unscaling_gets_clip_after_unscale(tmp_pa
     assert found.lines[-1] == "In code: scaler.unscale_(optimizer) before clip_grad_norm_."
 
 
+def test_a_group_of_its_own_takes_the_groups_held_tensors_at_ten_times_the_lr_with_their_state():
+    model = Net()
+    model.head.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mse(model, batch(0)).backward()
+    optimizer.step()
+    state = optimizer.state[model.head.weight]
+    continued._own_group(model, optimizer, ["head.weight", "head.bias"])
+    assert [len(g["params"]) for g in optimizer.param_groups] == [2, 2]
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(1e-2) and optimizer.param_groups[0]["lr"] == 1e-3
+    assert optimizer.param_groups[1]["params"][0] is model.head.weight and optimizer.state[model.head.weight] is state
+
+
 def test_the_same_seed_continues_a_kept_bundle_to_the_same_numbers(tmp_path):
     log = tmp_path / "byo.h5"
     byo_run(log, steps=4)

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 from workbench.run.settings import RunSettings
 from workbench.studies import reproduce
 from workbench.studies.diagnose.evidence import KINDS
-from workbench.studies.diagnose.loop import Loop
+from workbench.studies.diagnose.loop import GROUP_LR_FACTOR, Loop
 from workbench.train.policies import POLICIES
 
 CANDIDATES: dict[str, type[Candidate]] = {}
@@ -233,6 +233,19 @@ class DecoderLr(Candidate, name="decoder_lr", answers=("slow_loss",)):
         if control.decoder_lr is not None or control.ctc_only:
             return None
         return dataclasses.replace(control, decoder_lr=reproduce.DECODER_LR)
+
+
+class GroupLr(Candidate, name="group_lr", answers=("slow_loss",)):
+    """A learning rate of its own (`GROUP_LR_FACTOR` times the first group's) for the run's slowest-updated group."""
+
+    code = (f"put the slowest-updated parameter group in an optimizer group of its own at {GROUP_LR_FACTOR:g}x the "
+            f"learning rate")
+
+    def settings(self, control: RunSettings) -> RunSettings | None:
+        return None  # our joint stage's slowest group is the fresh decoder: decoder_lr is this change there
+
+    def continued(self, loop: Loop) -> Loop | None:
+        return dataclasses.replace(loop, group_lr=loop.slowest) if loop.slowest and loop.group_lr is None else None
 
 
 def derive(kinds: dict[str, str], control: RunSettings | Loop,

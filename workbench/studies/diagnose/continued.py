@@ -30,8 +30,9 @@ import torch.nn as nn
 from workbench.instrument import ParamGroups
 from workbench.instrument.replay import ReplayBundle, load_bundle, replica
 from workbench.records import RunRecord
+from workbench.records.outcome import update_shares
 from workbench.run.byo import instrument
-from workbench.studies.diagnose.loop import Loop
+from workbench.studies.diagnose.loop import GROUP_LR_FACTOR, Loop
 from workbench.train.device import pick_device
 from workbench.train.optim import optimizer_params
 from workbench.train.step import StepConfig, TrainStep
@@ -60,6 +61,7 @@ class Kept:
     trainable tensor, fresh state)."""
 
     replay: dict[str, Any]
+    slowest: str | None
     bundle: ReplayBundle
     model: nn.Module
     loss_fn: Callable[[nn.Module, Any], Any]
@@ -70,7 +72,7 @@ class Kept:
     @property
     def control(self) -> Loop:
         scale = None if self.bundle.scaler_state is None else float(self.bundle.scaler_state["scale"])
-        return Loop.of_run(self.replay, scale)
+        return Loop.of_run(self.replay, scale, self.slowest)
 
     def restored(self) -> TrainStep:
         """A TrainStep at the bundle's state, on copies of the model and of the run's optimizer."""
@@ -102,6 +104,21 @@ def _add_missing(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.op
     if missing:
         optimizer.add_param_group({"params": missing, **_group_settings(optimizer)})
     return optimizer
+
+
+def _own_group(model: nn.Module, optimizer: torch.optim.Optimizer, members: list[str]) -> None:
+    """Move the tensors of `members` that the optimizer holds into a group of their own at `GROUP_LR_FACTOR`
+    times the first group's learning rate (their optimizer state stays theirs)."""
+    params = dict(model.named_parameters())
+    moving = {id(params[n]) for n in members if n in params}
+    held = [p for p in optimizer_params(optimizer) if id(p) in moving]
+    if not held:
+        return
+    settings = _group_settings(optimizer)
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in moving]
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    optimizer.add_param_group({"params": held, **settings, "lr": settings["lr"] * GROUP_LR_FACTOR})
 
 
 def _what_to_pass(source: str) -> str:
@@ -160,7 +177,9 @@ def load(record: RunRecord, where: str, *, model: nn.Module | None = None, loss_
         raise KeptError(f"{where}: the {'module' if source == 'lightning' else 'model'} given has no parameter "
                         f"{lacking[0]!r}: expected an object of the run's own class, {record.settings.get('model')}")
     groups = ParamGroups({g: list(members) for g, members in record.settings.get("groups", {}).items()})
-    return Kept(replay, bundle, given, loss, groups, rebuild, pick_device(device))
+    ratios = {g: s["median_ratio"] for g, s in update_shares(record).items() if s["median_ratio"] is not None}
+    slowest = min(ratios, key=ratios.__getitem__) if ratios else None
+    return Kept(replay, slowest, bundle, given, loss, groups, rebuild, pick_device(device))
 
 
 def run(kept: Kept, loop: Loop, seed: int, steps: int, log_path: Path) -> RunRecord:
@@ -171,6 +190,8 @@ def run(kept: Kept, loop: Loop, seed: int, steps: int, log_path: Path) -> RunRec
         optimizer = kept.rebuild(model, optimizer)
     elif loop.optimizer == "kept+missing":
         optimizer = _add_missing(model, optimizer)
+    if loop.group_lr is not None:
+        _own_group(model, optimizer, list(kept.groups.get(loop.group_lr, [])))
     session = instrument(model, optimizer, kept.loss_fn, groups=kept.groups, precision=loop.precision,
                          clip=loop.clip, semantics=loop.semantics(), init_scale=loop.init_scale or 65536.0,
                          log_path=log_path, overwrite=True, trace=False, device=kept.device, keep_bundle=False)

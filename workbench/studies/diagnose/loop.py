@@ -11,6 +11,7 @@ from typing import Any
 from workbench.train.step import LoopSemantics
 
 OPTIMIZERS: tuple[str, ...] = ("kept", "rebuilt", "kept+missing")
+GROUP_LR_FACTOR = 10.0  # a group's own learning rate, relative to the optimizer's first group's
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,9 @@ class Loop:
     with its state), "rebuilt" (over every trainable tensor with fresh state: the LightningModule's
     `configure_optimizers`, or the run's optimizer class with its first group's settings), "kept+missing" (the
     run's optimizer and state, with the trainable tensors it lacks added as one group at its first group's
-    settings).
+    settings). group_lr: the run's parameter group (as its log names it) whose tensors the optimizer holds go into
+    an optimizer group of their own at `GROUP_LR_FACTOR` times the first group's learning rate (None: none).
+    slowest: the run's group with the smallest median update ratio, which `group_lr` would name (not a change).
     """
 
     precision: str
@@ -34,18 +37,21 @@ class Loop:
     nonfinite_policy: str
     init_scale: float | None
     optimizer: str = "kept"
+    group_lr: str | None = None
+    slowest: str | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
     @classmethod
-    def of_run(cls, replay: dict[str, Any], scale: float | None) -> Loop:
-        """The run's own loop from its log's `replay` attribute and the bundle's GradScaler scale."""
+    def of_run(cls, replay: dict[str, Any], scale: float | None, slowest: str | None) -> Loop:
+        """The run's own loop from its log's `replay` attribute, the bundle's GradScaler scale and the run's
+        slowest-updated group."""
         sem = replay["semantics"]
         return cls(precision=replay["precision"], clip=replay["clip"], clip_scope=sem["clip_scope"],
                    zero_grad_scope=sem["zero_grad_scope"], unscale_before_clip=sem["unscale_before_clip"],
-                   nonfinite_policy=sem["nonfinite_policy"], init_scale=scale)
+                   nonfinite_policy=sem["nonfinite_policy"], init_scale=scale, slowest=slowest)
 
     def semantics(self) -> LoopSemantics:
         return LoopSemantics("continued", rebuild_at_stage_change=False, clip_scope=self.clip_scope,
@@ -53,4 +59,5 @@ class Loop:
                              nonfinite_policy=self.nonfinite_policy)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields that say how the loop runs (`slowest` describes the run)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "slowest"}
