@@ -85,15 +85,14 @@ def main() -> None:
             start = time.process_time()
             w = watch(model, optimizer, say=lambda line: None).attach()
             attach_s.append(time.process_time() - start)
-        cpu = time.process_time()
-        wall = timed(lambda: loop(model, optimizer, batches, w), device)
-        cpu = time.process_time() - cpu
+        wall, cpu = timed(lambda: loop(model, optimizer, batches, w), device)
         if w is not None:
             start = time.process_time()
             w.detach()
             attach_s[-1] += time.process_time() - start
         return wall / args.steps, cpu / args.steps
 
+    load_before = os.getloadavg()
     run(False), run(True)  # warm-up
     times: dict[str, list[tuple[float, float]]] = {"plain": [], "watch": []}
     for r in range(args.rounds):
@@ -102,8 +101,8 @@ def main() -> None:
     wall_ratios = [w[0] / p[0] for w, p in zip(times["watch"], times["plain"])]
     cpu_ratios = [w[1] / p[1] for w, p in zip(times["watch"], times["plain"])]
     print(f"preset {args.preset} | device {device} | {args.rounds} rounds x {args.steps} steps | batch "
-          f"{args.batch_size} | torch threads {torch.get_num_threads()} | load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"{args.batch_size} | torch threads {torch.get_num_threads()} | load average (1, 5, 15 min) before "
+          f"{' '.join(f'{x:.2f}' for x in load_before)}, after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for name, values in times.items():
         print(f"{name:6s} median {statistics.median(v[0] for v in values) * 1e3:8.1f} ms/step wall, "
               f"{statistics.median(v[1] for v in values) * 1e3:8.1f} ms/step CPU")

@@ -77,9 +77,11 @@ def test_stale_grad_without_zero_grad_but_not_for_deliberate_accumulation():
 def test_nonfinite_names_the_first_module_at_the_next_forward():
     w = run(plain_step, make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=1e38))
     first = next(f for f in w.findings if f["kind"] == "nonfinite")
-    # features.0's weights are ~1e38 (their float32 norm overflows) yet its outputs stay finite, and BatchNorm
-    # rescales them: the first non-finite output is the head's, whose weights multiply them
-    assert first["step"] == 1 and first["module"] == "head"
+    # Step 1's update leaves weights near 1e38: finite (though their float32 norm overflows), so nothing is
+    # non-finite yet. Step 2's forward overflows (a NaN loss), its update writes NaN into every parameter, and the
+    # next forward, the first one hooked, goes non-finite at the first module.
+    assert w.record.values("params_finite")[:2] == [True, False]
+    assert first["step"] == 2 and first["module"] == "features.0"
     assert "head.weight" in first["tensors"]
     assert w.summary()["outcome"] == "diverged"
 

@@ -38,7 +38,7 @@ import torch
 from workbench.instrument.observer import StepObserver
 from workbench.records.record import RunRecord
 from workbench.records.runlog import RunLogWriter
-from workbench.train.host import nonfinite_flags, to_host
+from workbench.train.host import nonfinite_elements, nonfinite_flags, to_host
 from workbench.train.step import StepContext
 
 
@@ -49,8 +49,8 @@ def nonfinite_params(model: torch.nn.Module, flags: np.ndarray | None = None) ->
     params = [p.detach() for p in model.parameters()]
     if flags is None:
         flags = to_host(nonfinite_flags(params))
-    bad = [p for p, flag in zip(params, flags.tolist()) if flag]
-    return len(bad), sum(int((~torch.isfinite(p)).sum()) for p in bad)
+    counts = [c for c in nonfinite_elements(params, flags.tolist()) if c]
+    return len(counts), sum(counts)
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -3,9 +3,11 @@
 
 `OptimizerUpdates.before(optimizer)` runs right before an optimizer's update (gradients final: after `unscale_`
 and any clip) and `after()` right after it. Between them it holds, on the device, the gradient norm of every
-parameter with a gradient, a copy of those the optimizer holds (one buffer per parameter, reused while the set
-stays the same) and their norms; `after()` turns the copies into the norm of each one's change. `pack(packet)`
-queues all of it in the caller's one host copy and `decode()` (after the copy) returns the step's `Updates`.
+parameter with a gradient, a copy of those the optimizer holds (in one flat buffer, reused while the set stays
+the same) and each group's norm, one reduction per run of the buffer that the same groups hold; `after()` turns the
+copies into the norm of each one's change. `pack(packet)` queues all of it in the caller's one host copy and
+`decode()` (after the copy) returns the step's `Updates`, whose per-group rows the host sums over index lists
+worked out once per layout (who has a gradient, who is in the optimizer: the same from one step to the next).
 
 Who brackets the update: torch's global optimizer step hooks (`hook_optimizers()`), which follow any optimizer the
 loop builds over the model's parameters (a new stage, an unfreeze) and ignore the rest (a replay's replica); so do
@@ -20,7 +22,6 @@ no `Updates` and its row no update ratio.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -35,48 +36,149 @@ from workbench.train import compat
 __all__ = ["GradientMarks", "OptimizerUpdates", "Updates"]
 
 
-@dataclass
+class _Layout:
+    """Who had a gradient at an update and where they stand: the same for every step of a loop until a gradient
+    appears or vanishes, a requires_grad flag flips or the optimizer's groups change (then a new one is built).
+
+    `received`: indices (into the model's parameters) of those with a gradient, the optimizer's first; `inside`:
+    how many of them the optimizer holds; `idle`: names of trainable ones it holds without a gradient. Per group
+    (of `groups`, those holding a received tensor) the positions of its tensors, so the host sums per group over
+    lists of indices. The copies of the inside tensors live in one flat buffer per device and dtype, ordered so
+    that tensors of the same groups sit side by side: `segments` are those runs, whose norms (one reduction each)
+    give every group's norm before the update without a reduction per tensor."""
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]], held: set[int], groups: ParamGroups) -> None:
+        inside, outside, idle = [], [], []
+        for i, (n, p) in enumerate(named):
+            if p.grad is None:
+                if p.requires_grad and id(p) in held:
+                    idle.append(n)
+            elif id(p) in held:
+                inside.append(i)
+            elif p.requires_grad:
+                outside.append(i)
+        self.received = inside + outside
+        self.inside = len(inside)
+        self.names = [named[i][0] for i in self.received]
+        self.params = [named[i][1] for i in inside]
+        self.idle = idle
+        self.key = tuple(self.names[:self.inside])   # what the copies are of
+        where = {n: k for k, n in enumerate(self.names)}
+        rows = [(g, [where[n] for n in members if n in where]) for g, members in groups.items()]
+        rows = [(g, idx) for g, idx in rows if idx]
+        self.groups = [g for g, _ in rows]
+        self.members = [idx for _, idx in rows]                           # received positions per group
+        self.members_inside = [[k for k in idx if k < self.inside] for idx in self.members]
+        self.outside = [sum(1 for k in idx if k >= self.inside) for idx in self.members]
+        # The flat copies: inside tensors ordered by (device, dtype, the groups holding them).
+        sig = [(p.device, p.dtype, tuple(g for g, idx in enumerate(self.members_inside) if k in idx))
+               for k, p in enumerate(self.params)]
+        order = sorted(range(self.inside), key=lambda k: (str(sig[k][0]), str(sig[k][1]), sig[k][2]))
+        self.segments: list[tuple[tuple[torch.device, torch.dtype], int, int]] = []   # (buffer, start, stop)
+        self.segment_groups: list[tuple[int, ...]] = []
+        self.sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+        self.offsets = [0] * self.inside
+        for k in order:
+            device, dtype, held_by = sig[k]
+            buffer, numel = (device, dtype), self.params[k].numel()
+            start = self.sizes.get(buffer, 0)
+            self.offsets[k], self.sizes[buffer] = start, start + numel
+            last = self.segments[-1] if self.segments else None
+            if last is not None and last[0] == buffer and last[2] == start and self.segment_groups[-1] == held_by:
+                self.segments[-1] = (buffer, last[1], start + numel)
+            else:
+                self.segments.append((buffer, start, start + numel))
+                self.segment_groups.append(held_by)
+        self.group_segments = [[s for s, held_by in enumerate(self.segment_groups) if g in held_by]
+                               for g in range(len(self.groups))]
+
+
+class _Copies:
+    """The flat buffers holding a copy of the inside tensors of one layout, and a view per tensor."""
+
+    def __init__(self, layout: _Layout) -> None:
+        self.key = layout.key
+        self.flat = {buffer: torch.empty(size, device=buffer[0], dtype=buffer[1])
+                     for buffer, size in layout.sizes.items()}
+        self.views = [self.flat[(p.device, p.dtype)][start:start + p.numel()].view(p.shape)
+                      for p, start in zip(layout.params, layout.offsets)]
+        self.segments = [self.flat[buffer][start:stop] for buffer, start, stop in layout.segments]
+
+
+def _sum_squares(values: list[float], idx: list[int]) -> float:
+    return sum([values[k] * values[k] for k in idx])
+
+
 class Updates:
     """One update on the host. `received`: parameters with a gradient (those in the optimizer first), `inside`
     and `outside` the optimizer; `idle`: trainable parameters in the optimizer without a gradient; `norm`: the
-    gradient norm of each received one; `before` / `diff`: for each inside one, its norm before the update and the
-    norm of its change (absent when the update has not run)."""
+    gradient norm of each received one; `diff`: for each inside one, the norm of its change (absent when the
+    update has not run); `stale`: inside ones whose gradient was not cleared since the previous update
+    (`GradientMarks`). Per group (`rows`, `gradient_rows`): over the groups the observer was built with."""
 
-    received: list[str]
-    inside: list[str]
-    outside: list[str]
-    idle: list[str]
-    norm: dict[str, float]
-    before: dict[str, float]
-    diff: dict[str, float]
-    stale: list[str]   # inside ones whose gradient was not cleared since the previous update (`GradientMarks`)
+    def __init__(self, layout: _Layout, norms: list[float], segments: list[float], diff: list[float] | None,
+                 stale: list[str]) -> None:
+        self._layout, self._norms, self._segments, self._diffs = layout, norms, segments, diff
+        self.received = layout.names
+        self.inside = layout.names[:layout.inside]
+        self.outside = layout.names[layout.inside:]
+        self.idle = layout.idle
+        self.norm = dict(zip(self.received, norms))
+        self.diff = {} if diff is None else dict(zip(self.inside, diff))
+        self.stale = stale
+
+    def _movable(self) -> list[bool]:
+        top = max((x for x in self._norms if math.isfinite(x)), default=0.0)
+        return [math.isfinite(x) and x > 1e-6 * top for x in self._norms]
+
+    def _stuck(self) -> list[int]:
+        """Positions of the stuck tensors (see `stuck`)."""
+        if self._diffs is None or 0.0 not in self._diffs:
+            return []
+        movable = self._movable()
+        return [k for k, d in enumerate(self._diffs) if d == 0 and movable[k]]
 
     def movable(self) -> list[str]:
         """Received tensors whose gradient could move them: finite and above 1e-6 of the step's largest gradient
         norm (a bias right before a BatchNorm gets ~1e-9, which no float32 update represents)."""
-        top = max((x for x in self.norm.values() if math.isfinite(x)), default=0.0)
-        return [n for n, x in self.norm.items() if math.isfinite(x) and x > 1e-6 * top]
+        return [n for n, m in zip(self.received, self._movable()) if m]
 
     def stuck(self) -> list[str]:
         """Tensors in the optimizer whose gradient could move them but that did not change."""
-        return [n for n in self.movable() if self.diff.get(n) == 0]
+        return [self.received[k] for k in self._stuck()]
 
-    def rows(self, groups: ParamGroups) -> dict[str, float | int]:
+    def rows(self) -> dict[str, float | int]:
         """Per group with a gradient: `update_ratio/<group>` (||w_after - w_before|| / ||w_before|| over its
         tensors in the optimizer; 0 when none is), `not_updated/<group>` (its tensors that could move but did
         not: unchanged in the optimizer, or outside it) and `stale_grad/<group>` (its tensors in the optimizer
         whose gradient was not cleared since the previous update)."""
-        stuck, outside, stale = set(self.stuck()), set(self.outside), set(self.stale)
+        layout, diffs = self._layout, self._diffs
+        stuck = set(self._stuck())
+        stale = {k for k, n in enumerate(self.inside) if n in self.stale} if self.stale else set()
         row: dict[str, float | int] = {}
-        for group, members in groups.items():
-            got = [n for n in members if n in self.norm]
-            if not got:
-                continue
-            base = math.sqrt(sum(self.before.get(n, 0.0) ** 2 for n in got))
-            moved = math.sqrt(sum(self.diff.get(n, 0.0) ** 2 for n in got))
+        for g, group in enumerate(layout.groups):
+            inside = layout.members_inside[g]
+            base = math.sqrt(_sum_squares(self._segments, layout.group_segments[g]))
+            moved = math.sqrt(_sum_squares(diffs, inside)) if diffs is not None else 0.0
             row[f"update_ratio/{group}"] = moved / base if base > 0 else (0.0 if moved == 0 else math.inf)
-            row[f"not_updated/{group}"] = sum(1 for n in got if n in stuck or n in outside)
-            row[f"stale_grad/{group}"] = sum(1 for n in got if n in stale)
+            row[f"not_updated/{group}"] = layout.outside[g] + (sum(1 for k in inside if k in stuck) if stuck else 0)
+            row[f"stale_grad/{group}"] = sum(1 for k in inside if k in stale) if stale else 0
+        return row
+
+    def gradient_rows(self) -> dict[str, float | int | bool]:
+        """Per group with a gradient: `grad_norm/<group>` (the norm over its received tensors), `grad_nonfinite/
+        <group>` (how many of them have a non-finite gradient norm), `outside_optimizer/<group>`; then
+        `grad_norm/global` and `nonfinite_grad` over every received tensor."""
+        layout, norms = self._layout, self._norms
+        bad = {k for k, x in enumerate(norms) if not math.isfinite(x)}
+        row: dict[str, float | int | bool] = {}
+        for g, group in enumerate(layout.groups):
+            members = layout.members[g]
+            row[f"grad_norm/{group}"] = math.sqrt(_sum_squares(norms, members))
+            row[f"grad_nonfinite/{group}"] = sum(1 for k in members if k in bad) if bad else 0
+            row[f"outside_optimizer/{group}"] = layout.outside[g]
+        row["grad_norm/global"] = math.sqrt(sum([x * x for x in norms]))
+        row["nonfinite_grad"] = bool(bad)
         return row
 
 
@@ -131,17 +233,16 @@ class GradientMarks:
 
     def mark(self) -> None:
         """After an update: remember every gradient as it is now, and start judging afresh."""
-        self._mark = {name: (id(p.grad), compat.tensor_version(p.grad)) for name, p in self.named.items()
-                      if p.grad is not None}
+        version = compat.tensor_version
+        self._mark = {name: (id(g), version(g)) for name, p in self.named.items() if (g := p.grad) is not None}
         self.stale, self._checked = set(), set()
 
 
 class _Pending:
     """One update still on the device."""
 
-    def __init__(self, received: list[tuple[str, nn.Parameter]], inside: int, outside: list[str],
-                 idle: list[str], stale: list[str]) -> None:
-        self.received, self.inside, self.outside, self.idle, self.stale = received, inside, outside, idle, stale
+    def __init__(self, layout: _Layout, stale: list[str]) -> None:
+        self.layout, self.stale = layout, stale
         self.tensors: dict[str, torch.Tensor] = {}
         self.slots: dict[str, Slot] = {}
         self.marked = False   # the gradients were marked after the update
@@ -157,11 +258,14 @@ class OptimizerUpdates(StepObserver):
         self.model, self.groups, self.optimizer = model, groups, optimizer
         self.named = dict(model.named_parameters())
         self.marks = GradientMarks(self.named, on_backward)
-        self._mine = {id(p) for p in self.named.values()}
+        self._items = list(self.named.items())
+        self._params = list(self.named.values())
+        self._mine = {id(p) for p in self._params}
         self._pending: _Pending | None = None
-        self._copies: tuple[tuple[str, ...], list[torch.Tensor]] | None = None
+        self._copies: _Copies | None = None
         self._hooks: list[Any] = []
-        self._held_cache: tuple[Any, set[int]] | None = None
+        self._held_cache: tuple[torch.optim.Optimizer, list[tuple[list[Any], int]], set[int], int] | None = None
+        self._layouts: dict[tuple[Any, ...], _Layout] = {}
         self.latest: Updates | None = None
         self.step = 0
 
@@ -179,42 +283,55 @@ class OptimizerUpdates(StepObserver):
 
     def held(self, optimizer: torch.optim.Optimizer) -> set[int]:
         """ids of the optimizer's parameters, rebuilt only when its groups (or their lists) change."""
-        key = (id(optimizer), tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups))
-        if self._held_cache is None or self._held_cache[0] != key:
-            self._held_cache = (key, {id(p) for group in optimizer.param_groups for p in group["params"]})
-        return self._held_cache[1]
+        return self._held(optimizer)[0]
+
+    def _held(self, optimizer: torch.optim.Optimizer) -> tuple[set[int], int]:
+        """`held` and its generation (a new one each time it is rebuilt)."""
+        # The lists themselves are kept (not their ids), so one freed with its optimizer cannot pass for a new one.
+        lists = [(g["params"], len(g["params"])) for g in optimizer.param_groups]
+        cached = self._held_cache
+        if cached is None or cached[0] is not optimizer or len(cached[1]) != len(lists) or \
+                any(a is not b or m != n for (a, m), (b, n) in zip(cached[1], lists)):
+            cached = self._held_cache = (optimizer, lists, {id(p) for lst, _ in lists for p in lst},
+                                         0 if cached is None else cached[3] + 1)
+        return cached[2], cached[3]
+
+    def _layout(self, optimizer: torch.optim.Optimizer) -> _Layout:
+        """The current layout: found by which parameters have a gradient and are trainable (host-side flags, read
+        at every step), built only when that or the optimizer's groups changed."""
+        held, generation = self._held(optimizer)
+        params = self._params
+        key = (generation, tuple([p.grad is None for p in params]), tuple([p.requires_grad for p in params]))
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) >= 8:  # a loop that keeps changing which tensors get gradients
+                self._layouts.clear()
+            layout = self._layouts[key] = _Layout(self._items, held, self.groups)
+        return layout
 
     def before(self, optimizer: torch.optim.Optimizer) -> bool:
         """Right before `optimizer` updates: note who got a gradient and copy what it will change. False (nothing
         noted) when the optimizer holds none of the model's parameters."""
         if not self.owns(optimizer):
             return False
-        held = self.held(optimizer)
-        inside: list[tuple[str, nn.Parameter]] = []
-        outside: list[tuple[str, nn.Parameter]] = []
-        idle: list[str] = []
-        for n, p in self.named.items():  # one pass: this runs at every step
-            if p.grad is None:
-                if p.requires_grad and id(p) in held:
-                    idle.append(n)
-            elif id(p) in held:
-                inside.append((n, p))
-            elif p.requires_grad:
-                outside.append((n, p))
+        layout = self._layout(optimizer)
         self.marks.hook()  # parameters made trainable since the last update (their first backward is not judged)
-        stale = sorted(self.marks.stale.intersection(n for n, _ in inside))
-        pending = _Pending(inside + outside, len(inside), [n for n, _ in outside], idle, stale)
+        stale = sorted(self.marks.stale.intersection(layout.names[:layout.inside])) if self.marks.stale else []
+        pending = _Pending(layout, stale)
+        params = layout.params
         with torch.no_grad():
             # under no_grad the parameters are read as they are: a detach per tensor would cost a dispatch each
-            params = [p for _, p in inside]
+            grads = [self._params[i].grad for i in layout.received]
+            norms = list(compat.foreach_norm(grads, 2, dtype=torch.float32)) if grads else []
             if params:
-                key = tuple(n for n, _ in inside)
-                if self._copies is None or self._copies[0] != key:
-                    self._copies = (key, [torch.empty_like(p) for p in params])
-                compat.foreach_copy_(self._copies[1], params)
-            if pending.received:  # the gradients' norms, then the parameters': one reduction
-                grads = [p.grad for _, p in pending.received]
-                pending.tensors["norms"] = torch.stack(compat.foreach_norm(grads + params, 2, dtype=torch.float32))
+                copies = self._copies
+                if copies is None or copies.key != layout.key:
+                    copies = self._copies = _Copies(layout)
+                compat.foreach_copy_(copies.views, params)
+                # after the gradients' norms, each group's norm before the update, from the runs of the flat copies
+                norms += [torch.linalg.vector_norm(t, dtype=torch.float32) for t in copies.segments]
+            if norms:
+                pending.tensors["norms"] = torch.stack(norms)
         self._pending = pending
         return True
 
@@ -225,17 +342,17 @@ class OptimizerUpdates(StepObserver):
             return
         pending.marked = True
         self.marks.mark()
-        if not pending.inside or self._copies is None:
+        if not pending.layout.inside or self._copies is None:
             return
         with torch.no_grad():
-            copies = self._copies[1]
-            compat.foreach_sub_(copies, [p for _, p in pending.received[:pending.inside]])
-            pending.tensors["diff"] = torch.stack(compat.foreach_norm(copies, 2, dtype=torch.float32))
+            views = self._copies.views
+            compat.foreach_sub_(views, pending.layout.params)
+            pending.tensors["diff"] = torch.stack(compat.foreach_norm(views, 2, dtype=torch.float32))
 
     def pending_inside(self) -> list[str]:
         """Names of the parameters in the optimizer the bracketed update holds copies of (none when none)."""
         pending = self._pending
-        return [] if pending is None else [n for n, _ in pending.received[:pending.inside]]
+        return [] if pending is None else pending.layout.names[:pending.layout.inside]
 
     def pack(self, packet: HostPacket) -> bool:
         """Queue the bracketed update in `packet` (the caller's one host copy); False when there is none."""
@@ -249,13 +366,9 @@ class OptimizerUpdates(StepObserver):
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        names = [n for n, _ in pending.received]
-        inside = names[:pending.inside]
         v = {k: s.value.tolist() for k, s in pending.slots.items()}
-        norms = v.get("norms", [])
-        return Updates(received=names, inside=inside, outside=pending.outside, idle=pending.idle,
-                       norm=dict(zip(names, norms[:len(names)])), before=dict(zip(inside, norms[len(names):])),
-                       diff=dict(zip(inside, v.get("diff", []))), stale=pending.stale)
+        norms, received = v.get("norms", []), len(pending.layout.received)
+        return Updates(pending.layout, norms[:received], norms[received:], v.get("diff"), pending.stale)
 
     # ------------------------------------------------------------------------------------------- torch's hooks
 
@@ -302,4 +415,4 @@ class OptimizerUpdates(StepObserver):
 
     def row(self, step: int) -> dict[str, Any]:
         """`Updates.rows` of `step` (empty when its update was skipped)."""
-        return self.latest.rows(self.groups) if self.latest is not None and self.step == step else {}
+        return self.latest.rows() if self.latest is not None and self.step == step else {}

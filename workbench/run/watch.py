@@ -69,9 +69,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from workbench.instrument.host import HostPacket, Slot
 from workbench.records import Recorder, RunRecord
 from workbench.records.outcome import OutcomeRules, classify
-from workbench.records.recorder import nonfinite_params as count_nonfinite
 from workbench.train import compat
-from workbench.train.host import nonfinite_flags
+from workbench.train.host import nonfinite_elements, nonfinite_flags
 from workbench.run.byo import Groups, _param_groups
 from workbench.run.updates import OptimizerUpdates, Updates
 
@@ -402,11 +401,10 @@ class Watch:
         """Which parameters may have become non-finite: only those written since the last check. A parameter the
         update wrote is non-finite when the norm of its change is (`Updates.diff`: before - after, finite only
         when both are); any other one written, and every one at the first step, is checked on the device."""
-        inside = set(self.updates.pending_inside())
-        todo = moved | self._unchecked
-        snap.by_diff = [self._params_names[i] for i in todo if self._params_names[i] in inside
-                        and i not in self._unchecked]
-        snap.checked = sorted(i for i in todo if self._params_names[i] not in inside or i in self._unchecked)
+        inside = {self._index[n] for n in self.updates.pending_inside()}
+        by_diff = (moved & inside) - self._unchecked
+        snap.by_diff = [self._params_names[i] for i in sorted(by_diff)]
+        snap.checked = sorted((moved | self._unchecked) - by_diff)
         if snap.checked:
             snap.slots["param_flags"] = snap.packet.add(
                 nonfinite_flags([self._params[i].detach() for i in snap.checked]))
@@ -442,16 +440,12 @@ class Watch:
         self._t0 = time.perf_counter()
         u = self.updates.decode()
         assert u is not None
-        norm, outside = u.norm, set(u.outside)
-        for group, members in self.groups.items():
-            got = [n for n in members if n in norm]
-            if got:
-                row[f"grad_norm/{group}"] = math.sqrt(sum(norm[n] ** 2 for n in got))
-                row[f"grad_nonfinite/{group}"] = sum(1 for n in got if not math.isfinite(norm[n]))
-                row[f"outside_optimizer/{group}"] = sum(1 for n in got if n in outside)
-        row.update(u.rows(self.groups))
-        row["grad_norm/global"] = math.sqrt(sum(x ** 2 for x in norm.values()))
-        row["nonfinite_grad"] = not all(math.isfinite(x) for x in norm.values())
+        norm = u.norm
+        grads = u.gradient_rows()
+        total, nonfinite_grad = grads.pop("grad_norm/global"), grads.pop("nonfinite_grad")
+        row.update(grads)
+        row.update(u.rows())
+        row["grad_norm/global"], row["nonfinite_grad"] = total, nonfinite_grad
         if "scale" in v:
             row["scaler/scale_before"] = float(v["scale"][0])
         row["skipped"] = False
@@ -465,22 +459,37 @@ class Watch:
                 coef = min(1.0, ratio)
                 row["clip/coefficient"] = coef
                 row["clip/total_norm"] = row["grad_norm/global"] / ratio
-        row.update({f"weight/{k}": float(x) for k, x in self._weights.items()})
+        if self._weights:
+            row.update({f"weight/{k}": float(x) for k, x in self._weights.items()})
         if "loss" in v:
             row.update({f"loss/{k}": float(x) for k, x in zip(snap.names["loss"], v["loss"].tolist())})
-        checked = dict(zip((self._params_names[i] for i in snap.checked), v.get("param_flags", np.zeros(0)).tolist()))
-        checked.update((n, not math.isfinite(u.diff.get(n, 0.0))) for n in snap.by_diff)
-        self._bad = {n for n in self._bad if n not in checked} | {n for n, bad in checked.items() if bad}
-        nonfinite_params = [n for n in self._params_names if n in self._bad]
-        tensors, elements = 0, 0
-        if nonfinite_params:  # a read per non-finite tensor, only on a step that has one
-            tensors, elements = count_nonfinite(self.model, np.array([n in self._bad for n in self._params_names]))
+        nonfinite_params, elements = self._nonfinite_params(snap, u, v.get("param_flags"))
+        tensors = len(nonfinite_params)
         row.update({"params_finite": tensors == 0, "params_nonfinite/tensors": tensors,
                     "params_nonfinite/elements": elements})
         self._params_finite = (tensors == 0, tensors, elements)
         assert self.recorder is not None
         self.recorder.record_step(step, row)
         self._find(snap, u, v, nonfinite_params, coef, outputs)
+
+    def _nonfinite_params(self, snap: _Snapshot, u: Updates, flags: np.ndarray | None) -> tuple[list[str], int]:
+        """(names in model order, elements) of the parameters holding a non-finite value after this step. Suspects:
+        those the update wrote whose change has a non-finite norm, those checked on the device whose screen
+        flagged them (`nonfinite_flags`), and those found bad before that were not written since; each suspect is
+        settled by counting its elements (`nonfinite_elements`: one read each, only on a step with a suspect), so
+        a finite parameter whose norm overflows is not called non-finite."""
+        suspects = self._bad.difference(snap.by_diff).difference(self._params_names[i] for i in snap.checked)
+        suspects.update(n for n in snap.by_diff if not math.isfinite(u.diff.get(n, 0.0)))
+        if flags is not None:
+            suspects.update(self._params_names[i] for i, f in zip(snap.checked, flags.tolist()) if f)
+        if not suspects:
+            self._bad = set()
+            return [], 0
+        names = [n for n in self._params_names if n in suspects]
+        counts = nonfinite_elements([self.named[n].detach() for n in names])
+        bad = [n for n, c in zip(names, counts) if c]
+        self._bad = set(bad)
+        return bad, sum(counts)
 
     def _record_skipped(self, skipped: list[tuple[_Iteration, dict[str, Slot]]], scale: float) -> None:
         """One row per iteration whose step the GradScaler skipped, in order, as a TrainStep records it: its loss,

@@ -9,6 +9,8 @@ the step is its first user; `workbench.instrument.host` is the same boundary und
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -47,7 +49,7 @@ class HostPacket:
     `add(t)` queues a tensor (any shape, floating or integer, up to 2**24 exactly in float32) and returns its
     `Slot`; `read()` moves everything queued since the last read in one `to_host` copy (float32, or float64 when
     a queued tensor is float64) and fills the slots. A read with nothing queued copies nothing.
-    `params_nonfinite(model)` is the step's one non-finite check over the parameters, shared by every observer
+    `params_nonfinite(model)` is the step's one non-finite screen over the parameters, shared by every observer
     that asks for it.
     """
 
@@ -73,19 +75,33 @@ class HostPacket:
             slot._value = values[start:stop]
 
     def params_nonfinite(self, model: torch.nn.Module) -> Slot:
-        """(P,) over `model.parameters()`: 1 where a parameter holds a non-finite value, else 0. One multi-tensor
-        reduction per step, queued at the first call and shared by every later caller (ask after the update)."""
+        """(P,) over `model.parameters()`: `nonfinite_flags` (1 where a parameter may hold a non-finite value, 0
+        where it surely holds none; `nonfinite_elements` settles the flagged ones). One multi-tensor reduction per
+        step, queued at the first call and shared by every later caller (ask after the update)."""
         if id(model) not in self._shared:
             self._shared[id(model)] = self.add(nonfinite_flags([p.detach() for p in model.parameters()]))
         return self._shared[id(model)]
 
 
 def nonfinite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """(k,) float32 on the first tensor's device: 1 where a tensor holds a NaN or inf (its float32 norm is not
-    finite; an fp16 norm would overflow long before the values do)."""
+    """(k,) float32 on the first tensor's device: 1 where a tensor MAY hold a NaN or inf, 0 where it surely holds
+    none. The device-side screen of the one non-finite check (`nonfinite_elements` settles it): a tensor's float32
+    2-norm (one multi-tensor reduction, the cost of a norm) is finite exactly when every element is finite and the
+    sum of squares stays below float32's range, so it flags every tensor with a NaN or inf and, besides them, only
+    finite tensors with values near 1e19 or beyond (an fp16 norm would overflow long before the values do)."""
     if not tensors:
         return torch.zeros(0)
     device = tensors[0].device
     with torch.no_grad():
         norms = compat.foreach_norm(tensors, 2, dtype=torch.float32)
         return (~torch.isfinite(torch.stack([n.to(device) for n in norms]))).float()
+
+
+def nonfinite_elements(tensors: Sequence[torch.Tensor], flags: Sequence[float] | None = None) -> list[int]:
+    """How many elements of each tensor are NaN or inf, exactly: counted (one host read each) only where `flags`
+    (`nonfinite_flags` on the host; None: every tensor) is set, 0 elsewhere. A tensor holds a non-finite value
+    exactly when its count is above 0: the screen's flag alone is not that fact (a finite tensor near 1e19
+    overflows the norm), so every caller that says "non-finite" settles it here."""
+    with torch.no_grad():
+        return [int((~torch.isfinite(t)).sum()) if flags is None or flags[k] else 0
+                for k, t in enumerate(tensors)]
