@@ -669,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("diagnose", help="try the candidate fixes on a failing run's log and say which make it "
                                         "healthy")
-    p.add_argument("runlog", help="run log (.h5) of a joint-stage run forked from a CTC-warm checkpoint")
+    p.add_argument("runlog", help="run log (.h5) of a joint-stage run, or of a byo/Lightning run that kept a bundle")
     p.add_argument("--seeds", default="3", help="seeds per candidate, from the run's own (default 3)")
     p.add_argument("--steps", default=None, help="run K steps after the first failing step (default: the run's "
                                                  "length)")
