@@ -226,3 +226,20 @@ def test_the_readmes_byo_diagnose_example_runs_as_written(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "control                  nothing                         3/3 stalled" in proc.stdout
     assert "Recommended: rebuild_at_stage_change, healthy in 3/3 seeds" in proc.stdout
+
+
+def test_a_missing_or_damaged_bundle_is_one_line_naming_the_log_and_the_file(tmp_path):
+    byo_run(tmp_path / "run.h5", steps=3)
+    bundle = bundle_path(tmp_path / "run.h5")
+    bundle.write_bytes(b"not a bundle")
+    with pytest.raises(DiagnoseError, match=r"run.h5: run.bundle.pt: expected a replay bundle torch.load\("
+                                            r"weights_only=True\) reads, got "):
+        diagnose(tmp_path / "run.h5", model=Net(), loss_fn=mse)
+    bundle.unlink()
+    with pytest.raises(DiagnoseError, match=r"run.h5: replay: expected the run's kept bundle at .*run.bundle.pt, "
+                                            r"got no file there"):
+        diagnose(tmp_path / "run.h5", model=Net(), loss_fn=mse)
+    byo_run(tmp_path / "again.h5", steps=3)
+    with pytest.raises(DiagnoseError, match=r"again.h5: the model given has no parameter 'encoder.0.bias': expected "
+                                            r"an object of the run's own class, Net"):
+        diagnose(tmp_path / "again.h5", model=nn.Linear(8, 1), loss_fn=mse)
