@@ -141,7 +141,9 @@ def diagnose(run: RunRecord | str | Path, *, seeds: int = 3, steps: int | None =
              progress: bool | TextIO = False, model: Any = None, loss_fn: Any = None,
              module: Any = None) -> Diagnosis:
     """Diagnose a failing run (its record or its log's path): a joint-stage run, or a byo.instrument or Lightning
-    run that kept a replay bundle (`_diagnose_kept`; `model` and `loss_fn`, or `module`, are the user's objects).
+    run that kept a replay bundle (`_diagnose_kept`; `model` and `loss_fn`, or `module`, are the user's objects;
+    there `steps` is the length of every continuation, seeds count from 0, and `data`, `workers` and `reuse` do
+    not apply).
 
     seeds: how many seeds, from the run's own. steps: the candidate runs' length as K steps after the run's first
     non-finite step (default: the run's length). candidates: names to try instead of those the evidence calls for.
