@@ -671,15 +671,17 @@ def build_parser() -> argparse.ArgumentParser:
                                         "healthy")
     p.add_argument("runlog", help="run log (.h5) of a joint-stage run, or of a byo/Lightning run that kept a bundle")
     p.add_argument("--seeds", default="3", help="seeds per candidate, from the run's own (default 3)")
-    p.add_argument("--steps", default=None, help="run K steps after the first failing step (default: the run's "
-                                                 "length)")
+    p.add_argument("--steps", default=None, help="run K steps after the first failing step (a kept bundle: K steps "
+                                                 "from its step); default: the run's length")
     p.add_argument("--candidates", default="", help="comma-separated candidate names to try instead of those the "
                                                     "run's evidence calls for")
     p.add_argument("--out", default=None, help="folder for the candidate runs (default: <log>_diagnose beside the "
                                                "log); rerun to resume")
-    p.add_argument("--data", default=None, help="data root, for a log that does not record its own")
+    p.add_argument("--data", default=None, help="data root, for a joint-stage log that does not record its own "
+                                                "(a kept bundle carries its batches)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the diagnosis as JSON")
-    p.add_argument("--workers", default=None, help="worker processes (default: one per core)")
+    p.add_argument("--workers", default=None, help="worker processes for a joint-stage log (default: one per "
+                                                   "core); a kept bundle's runs go one after another")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace the --json file")
     p.set_defaults(func=cmd_diagnose)
