@@ -4,9 +4,10 @@ The same plain-PyTorch loop (forward, CTC loss, zero_grad, backward, clip, AdamW
 `watch` around it, on the same model, optimizer and batches, interleaved round by round (the order alternating) so
 drift in machine load hits both alike. A round's watch is attached before its steps are timed and detached after
 (a loop attaches once, however long it runs: the per-step cost is what the ratio measures; attach + detach is
-timed on its own and printed). Prints the median ms/step of each, by wall clock and by this process's CPU time
-(less sensitive to other jobs on a shared machine), and the median per-round ratios; the last line is
-`watch overhead ratio: X.XXX` (wall clock).
+timed on its own and printed). Prints the load average before and after, the median ms/step of each, by wall
+clock and by this process's CPU time (less sensitive to other jobs on a shared machine), and per measure the median
+per-round ratio with its quartiles and the ratio of the fastest rounds; the last line is
+`watch overhead ratio: X.XXX` (wall clock, median per-round ratio).
 
     python benchmarks/bench_watch.py --preset small --rounds 10 --steps 4
 """
@@ -107,6 +108,13 @@ def main() -> None:
         print(f"{name:6s} median {statistics.median(v[0] for v in values) * 1e3:8.1f} ms/step wall, "
               f"{statistics.median(v[1] for v in values) * 1e3:8.1f} ms/step CPU")
     print(f"attach + detach median {statistics.median(attach_s) * 1e3:.2f} ms CPU (once per loop)")
+    for label, k, ratios in (("CPU time", 1, cpu_ratios), ("wall", 0, wall_ratios)):
+        # beside the median per-round ratio: its quartiles, and the ratio of each side's fastest round (the one
+        # other jobs on the machine disturbed least), so a loaded run shows how far to trust it
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        fastest = min(v[k] for v in times["watch"]) / min(v[k] for v in times["plain"])
+        print(f"{label:8s} per-round ratio median {statistics.median(ratios):.3f}, quartiles {q[0]:.3f}-{q[2]:.3f}, "
+              f"fastest rounds {fastest:.3f}")
     print(f"watch overhead ratio (CPU time): {statistics.median(cpu_ratios):.3f}")
     print(f"watch overhead ratio: {statistics.median(wall_ratios):.3f}")
 
