@@ -71,7 +71,8 @@ class _Layout:
         self.members_inside = [[k for k in idx if k < self.inside] for idx in self.members]
         self.outside = [sum(1 for k in idx if k >= self.inside) for idx in self.members]
         # The flat copies: inside tensors ordered by (device, dtype, the groups holding them).
-        sig = [(p.device, p.dtype, tuple(g for g, idx in enumerate(self.members_inside) if k in idx))
+        holds = [set(idx) for idx in self.members_inside]
+        sig = [(p.device, p.dtype, tuple(g for g, idx in enumerate(holds) if k in idx))
                for k, p in enumerate(self.params)]
         order = sorted(range(self.inside), key=lambda k: (str(sig[k][0]), str(sig[k][1]), sig[k][2]))
         self.segments: list[tuple[tuple[torch.device, torch.dtype], int, int]] = []   # (buffer, start, stop)

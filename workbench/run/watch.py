@@ -23,8 +23,9 @@ norm scales all alike), the update ratio per group (||w_after - w_before|| / ||w
 `workbench.run.updates.OptimizerUpdates`, the observer `byo.instrument` and the Lightning callback share), the
 tensors that got a non-zero gradient but did not change, the parameters and buffers of frozen modules that changed,
 which parameters are non-finite (only those written since the last step are checked: those the update wrote by the
-norm of their change, any other on the device), the loss and the scale. Memory: a copy of the parameters that got
-a gradient, held across the optimizer step (for the update ratio).
+norm of their change, any other by the shared screen `nonfinite_flags`; a suspect is settled by counting its
+non-finite elements, so a finite parameter whose norm overflows is not one), the loss and the scale. Memory: a
+copy of the parameters that got a gradient, held across the optimizer step (for the update ratio).
 
 Steps are the loop's iterations, as a TrainStep counts them, so a watch log classifies like a TrainStep log of the
 same run. A step the GradScaler skips never reaches the optimizer (no step hook fires): watch tells iterations
