@@ -17,9 +17,9 @@ the next forward). Leaving the block removes every one of them.
 
 Per optimizer step everything it measures moves to the host in ONE `to_host` copy (`HostPacket`): per-group
 gradient norm and non-finite count (as the optimizer sees them: after unscale_ and your clip), the clip
-coefficient (a tensor's gradient norm at the step over its norm at the end of the last backward, divided by the
-GradScaler's scale: every tensor's under a GradScaler, else the largest one's in the optimizer, since a clip by
-norm scales all alike), the update ratio per group (||w_after - w_before|| / ||w_before||, measured by
+coefficient (some tensors' gradient norm at the step over their norm at the end of the last backward, divided by
+the GradScaler's scale: every tensor's under a GradScaler, else a few small ones' in the optimizer, since a clip
+by norm scales all alike), the update ratio per group (||w_after - w_before|| / ||w_before||, measured by
 `workbench.run.updates.OptimizerUpdates`, the observer `byo.instrument` and the Lightning callback share), the
 tensors that got a non-zero gradient but did not change, the parameters and buffers of frozen modules that changed,
 which parameters are non-finite (only those written since the last step are checked: those the update wrote by the
@@ -77,6 +77,7 @@ from workbench.run.updates import OptimizerUpdates, Updates
 
 __all__ = ["FINDINGS", "Watch", "findings_text", "watch"]
 
+_REFERENCE_SIZE = 256   # elements of a reference tensor for the clip coefficient (see `_reference`)
 _HELD = 64   # skipped iterations held on the device before they are recorded in a copy of their own
 
 FINDINGS = ("outside_optimizer", "not_updated", "frozen_changed", "stale_grad", "nonfinite", "clip_collapse",
@@ -154,7 +155,8 @@ class Watch:
         self._module_hooks: list[Any] = []
         self._outputs: list[tuple[str, torch.Tensor]] = []
         self._seen: set[tuple[str, str]] = set()
-        self._ref: tuple[set[int], str, nn.Parameter] | None = None   # the clip coefficient's reference tensor
+        self._ref: tuple[set[int], list[tuple[str, nn.Parameter]]] | None = None   # the clip coefficient's
+        # reference tensors
         self._scaling = scaler is not None and scaler.is_enabled()
         self._iterations: dict[int, _Iteration] = {}   # by the GradScaler's update count (0 without one)
         self._next = 0                                 # update count of the first iteration not yet recorded
@@ -237,8 +239,8 @@ class Watch:
 
     def _after_backward(self) -> None:
         """End of a backward: gradient norms before anything (unscale_, a clip, a skip) touched them. Under a
-        GradScaler every tensor's (a skipped step's row needs them); without one only the largest tensor the
-        optimizer holds, the reference for the clip coefficient (a clip by norm scales every gradient alike)."""
+        GradScaler every tensor's (a skipped step's row needs them); without one only the reference tensors for the
+        clip coefficient (`_reference`: a clip by norm scales every gradient alike)."""
         if self._scaling:
             received = [(n, p.grad) for n, p in self.named.items() if p.grad is not None]
         else:
@@ -252,21 +254,22 @@ class Watch:
             it.norms = torch.stack(compat.foreach_norm(grads, 2, dtype=torch.float32))
 
     def _reference(self) -> list[tuple[str, torch.Tensor]]:
-        """[(name, gradient)] of the largest parameter the optimizer holds that has a gradient (chosen again only
-        when the optimizer's groups change or it has none); [] when none has."""
+        """[(name, gradient)] of the clip coefficient's reference tensors: the optimizer's parameters with a
+        gradient, the 4 smallest of at least 256 elements (their norm at the end of the backward costs little,
+        and four of them rarely all get a zero gradient), else the largest one; chosen again only when the
+        optimizer's groups change or one of them has no gradient. [] when none has a gradient."""
         held = self.updates.held(self.optimizer)
         cached = self._ref
         if cached is not None and cached[0] is held:
-            grad = cached[2].grad
-            if grad is not None:
-                return [(cached[1], grad)]
-        found = [(p.numel(), n, p) for n, p in self.named.items() if id(p) in held and p.grad is not None]
+            grads = [(n, p.grad) for n, p in cached[1]]
+            if all(g is not None for _, g in grads):
+                return grads  # type: ignore[return-value]
+        found = sorted(((p.numel(), n) for n, p in self.named.items() if id(p) in held and p.grad is not None))
         if not found:
             return []
-        _, name, param = max(found, key=lambda item: item[0])
-        self._ref = (held, name, param)
-        grad = param.grad
-        return [] if grad is None else [(name, grad)]
+        chosen = [n for size, n in found if size >= _REFERENCE_SIZE][:4] or [found[-1][1]]
+        self._ref = (held, [(n, self.named[n]) for n in chosen])
+        return [(n, g) for n in chosen if (g := self.named[n].grad) is not None]
 
     def _scaler_updates(self) -> int:
         """How many times the GradScaler updated its scale (the version counter of its scale tensor, which
