@@ -119,7 +119,7 @@ class Recorder(StepObserver):
         row = dict(row)
         for source in self.sources:
             row.update(source.row(step))
-        self.record.append(step, {k: v for k, v in row.items() if np.ndim(v) == 0})
+        self.record.append(step, {k: v for k, v in row.items() if isinstance(v, (int, float)) or np.ndim(v) == 0})
         if self.writer is not None:
             self.writer.log_step(step, row)
         for source in self.sources:
