@@ -1,11 +1,8 @@
 """Opt-in activation statistics from forward hooks: max |a|, RMS and non-finite count per module and step.
 
 Each hooked module's output (its first tensor, for modules returning tuples such as LSTM) is reduced on the
-device where the hook runs, in a few passes (aminmax, a float32 2-norm, a count of non-finite entries) and no
-other op: on a small model the cost of a hook is mostly the number of ops it launches, so everything else (max |a|
-from min and max, merging the calls of one module, the float32 table) is done once per step over all calls, into
-an (M, 3) device table; under a TrainStep the table is queued in the step's own host copy (at
-`on_after_backward`), without one `collect()` copies it (one copy). A
+device in float32 and accumulated into a preallocated (M, 3) device buffer; under a TrainStep the buffer is
+queued in the step's own host copy (at `on_after_backward`), without one `collect()` copies it (one copy). A
 module called several times in a step (micro-batches, a predictor run per decoding step) contributes every call:
 max over calls, RMS over all their entries, counts summed. Forwards with gradients disabled (validation under no_grad/inference_mode) are not recorded unless
 `include_no_grad=True`, so evaluation between steps does not leak into the next step's statistics.
@@ -28,8 +25,7 @@ from workbench.instrument.observer import StepObserver
 # model -> the ActivationStats whose hooks are on it: a re-run notebook cell replaces, never doubles, them.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, ActivationStats] = weakref.WeakKeyDictionary()
 
-MAX, SUMSQ, NONFINITE = 0, 1, 2  # table columns
-FOLD_EVERY = 1024  # hook calls kept as 0-d tensors before they are merged (bounds memory between collects)
+MAX, SUMSQ, NONFINITE = 0, 1, 2  # buffer columns
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -71,12 +67,7 @@ class ActivationStats(StepObserver):
             raise ValueError(f"ActivationStats: {unknown[0]!r} is not a module of this model")
         self._targets = [known[name] for name in self.modules]
         self.include_no_grad = include_no_grad
-        # Per hook call since the last fold: (module index, min, max, sum of squares, non-finite count), 0-d tensors.
-        self._calls: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._table: torch.Tensor | None = None  # (M, 3) float32: the calls folded so far
-        self._index: tuple[Any, torch.Tensor] | None = None
-        self._buffers: dict[torch.dtype, torch.Tensor] = {}  # CPU scratch for the non-finite count, by dtype
-        self._views: dict[tuple[torch.Size, torch.dtype], torch.Tensor] = {}  # of it, one per activation shape
+        self._buffer = torch.zeros(len(self.modules), 3, dtype=torch.float32)
         self._numel = [0] * len(self.modules)
         self._handles: list[RemovableHandle] = []
         self._queued: tuple[list[int], list[int], Any] | None = None
@@ -89,69 +80,20 @@ class ActivationStats(StepObserver):
         a = _first_tensor(output)
         if a is None or not a.is_floating_point() or a.numel() == 0:
             return
-        with torch.no_grad():  # (no graph: no detach needed, one op fewer)
+        if a.device != self._buffer.device and not any(self._numel):
+            # Follow the model's device (first use, or moved between steps) rather than copy every statistic.
+            self._buffer = self._buffer.to(a.device)
+        with torch.no_grad():
+            a = a.detach()
+            row = self._buffer[index]
             # One pass each, and fast on CPU too (an inf-norm or a bool sum is several times slower there).
-            # aminmax propagates NaN, so a NaN activation shows as a NaN max.
+            # aminmax and maximum propagate NaN, so a NaN activation shows as a NaN max.
             lo, hi = torch.aminmax(a)
-            norm = torch.linalg.vector_norm(a, 2, dtype=torch.float32)
-            # a * 0 is 0 where a is finite and NaN where it is not; as ones, their float32 sum counts them (exact up
-            # to 2**24, like the float32 table; twice as fast on CPU as a count_nonzero, which a bool sum is not)
-            zeros = torch.mul(a, 0, out=self._scratch(a)) if a.device.type == "cpu" else a * 0
-            nonfinite = torch.nan_to_num_(zeros, nan=1.0).sum(dtype=torch.float32)
-        self._calls.append((index, lo, hi, norm, nonfinite))
+            torch.maximum(row[MAX], torch.maximum(hi, lo.neg()).to(row.device), out=row[MAX])
+            sumsq = torch.linalg.vector_norm(a, 2, dtype=torch.float32).square()
+            nonfinite = torch.count_nonzero(a * 0)  # a * 0 is 0 where a is finite, NaN where it is not
+            row[SUMSQ:].add_(torch.stack((sumsq, nonfinite.float())).to(row.device))
         self._numel[index] += a.numel()
-        if len(self._calls) >= FOLD_EVERY:
-            self._fold()
-
-    def _scratch(self, a: torch.Tensor) -> torch.Tensor:
-        """A reused buffer shaped like `a` (CPU only). A fresh temporary the size of a large activation costs the
-        CPU allocator page faults on every call (several ms per step at the small preset); CUDA's caching
-        allocator reuses its blocks by itself. Grows to the largest hooked activation of each dtype."""
-        view = self._views.get((a.shape, a.dtype))
-        if view is None:
-            buffer = self._buffers.get(a.dtype)
-            if buffer is None or buffer.numel() < a.numel():
-                buffer = self._buffers[a.dtype] = torch.empty(a.numel(), dtype=a.dtype)
-                self._views = {k: v for k, v in self._views.items() if k[1] != a.dtype}  # views of the old one
-            view = self._views[(a.shape, a.dtype)] = buffer[:a.numel()].view(a.shape)
-        return view
-
-    def _fold(self) -> None:
-        """Merge the calls since the last fold into `_table`: per module the max over calls (NaN if any was NaN),
-        the summed squares and the summed non-finite counts. A few ops for all calls together."""
-        calls, self._calls = self._calls, []
-        if not calls:
-            return
-        indices, los, his, norms, counts = zip(*calls)
-        device = norms[0].device
-        key = (indices, device)
-        if self._index is None or self._index[0] != key:  # the same calls every step: moved to the device once
-            self._index = (key, torch.tensor(indices, device=device))
-        index = self._index[1]
-        moved = any(n.device != device for n in norms)  # a model spread over devices
-
-        def stacked(values: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            return torch.stack([v.to(device) for v in values] if moved else list(values)).float()
-
-        lo, hi, norm, nonfinite = stacked(los), stacked(his), stacked(norms), stacked(counts)
-        peak = torch.maximum(hi, lo.neg())
-        table = torch.zeros(len(self.modules), 3, dtype=torch.float32, device=device)
-        table[:, MAX].scatter_reduce_(0, index, peak, "amax", include_self=False)
-        # scatter's amax need not propagate NaN on every backend: a module with a NaN call gets NaN explicitly.
-        nan = torch.zeros(len(self.modules), device=device).index_add_(0, index, peak.isnan().float())
-        table[:, MAX] = torch.where(nan > 0, math.nan, table[:, MAX])
-        table[:, SUMSQ:].index_add_(0, index, torch.stack((norm.square(), nonfinite), dim=1))
-        if self._table is None or self._table.device != device:
-            self._table = table
-        else:
-            self._table[:, MAX] = torch.maximum(self._table[:, MAX], table[:, MAX])
-            self._table[:, SUMSQ:] += table[:, SUMSQ:]
-
-    def _take(self) -> torch.Tensor | None:
-        """The (M, 3) table of everything since the last take (None when no hooked module ran); resets it."""
-        self._fold()
-        table, self._table = self._table, None
-        return table
 
     def attach(self, step: Any = None) -> None:
         """Register the hooks (once), and observe `step` (a TrainStep) when given."""
@@ -195,8 +137,8 @@ class ActivationStats(StepObserver):
     def _queue(self, ctx: Any) -> None:
         """Queue the accumulated statistics in the step's host copy and reset the accumulators."""
         ran = [i for i, n in enumerate(self._numel) if n]
-        table = self._take()
-        self._queued = (ran, list(self._numel), ctx.packet.add(table) if ran and table is not None else None)
+        self._queued = (ran, list(self._numel), ctx.packet.add(self._buffer.clone()) if ran else None)
+        self._buffer.zero_()
         self._numel = [0] * len(self.modules)
 
     def on_step_end(self, ctx: Any) -> None:
@@ -213,11 +155,11 @@ class ActivationStats(StepObserver):
         module ran), reset the accumulators, and return `latest`."""
         self.step = self.step + 1 if step is None else step
         ran = [i for i, n in enumerate(self._numel) if n]
-        table = self._take()
-        if not ran or table is None:
+        if not ran:
             self.latest = {}
             return self.latest
-        values = host.to_host(table)
+        values = host.to_host(self._buffer)
+        self._buffer.zero_()
         self.latest = self._decode(ran, self._numel, values)
         self._numel = [0] * len(self.modules)
         return self.latest
