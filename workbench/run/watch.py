@@ -482,8 +482,11 @@ class Watch:
         flagged them (`nonfinite_flags`), and those found bad before that were not written since; each suspect is
         settled by counting its elements (`nonfinite_elements`: one read each, only on a step with a suspect), so
         a finite parameter whose norm overflows is not called non-finite."""
-        suspects = self._bad.difference(snap.by_diff).difference(self._params_names[i] for i in snap.checked)
-        suspects.update(n for n in snap.by_diff if not math.isfinite(u.diff.get(n, 0.0)))
+        suspects = self._bad.difference(snap.by_diff).difference(self._params_names[i] for i in snap.checked) \
+            if self._bad else set()
+        changes = u.diff.values()
+        if not all(map(math.isfinite, changes)):  # names are looked at only on a step with a non-finite change
+            suspects.update(n for n in snap.by_diff if not math.isfinite(u.diff.get(n, 0.0)))
         if flags is not None:
             suspects.update(self._params_names[i] for i, f in zip(snap.checked, flags.tolist()) if f)
         if not suspects:
