@@ -110,12 +110,14 @@ class RunEngine:
 
     def close(self, status: str = "finished", **attrs: Any) -> None:
         """Detach every instrument and close the recorder with the run's results and final status."""
-        self.train_step.settle()
-        for observer in [*self.instruments, self.recorder]:
-            if observer is not None:
-                observer.detach()
-        if self.recorder is not None:
-            self.recorder.close(status, **attrs)
+        try:
+            self.train_step.settle()
+        finally:  # the log is closed even when the last step's late end fails
+            for observer in [*self.instruments, self.recorder]:
+                if observer is not None:
+                    observer.detach()
+            if self.recorder is not None:
+                self.recorder.close(status, **attrs)
 
     def _changed(self, event: str, reason: str, line: str, **fields: Any) -> None:
         self.log(line)
