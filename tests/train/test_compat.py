@@ -44,6 +44,14 @@ def test_grad_scaler_found_inf_is_set_by_a_real_overflow():
 
 def test_scale_tensor_is_none_before_the_first_scale():
     assert compat.scale_tensor(torch.amp.GradScaler("cpu")) is None
+    assert compat.growth_tracker(torch.amp.GradScaler("cpu")) is None
+
+
+def test_growth_tracker_is_the_count_state_dict_reports():
+    scaler, _, _ = _scaled_step(init_scale=2.0 ** 10)
+    scaler.update()
+    tracker = compat.growth_tracker(scaler)
+    assert isinstance(tracker, torch.Tensor) and int(tracker) == scaler.state_dict()["_growth_tracker"] == 1
 
 
 def test_tensor_version_counts_in_place_writes():

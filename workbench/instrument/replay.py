@@ -5,10 +5,11 @@ batches, weights, loss flags, parameters, buffers, optimizer and GradScaler stat
 that the step's `zero_grad` does not clear (with the seed's `zero_grad_scope="optimizer"`, the parameters
 outside the optimizer keep, and keep accumulating, their gradients across steps: modessm.md 7 A).
 
-Cost of `capture`: one host copy of the parameters and buffers (the model state dict), one host copy of the
-optimizer state (two parameter-sized tensors for Adam/AdamW), the surviving gradients (none with
-`zero_grad_scope="model"`), and one copy of the batches. On CUDA these are device-to-host copies that
-synchronise; on the small models this workbench trains it is cheap enough to run before every step.
+Cost of `capture`: one copy of the parameters and buffers (the model state dict), one copy of the optimizer
+state (two parameter-sized tensors for Adam/AdamW), the surviving gradients (none with `zero_grad_scope="model"`)
+and one copy of the batches, all kept on the device they live on: device memory, no host sync (the GradScaler's
+scale and growth tracker are kept as device tensors too, not read with `get_scale()`). The bundle crosses to the
+host only when it is kept: `ReplayBundle.to_host()`, which `save_bundle` calls.
 
 A replay never touches the live run: `replica` deep-copies the model and optimizer (without the live model's
 hooks, so other probes do not see the replay), and `bundle_rng` restores the caller's RNG state on exit.
@@ -36,14 +37,16 @@ BUNDLE_FORMAT = "workbench.replay_bundle/1"
 
 @dataclass
 class ReplayBundle:
-    """Everything needed to replay one optimizer step; every tensor lives on the CPU.
+    """Everything needed to replay one optimizer step. Tensors live where `capture` found them (the step's
+    device) until `to_host()`; the RNG states are host tensors always.
 
     step: the index the replayed step has (TrainStep.step_index during that step).
-    batches: the step's micro-batches, moved to the CPU (objects with `.to(device)`).
+    batches: the step's micro-batches (objects with `.to(device)`).
     weights: the loss weights passed to the step; rnnt/mode: the step's loss flags.
     model_state: the model's state dict (parameters and persistent buffers, cloned).
     optimizer_state: the optimizer's state dict (cloned).
-    scaler_state: the GradScaler's state dict, or None without a scaler.
+    scaler_state: the GradScaler's state dict, or None without a scaler; "scale" and "_growth_tracker" may be
+        0-dim device tensors until `to_host()` (`scaler_numbers` gives the plain state dict).
     grads: name -> gradient of every parameter whose gradient survives the step's zero_grad.
     trainable: names of the parameters with requires_grad=True.
     cpu_rng: torch's CPU generator state; cuda_rng: one state per CUDA device, or None off CUDA.
@@ -64,16 +67,53 @@ class ReplayBundle:
     cuda_rng: list[torch.Tensor] | None
     precision: str
 
+    def to_host(self) -> ReplayBundle:
+        """This bundle with every tensor copied to the CPU and the scaler's state as plain numbers (host syncs: the
+        one time a kept bundle pays for crossing)."""
+        cpu = torch.device("cpu")
+        return dataclasses.replace(
+            self, batches=[copy.deepcopy(b.to(cpu)) for b in self.batches],
+            model_state=_copy(self.model_state, cpu), optimizer_state=_copy(self.optimizer_state, cpu),
+            scaler_state=scaler_numbers(self.scaler_state), grads=_copy(self.grads, cpu))
 
-def _host_copy(obj: Any) -> Any:
-    """Copy of a (nested) state dict with every tensor cloned to the CPU, so the bundle aliases nothing live."""
+
+def _copy(obj: Any, device: torch.device | None = None) -> Any:
+    """Copy of a (nested) state dict with every tensor cloned (onto `device`, else where it is), so the copy aliases
+    nothing live. An OrderedDict's `_metadata` (module versions that `load_state_dict` consults) is kept."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach().clone() if device is None else obj.detach().to(device, copy=True)
     if isinstance(obj, dict):
-        return {k: _host_copy(v) for k, v in obj.items()}
+        out = type(obj)((k, _copy(v, device)) for k, v in obj.items())
+        metadata = compat.state_dict_metadata(obj)
+        if metadata is not None:
+            compat.set_state_dict_metadata(out, copy.deepcopy(metadata))
+        return out
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_host_copy(v) for v in obj)
+        return type(obj)(_copy(v, device) for v in obj)
     return copy.deepcopy(obj)
+
+
+def _scaler_state(scaler: torch.amp.GradScaler) -> dict[str, Any]:
+    """GradScaler.state_dict() without its host reads: the scale and the growth tracker as copies of the device
+    tensors once the scaler has scaled (before that `state_dict()` reads nothing)."""
+    scale, tracker = compat.scale_tensor(scaler), compat.growth_tracker(scaler)
+    state = scaler.state_dict() if scale is None or tracker is None else {
+        "scale": scale.detach().reshape(()).clone(), "growth_factor": scaler.get_growth_factor(),
+        "backoff_factor": scaler.get_backoff_factor(), "growth_interval": scaler.get_growth_interval(),
+        "_growth_tracker": tracker.detach().reshape(()).clone()}
+    return state
+
+
+def scaler_numbers(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A captured GradScaler state with its device tensors read as the numbers `GradScaler.load_state_dict` takes."""
+    if state is None:
+        return None
+    out = dict(state)
+    if isinstance(out.get("scale"), torch.Tensor):
+        out["scale"] = float(out["scale"])
+    if isinstance(out.get("_growth_tracker"), torch.Tensor):
+        out["_growth_tracker"] = int(out["_growth_tracker"])
+    return out
 
 
 def _surviving_grads(step: TrainStep) -> dict[str, torch.Tensor]:
@@ -82,7 +122,7 @@ def _surviving_grads(step: TrainStep) -> dict[str, torch.Tensor]:
     if step.config.semantics.zero_grad_scope == "model":
         return {}
     held = {id(p) for group in step.optimizer.param_groups for p in group["params"]}
-    return {name: p.grad.detach().to("cpu", copy=True) for name, p in step.model.named_parameters()
+    return {name: p.grad.detach().clone() for name, p in step.model.named_parameters()
             if p.grad is not None and id(p) not in held}
 
 
@@ -94,23 +134,16 @@ def capture(step: TrainStep, batches: Any | Sequence[Any], weights: Any, *, rnnt
     already advanced its counter there); pass `index=step.step_index + 1` when capturing before calling the step.
     """
     batches = list(batches) if isinstance(batches, (list, tuple)) else [batches]
-    state = step.model.state_dict()
-    model_state: OrderedDict[str, torch.Tensor] = OrderedDict(
-        (k, v.detach().to("cpu", copy=True)) for k, v in state.items())
-    metadata = compat.state_dict_metadata(state)
-    if metadata is not None:
-        # Module versions that _load_from_state_dict consults (BatchNorm's num_batches_tracked, ...).
-        compat.set_state_dict_metadata(model_state, copy.deepcopy(metadata))
     on_cuda = step.device.type == "cuda"
     return ReplayBundle(
         step=step.step_index if index is None else index,
-        batches=[copy.deepcopy(b.to(torch.device("cpu"))) for b in batches],
+        batches=[copy.deepcopy(b) for b in batches],
         weights=copy.deepcopy(weights),
         rnnt=rnnt,
         mode=mode,
-        model_state=model_state,
-        optimizer_state=_host_copy(step.optimizer.state_dict()),
-        scaler_state=None if step.scaler is None else copy.deepcopy(step.scaler.state_dict()),
+        model_state=_copy(step.model.state_dict()),
+        optimizer_state=_copy(step.optimizer.state_dict()),
+        scaler_state=None if step.scaler is None else _scaler_state(step.scaler),
         grads=_surviving_grads(step),
         trainable=[name for name, p in step.model.named_parameters() if p.requires_grad],
         cpu_rng=torch.get_rng_state(),
@@ -145,9 +178,10 @@ def replica(step: TrainStep, bundle: ReplayBundle) -> TrainStep:
     for name, grad in bundle.grads.items():
         params[name].grad = grad.to(params[name].device, copy=True)
     scaler = None
-    if bundle.scaler_state is not None:
+    numbers = scaler_numbers(bundle.scaler_state)
+    if numbers is not None:
         scaler = torch.amp.GradScaler(step.device.type)
-        scaler.load_state_dict(bundle.scaler_state)
+        scaler.load_state_dict(numbers)
     rep = type(step)(model, optimizer, step.config, step.device, scaler=scaler, loss_fn=step.loss_fn)
     rep.step_index = bundle.step - 1
     return rep
@@ -197,6 +231,7 @@ def save_bundle(path: str | Path, bundle: ReplayBundle) -> None:
     `workbench.data.Batch` and `workbench.model.losses.LossWeights` do). It is stored as a dict of its fields plus its
     type's import path, and rebuilt by calling the type with those fields.
     """
+    bundle = bundle.to_host()
     payload = {
         "format": BUNDLE_FORMAT,
         "step": bundle.step,

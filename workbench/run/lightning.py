@@ -385,7 +385,7 @@ class WorkbenchCallback(Callback):
             if self.keeper is not None and not self.keeper.done:
                 self._kept = (self.tracer.bundle, optimizer_layout(trainer.optimizers[0], pl_module))
         elif self.tracer.bundle is not None:
-            self.tracer.bundle.batches.append(copy.deepcopy(captured.to(torch.device("cpu"))))
+            self.tracer.bundle.batches.append(copy.deepcopy(captured))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

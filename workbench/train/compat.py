@@ -45,6 +45,13 @@ def scale_tensor(scaler: torch.amp.GradScaler) -> torch.Tensor | None:
     return scale if isinstance(scale, torch.Tensor) else None
 
 
+def growth_tracker(scaler: torch.amp.GradScaler) -> torch.Tensor | None:
+    """The scaler's count of unskipped steps since the last scale change, as its device tensor (None before the
+    first `scale()`). `state_dict()` reads it (and the scale) with `.item()`; a replay bundle copies the tensors."""
+    tracker = scaler._growth_tracker
+    return tracker if isinstance(tracker, torch.Tensor) else None
+
+
 def found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The GradScaler's own skip verdict for `optimizer` this step, one (1,) float tensor per device (> 0:
     skipped), valid between `unscale_`/`step` and `update()`. No public API says whether `step()` skipped; the
