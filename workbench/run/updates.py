@@ -232,18 +232,21 @@ class GradientMarks:
         if self.on_backward is not None:
             self.on_backward()
 
-    def mark(self) -> None:
-        """After an update: remember every gradient as it is now, and start judging afresh."""
+    def mark(self, grads: list[torch.Tensor | None] | None = None) -> None:
+        """After an update: remember every gradient as it is now, and start judging afresh. `grads`: every
+        parameter's `.grad` in `named`'s order, when the caller has them (the update replaces none)."""
         version = compat.tensor_version
-        self._mark = {name: (id(g), version(g)) for name, p in self.named.items() if (g := p.grad) is not None}
+        if grads is None:
+            grads = [p.grad for p in self.named.values()]
+        self._mark = {name: (id(g), version(g)) for name, g in zip(self.named, grads) if g is not None}
         self.stale, self._checked = set(), set()
 
 
 class _Pending:
     """One update still on the device."""
 
-    def __init__(self, layout: _Layout, stale: list[str]) -> None:
-        self.layout, self.stale = layout, stale
+    def __init__(self, layout: _Layout, stale: list[str], grads: list[torch.Tensor | None]) -> None:
+        self.layout, self.stale, self.grads = layout, stale, grads   # grads: every parameter's, before the update
         self.tensors: dict[str, torch.Tensor] = {}
         self.slots: dict[str, Slot] = {}
         self.marked = False   # the gradients were marked after the update
@@ -297,33 +300,34 @@ class OptimizerUpdates(StepObserver):
                                          0 if cached is None else cached[3] + 1)
         return cached[2], cached[3]
 
-    def _layout(self, optimizer: torch.optim.Optimizer) -> _Layout:
-        """The current layout: found by which parameters have a gradient and are trainable (host-side flags, read
-        at every step), built only when that or the optimizer's groups changed."""
+    def _layout(self, optimizer: torch.optim.Optimizer) -> tuple[_Layout, list[torch.Tensor | None]]:
+        """The current layout, found by which parameters have a gradient and are trainable (host-side flags, read
+        at every step) and built only when that or the optimizer's groups changed; and every parameter's `.grad`."""
         held, generation = self._held(optimizer)
         params = self._params
-        key = (generation, tuple([p.grad is None for p in params]), tuple([p.requires_grad for p in params]))
+        grads = [p.grad for p in params]
+        key = (generation, tuple([g is None for g in grads]), tuple([p.requires_grad for p in params]))
         layout = self._layouts.get(key)
         if layout is None:
             if len(self._layouts) >= 8:  # a loop that keeps changing which tensors get gradients
                 self._layouts.clear()
             layout = self._layouts[key] = _Layout(self._items, held, self.groups)
-        return layout
+        return layout, grads
 
     def before(self, optimizer: torch.optim.Optimizer) -> bool:
         """Right before `optimizer` updates: note who got a gradient and copy what it will change. False (nothing
         noted) when the optimizer holds none of the model's parameters."""
         if not self.owns(optimizer):
             return False
-        layout = self._layout(optimizer)
+        layout, grads = self._layout(optimizer)
         self.marks.hook()  # parameters made trainable since the last update (their first backward is not judged)
         stale = sorted(self.marks.stale.intersection(layout.names[:layout.inside])) if self.marks.stale else []
-        pending = _Pending(layout, stale)
+        pending = _Pending(layout, stale, grads)
         params = layout.params
         with torch.no_grad():
             # under no_grad the parameters are read as they are: a detach per tensor would cost a dispatch each
-            grads = [self._params[i].grad for i in layout.received]
-            norms = list(compat.foreach_norm(grads, 2, dtype=torch.float32)) if grads else []
+            received = [grads[i] for i in layout.received]
+            norms = list(compat.foreach_norm(received, 2, dtype=torch.float32)) if received else []
             if params:
                 copies = self._copies
                 if copies is None or copies.key != layout.key:
@@ -342,7 +346,7 @@ class OptimizerUpdates(StepObserver):
         if pending is None or "diff" in pending.tensors or pending.marked:
             return
         pending.marked = True
-        self.marks.mark()
+        self.marks.mark(pending.grads)
         if not pending.layout.inside or self._copies is None:
             return
         with torch.no_grad():
