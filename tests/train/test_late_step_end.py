@@ -142,3 +142,17 @@ def test_the_probes_own_update_ratio_crosses_late_with_the_same_rows():
     a, b = rows(late), rows(on_time)
     assert "update_ratio/first" in a and late.steps == [1, 2, 3, 4, 5]
     assert sorted(a) == sorted(b) and all(same(a[k], b[k]) for k in a), [k for k in a if not same(a[k], b[k])]
+
+
+def test_a_summary_taken_before_close_sees_the_last_steps_parameter_check():
+    # The user asks for the summary inside the `with` block, right after the step whose update overflowed.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with instrument(model, opt, big_loss, clip=None, semantics=get_semantics("corrected")) as session:
+        for k, batch in enumerate(batches(3), start=1):
+            if k == 3:
+                opt.param_groups[0]["lr"] = 1e38
+            session.step(batch)
+        summary = session.summary()
+        assert session.record.steps == [1, 2, 3]
+        assert session.record.first_nonfinite_param_step() == 3, summary

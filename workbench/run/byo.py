@@ -235,7 +235,10 @@ class Session:
 
     def summary(self) -> dict[str, Any]:
         """The run's summary (`workbench.records.summarize`): steps, first non-finite loss step, skipped and
-        overflow steps, tensors found outside the optimizer, the tracer's verdicts, the final losses, the log."""
+        overflow steps, tensors found outside the optimizer, the tracer's verdicts, the final losses, the log.
+        Settles the last step first: under `skip_step` without a GradScaler its post-update values (the parameter
+        check, the update size) wait for the next step's copy (`TrainStep.settle`)."""
+        self.train_step.settle()
         return summarize(self.record)
 
     def close(self, *, status: str = "finished", error: str | None = None, **attrs: Any) -> None:
