@@ -3,7 +3,10 @@
 An instrument reacts to some of TrainStep's events (`on_step_start`, `on_losses`, `on_after_backward`,
 `on_pack`, `on_step_end`); what it needs on the host it queues in the step's `ctx.packet` (at `on_after_backward`
 when it is known by then, else at `on_pack`) and reads at `on_step_end`, so the step makes one host copy for
-all of them. It may offer what a run's recorder reads after each step: `row(step)`, the flat per-step values
+all of them. When the step had to read its packet before the update (`skip_step` without a GradScaler), what an
+observer queues at `on_pack` crosses with the next step's copy and its `on_step_end` for step k comes late (after
+step k+1's decision read, or at `TrainStep.settle()`), with `ctx.step` still k: keep per-step state keyed by step,
+not "the current step". It may offer what a run's recorder reads after each step: `row(step)`, the flat per-step values
 it measured for that step (empty when it measured nothing there), and `events(step)`, the (table, row) event
 records it produced at that step. Adding an instrument is one class here in `instrument/` with these methods.
 """
