@@ -3,7 +3,9 @@
 The reference model at a preset, fresh from its initialisation, takes one fp16 step with a GradScaler at its
 default initial scale (65536) on one batch: the scaled backward overflows a float16 gradient (in the joint network
 on data_samples/, in the CTC head at the real trial lengths), a real non-finite step that the GradScaler catches
-(the mechanism of notebook 01's first caught step). Per round, after one
+(the mechanism of notebook 01's first caught step). With `--encoder-gain 4` the encoder's Linear weights start 4
+times too large and its fp16 forward overflows (the seed-size run's first overflow was in an encoder projection):
+the loss is NaN and the whole backward carries non-finite values, so the replay checks it to the end. Per round, after one
 untimed warm-up round:
 
     plain   the step on a replica of the model restored to the bundle (`TrainStep` on the same state and RNG)
@@ -16,6 +18,7 @@ work on a loaded machine moves it less than the wall time), in wall time on a GP
 
     python benchmarks/bench_tracer.py --preset small --rounds 3
     python benchmarks/bench_tracer.py --preset seed --rounds 1 --warmup 0
+    python benchmarks/bench_tracer.py --preset seed --rounds 1 --warmup 0 --encoder-gain 4
 
 `--lengths b2t` (the default at `seed`) runs on a synthetic set with the real Brain-to-Text '25 trial lengths
 (generated once into runs/data/), `sample` (the default otherwise) on data_samples/.
@@ -73,6 +76,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lengths", choices=("sample", "b2t"), default=None,
                         help="trial lengths: data_samples/ or the real B2T lengths (default: b2t at seed)")
+    parser.add_argument("--encoder-gain", type=float, default=1.0,
+                        help="multiplies the encoder's Linear weights at initialisation; 4 overflows the fp16 forward")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     lengths = args.lengths or ("b2t" if args.preset == "seed" else "sample")
@@ -83,12 +88,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         [batch] = load_batches(data, 1, args.batch_size, device, Path(scratch))
     model = HybridModel(get_config(args.preset)).to(device)
+    with torch.no_grad():
+        for module in model.encoder.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(args.encoder_gain)
     step = TrainStep(model, build_optimizer(model.parameters(), lr=1e-4), StepConfig(precision="fp16"), device)
     weights = LossWeights(ctc=0.3, rnnt=1.0, mode=0.0)
     bundle = capture(step, batch, weights, index=1)
     print(f"device {device}, preset {args.preset}, data {data.name} (padded T {batch.features.shape[1]}, batch "
           f"{args.batch_size}), {sum(p.numel() for p in model.parameters())} parameters, fp16 with a GradScaler "
-          f"at scale {step.config.init_scale:g}, {args.warmup} warm-up + {args.rounds} timed rounds")
+          f"at scale {step.config.init_scale:g}, encoder Linear weights x{args.encoder_gain:g} at init, {args.warmup} warm-up + {args.rounds} timed rounds")
 
     # On the CPU the measure is the process's CPU time (one thread with OMP_NUM_THREADS=1): other work on a loaded
     # machine moves it less than the wall time. On a GPU it is the wall time.

@@ -23,7 +23,8 @@ Cost. An op output is checked by one `aminmax` pass and one read (finite exactly
 and a phase stops checking once its producer is found. Modules marked `checked_as_unit` (the selective scan,
 whose recurrence runs thousands of small ops per call) are checked as one op each, at their outputs in forward
 and at the gradients their autograd nodes return in backward; only when one of those is a phase's first
-unexplained non-finite value is the step replayed again with that unit checked op by op (`_Replay`). With the
+unexplained non-finite value (the first seen, or one of a kind it did not read) is the step replayed again
+with that unit checked op by op (`_Replay`). With the
 scan checked op by op, replaying a seed-size step took over 25 times the step; `benchmarks/bench_tracer.py`
 measures the ratio now.
 
@@ -209,6 +210,18 @@ def _kinds(t: torch.Tensor) -> tuple[bool, bool, float]:
     values = t[finite]
     absmax = float(values.abs().max()) if values.numel() else 0.0
     return bool(torch.isnan(t).any()), bool(torch.isinf(t).any()), absmax
+
+
+def _nonfinite_kinds(values: Any) -> set[str]:
+    """The non-finite kinds ("nan", "inf") held by the floating tensors in `values` (nested lists and tuples)."""
+    kinds: set[str] = set()
+    with torch.no_grad():
+        for t in compat.tree_flatten(values)[0]:
+            if _inspectable(t):
+                nan, inf, _ = _kinds(t)
+                kinds |= {"nan"} if nan else set()
+                kinds |= {"inf"} if inf else set()
+    return kinds
 
 
 def _seen_state(t: torch.Tensor, module: str, tensor: str, param: str = "") -> Finding:
@@ -437,9 +450,11 @@ class _Replay(StepMonitor):
     Units (modules marked `checked_as_unit`, such as the selective scan's recurrence over every frame) named in
     `closed` are checked as one op each: in forward their outputs when they return, in backward the gradients
     each autograd node their forward created returns; the ops inside are not checked. While a phase's producer
-    is not found, a non-finite value there raises `_Reopen`, and the caller replays again with that unit open
-    (`_replayed`), so a verdict is the one checking every op gives, save for a non-finite value that a unit
-    makes and discards inside itself."""
+    is not found, a non-finite value there raises `_Reopen` when it is the phase's first non-finite value or of a
+    kind (NaN, inf) that nothing the unit read held (its inputs, and in backward also the incoming gradients),
+    and the caller replays again with that unit open (`_replayed`). A verdict is then the one checking every op
+    gives, save where a unit makes and discards a non-finite value inside itself, or where an op inside a unit
+    that reads non-finite values makes a kind that its own inputs lacked but other inputs of the unit held."""
 
     def __init__(self, rep: TrainStep, bundle: ReplayBundle, expected: Mapping[str, ExpectedRule], *,
                  whole: bool = False, closed: frozenset[str] = frozenset()) -> None:
@@ -453,6 +468,8 @@ class _Replay(StepMonitor):
         self.mode = _NonFiniteMode(self.module_stack, {id(p): n for n, p in self.params.items()}, expected)
         self.mode.closed_units = closed
         self._node_hooks: list[Any] = []
+        # Per closed unit: the non-finite kinds ("nan", "inf") its forward read or returned (what backward reads).
+        self._unit_kinds: dict[str, set[str]] = {}
         self.first_grad: str | None = None
         self.findings: list[Verdict] = []
         self.grads_nonfinite: list[dict[str, Any]] = []
@@ -545,7 +562,7 @@ class _Replay(StepMonitor):
             handles.append(module.register_forward_pre_hook(functools.partial(self._enter, name)))
             handles.append(module.register_forward_hook(self._leave, always_call=True))
             if name in self.mode.closed_units:
-                handles.append(module.register_forward_pre_hook(self._enter_unit))
+                handles.append(module.register_forward_pre_hook(functools.partial(self._enter_unit, name)))
                 handles.append(module.register_forward_hook(functools.partial(self._leave_unit, name),
                                                             always_call=True))
         for name, p in self.params.items():
@@ -559,8 +576,9 @@ class _Replay(StepMonitor):
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         self.module_stack.pop()  # returning None keeps the module's output
 
-    def _enter_unit(self, module: nn.Module, args: Any) -> None:
+    def _enter_unit(self, name: str, module: nn.Module, args: Any) -> None:
         self.mode.unit_depth += 1
+        self._unit_kinds[name] = self._unit_kinds.get(name, set()) | _nonfinite_kinds(args)
 
     def _leave_unit(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         """Label the nodes that produced the unit's outputs with it and check those outputs."""
@@ -569,10 +587,17 @@ class _Replay(StepMonitor):
         for t in outputs:
             if t.grad_fn is not None:
                 self.mode.node_labels[t.grad_fn] = name
+        inputs = self._unit_kinds[name]
+        made = _nonfinite_kinds(outputs)
+        self._unit_kinds[name] = inputs | made
         if self.mode.phase == "forward" and self.mode.checking and not self.mode.unit_depth:
-            with torch.no_grad():
-                if any(_inspectable(t) and not _finite(t) for t in outputs):
-                    raise _Reopen(name)
+            self._reopen_if_inside(name, made, inputs)
+
+    def _reopen_if_inside(self, name: str, made: set[str], available: set[str]) -> None:
+        """Reopen the unit where checking its ops would change the phase's finding: a non-finite value it returns
+        is the first seen in the phase, or is of a kind (NaN, inf) that nothing it read held."""
+        if made and (self.mode.first_seen is None or not made <= available):
+            raise _Reopen(name)
 
     def _hook_unit_nodes(self) -> None:
         """Check what every autograd node of a closed unit returns in backward (its ops are not checked)."""
@@ -581,10 +606,11 @@ class _Replay(StepMonitor):
                 self._node_hooks.append(node.register_hook(functools.partial(self._unit_grads, label)))
 
     def _unit_grads(self, name: str, grad_inputs: tuple, grad_outputs: tuple) -> None:
+        """A closed unit's autograd node returned `grad_inputs` from `grad_outputs` and what its forward saved."""
         if self.mode.phase == "backward" and self.mode.checking:
-            with torch.no_grad():
-                if any(_inspectable(g) and not _finite(g) for g in grad_inputs):
-                    raise _Reopen(name)
+            made = _nonfinite_kinds(grad_inputs)
+            if made:
+                self._reopen_if_inside(name, made, _nonfinite_kinds(grad_outputs) | self._unit_kinds.get(name, set()))
 
     def _on_grad(self, name: str, p: torch.Tensor) -> None:
         if self.first_grad is None and not _finite(p.grad):
