@@ -212,15 +212,22 @@ def _kinds(t: torch.Tensor) -> tuple[bool, bool, float]:
     return bool(torch.isnan(t).any()), bool(torch.isinf(t).any()), absmax
 
 
+def _present(t: torch.Tensor) -> set[str]:
+    """The non-finite kinds ("nan", "inf") a non-empty floating tensor holds: one min/max pass, and a second
+    only when it holds a NaN (which hides whether an inf is there too)."""
+    lo, hi = _range(t)
+    if math.isnan(lo) or math.isnan(hi):
+        return {"nan", "inf"} if bool(torch.isinf(t).any()) else {"nan"}
+    return {"inf"} if math.isinf(lo) or math.isinf(hi) else set()
+
+
 def _nonfinite_kinds(values: Any) -> set[str]:
     """The non-finite kinds ("nan", "inf") held by the floating tensors in `values` (nested lists and tuples)."""
     kinds: set[str] = set()
     with torch.no_grad():
         for t in compat.tree_flatten(values)[0]:
             if _inspectable(t):
-                nan, inf, _ = _kinds(t)
-                kinds |= {"nan"} if nan else set()
-                kinds |= {"inf"} if inf else set()
+                kinds |= _present(t)
     return kinds
 
 
@@ -331,7 +338,8 @@ class _NonFiniteMode(compat.TorchDispatchMode):
 
     def _check(self, func: Any, packet: str, bound: dict[str, Any], schema_args: Any,
                outputs: list[torch.Tensor], mutated: list[torch.Tensor], before: list[tuple]) -> None:
-        bad = [k for k, t in enumerate(outputs) if _inspectable(t) and not _finite(t)]
+        present = {k: _present(t) for k, t in enumerate(outputs) if _inspectable(t)}
+        bad = [k for k, kinds in present.items() if kinds]
         if not bad:
             return
         scalars = [v for v in compat.tree_flatten(list(bound.values()))[0] if isinstance(v, float)]
@@ -346,16 +354,14 @@ class _NonFiniteMode(compat.TorchDispatchMode):
         outs = {a.name for a in schema_args if a.is_out}
         inputs = [t for name, v in bound.items() if name not in outs for t in compat.tree_flatten(v)[0]
                   if _inspectable(t) and not any(t is m for m in mutated)]
-        stats = before + [_kinds(t) for t in inputs]
-        in_nan = any(s[0] for s in stats)
-        in_inf = any(s[1] for s in stats)
-        absmax = max([s[2] for s in stats] + [abs(v) for v in scalars], default=math.nan)
-        found = []
-        for k in bad:
-            t = outputs[k]
-            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-            found.append((k, t, nan, inf, bool((nan and not in_nan) or (inf and not in_inf))))
-        k, t, nan, inf, new = next((f for f in found if f[4]), found[0])
+        read = {kind for s in before for kind, held in zip(("nan", "inf"), s[:2]) if held} | _nonfinite_kinds(inputs)
+        k, new = next(((k, True) for k in bad if present[k] - read), (bad[0], False))
+        if not new and self.first_seen is not None:
+            return  # a propagator after the first one: nothing to record (the costly part below is skipped)
+        absmax = max([s[2] for s in before + [_kinds(t) for t in inputs]] + [abs(v) for v in scalars],
+                     default=math.nan)
+        t = outputs[k]
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
         module, tensor, param = self._describe(t, k, len(outputs), bound)
         seen = Finding(module, tensor, str(func), str(t.dtype).removeprefix("torch."), nan, inf, t.numel(), absmax,
                      "producer" if new else "propagator", param)
