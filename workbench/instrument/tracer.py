@@ -430,8 +430,8 @@ class _Found(Exception):
 
 
 class _Reopen(Exception):
-    """Raised when a closed unit's output, or a gradient its backward returned, is the phase's first non-finite
-    value still unexplained: the replay starts again with that unit checked op by op."""
+    """Raised when checking the ops of a closed unit could change the phase's finding (see `_Replay`): the replay
+    starts again with that unit checked op by op."""
 
     def __init__(self, unit: str) -> None:
         super().__init__(unit)
