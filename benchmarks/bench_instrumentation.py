@@ -6,6 +6,7 @@ load hits all three alike:
     plain  TrainStep with no observers
     a      + GradNormProbe (groups and per-parameter) + OptimizerCoverage (sharing the probe's copy)
     b      a + ActivationStats on every leaf module with parameters
+    c      a + NonFiniteTracer armed (it captures a replay bundle before every step; no step here is non-finite)
 
 Prints the median ms/step of each, the device reads per step of each (counted on one extra untimed round by
 tests/host_reads.py: copies through `to_host` plus any other read from workbench code) and the median per-round
@@ -33,7 +34,7 @@ import torch
 
 from workbench.data import B2TDataset, Batch, DataError, collate, real_length_dataset, write_dataset
 from workbench.train.device import pick_device, seed_everything
-from workbench.instrument import ActivationStats, GradNormProbe, OptimizerCoverage
+from workbench.instrument import ActivationStats, GradNormProbe, NonFiniteTracer, OptimizerCoverage
 from workbench.model.losses import LossWeights
 from workbench.model import HybridModel, get_config
 from workbench.train import StepConfig, TrainStep, build_optimizer
@@ -69,13 +70,14 @@ def timed(run: Callable[[], Any], device: torch.device) -> tuple[float, float]:
 
 def overhead(model: HybridModel, batches: list[Batch], device: torch.device, rounds: int,
              precision: str = "fp32") -> dict[str, Any]:
-    """Median seconds per round of each configuration (plain, a, b) over `rounds` interleaved rounds of one step
-    per batch, and the median per-round ratios a / plain and b / plain."""
+    """Median seconds per round of each configuration (plain, a, b, c) over `rounds` interleaved rounds of one step
+    per batch, and the median per-round ratios of a, b and c to plain."""
     step = TrainStep(model, build_optimizer(model.parameters(), lr=1e-4), StepConfig(precision=precision), device)
     weights = LossWeights(ctc=0.3, rnnt=1.0, mode=0.0)
     probe = GradNormProbe(model)
     coverage = OptimizerCoverage(model, probe=probe)
     acts = ActivationStats(model)
+    tracer = NonFiniteTracer()
 
     def steps() -> None:
         for batch in batches:
@@ -89,7 +91,11 @@ def overhead(model: HybridModel, batches: list[Batch], device: torch.device, rou
         with probe.attached(step), coverage.attached(step), acts.attached(step):
             steps()
 
-    configs = {"plain": steps, "a": with_grads, "b": with_activations}
+    def with_tracer() -> None:
+        with probe.attached(step), coverage.attached(step), tracer.attached(step):
+            steps()
+
+    configs = {"plain": steps, "a": with_grads, "b": with_activations, "c": with_tracer}
     for run in configs.values():  # warm-up: allocator, lazy init, first-layout masks
         run()
     reads: dict[str, tuple[float, float]] = {}  # (all, the reference model's own) per step
@@ -107,9 +113,9 @@ def overhead(model: HybridModel, batches: list[Batch], device: torch.device, rou
             cpu[name].append(used)
     return {"median_s": {name: statistics.median(values) for name, values in times.items()},
             "ratio": {name: statistics.median(t / p for t, p in zip(times[name], times["plain"]))
-                      for name in ("a", "b")},
+                      for name in ("a", "b", "c")},
             "cpu_ratio": {name: statistics.median(t / p for t, p in zip(cpu[name], cpu["plain"]))
-                          for name in ("a", "b")},
+                          for name in ("a", "b", "c")},
             "reads_per_step": reads, "policy": step.config.semantics.nonfinite_policy,
             "tensors": len(probe.param_labels), "groups": len(probe.groups), "hooked": len(acts.modules)}
 
@@ -146,9 +152,10 @@ def main() -> None:
               f"({in_model:g} of them in the reference model's loss, {total - in_model:g} by the step and instruments)")
     print(f"  (reads: copies through to_host plus any other read from workbench code; fp32, nonfinite policy "
           f"{result['policy']})")
-    print(f"  CPU-time ratios (median per round): a {result['cpu_ratio']['a']:.3f}, b {result['cpu_ratio']['b']:.3f}; "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
+    print(f"  CPU-time ratios (median per round): a {result['cpu_ratio']['a']:.3f}, b {result['cpu_ratio']['b']:.3f}, "
+          f"c {result['cpu_ratio']['c']:.3f}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
     print(f"  b (+ activations) / plain median ratio: {result['ratio']['b']:.3f}")
+    print(f"  c (+ tracer armed) / plain median ratio: {result['ratio']['c']:.3f}")
     print(f"grad-norm instrumentation overhead ratio: {result['ratio']['a']:.3f}")
 
 
