@@ -38,8 +38,9 @@ class StudySize:
     configuration trains after the decoder's first trainable step, the freeze lengths N, the seeds, the trial
     lengths of its default data ("sample": the committed `data_samples/` training set with 80 validation trials,
     `workbench.data.large_val_dataset`; "b2t": a real-length synthetic set, `workbench.data.real_length_dataset`),
-    the configurations it runs (empty: all of them) and how many runs go at
-    once by default (0: one per CPU core)."""
+    the configurations it runs (empty: all of them), how many runs go at once by default (0: one per CPU core),
+    the CTC warmup's precision and whether the joint stage starts from that warmup's GradScaler (the seed's
+    single scaler)."""
 
     ctc_steps: int
     steps: int
@@ -48,6 +49,8 @@ class StudySize:
     lengths: str = "sample"
     configs: tuple[str, ...] = ()
     workers: int = 0
+    ctc_precision: str = "fp32"
+    carry_scaler: bool = False
 
 
 SIZES: dict[str, StudySize] = {
@@ -56,8 +59,11 @@ SIZES: dict[str, StudySize] = {
     # The seed's sizes at the real trial lengths cost minutes per step on a CPU: the seed's run and the main
     # controls (the optimizer rebuilt, fp32) for a few steps, enough to see whether and where the signature appears.
     # One run at a time: a run whose overflow the tracer replays peaked at 12.9 GB here (T up to ~2,000 frames).
+    # The seed's precision through the whole curriculum: an encoder whose fp16 activations overflow must meet fp16
+    # in the CTC stage, as the seed's did, not first at the joint stage.
     "seed": StudySize(ctc_steps=20, steps=4, freeze_steps=(1,), seeds=(0,), lengths="b2t",
-                      configs=("seed_faithful", "rebuild_at_stage_change", "fp32"), workers=1),
+                      configs=("seed_faithful", "rebuild_at_stage_change", "fp32"), workers=1,
+                      ctc_precision="fp16", carry_scaler=True),
 }
 
 
