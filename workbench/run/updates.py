@@ -195,33 +195,37 @@ class GradientMarks:
 
     def __init__(self, named: dict[str, nn.Parameter], on_backward: Callable[[], None] | None = None) -> None:
         self.named, self.on_backward = named, on_backward
-        self._hooks: dict[str, Any] = {}
-        self._unhooked = list(named)
-        self._mark: dict[str, tuple[int, int]] = {}   # name -> (id, version) of its .grad at the last update
-        self._checked: set[str] = set()
+        self._names = list(named)
+        self._hooks: dict[int, Any] = {}
+        self._unhooked = list(range(len(self._names)))
+        # by position in `named`: id and version of each .grad at the last update (None / -1: it had none)
+        self._ids: list[int | None] = [None] * len(self._names)
+        self._versions: list[int] = [-1] * len(self._names)
+        self._checked: set[int] = set()
         self.stale: set[str] = set()                   # judged stale since the last update
         self._queued = False
 
     def hook(self) -> None:
         """A pre-hook on every trainable parameter not hooked yet (a module unfrozen later included); called at
         every step, so it looks only at the parameters still without one."""
-        for name in [n for n in self._unhooked if self.named[n].requires_grad]:
-            self._hooks[name] = self.named[name].register_hook(self._hook(name, self.named[name]))
-            self._unhooked.remove(name)
+        params = list(self.named.values())
+        for k in [k for k in self._unhooked if params[k].requires_grad]:
+            self._hooks[k] = params[k].register_hook(self._hook(k, params[k]))
+            self._unhooked.remove(k)
 
     def unhook(self) -> None:
         for handle in self._hooks.values():
             handle.remove()
         self._hooks = {}
-        self._unhooked = list(self.named)
+        self._unhooked = list(range(len(self._names)))
 
-    def _hook(self, name: str, p: nn.Parameter) -> Callable[[torch.Tensor], None]:
+    def _hook(self, k: int, p: nn.Parameter) -> Callable[[torch.Tensor], None]:
         def hook(_: torch.Tensor) -> None:
-            if name not in self._checked:
-                self._checked.add(name)
+            if k not in self._checked:
+                self._checked.add(k)
                 g = p.grad
-                if g is not None and self._mark.get(name) == (id(g), compat.tensor_version(g)):
-                    self.stale.add(name)
+                if g is not None and self._ids[k] == id(g) and self._versions[k] == compat.tensor_version(g):
+                    self.stale.add(self._names[k])
             if self.on_backward is not None and not self._queued:
                 self._queued = True
                 compat.queue_backward_callback(self._backward_done)
@@ -235,10 +239,10 @@ class GradientMarks:
     def mark(self, grads: list[torch.Tensor | None] | None = None) -> None:
         """After an update: remember every gradient as it is now, and start judging afresh. `grads`: every
         parameter's `.grad` in `named`'s order, when the caller has them (the update replaces none)."""
-        version = compat.tensor_version
         if grads is None:
             grads = [p.grad for p in self.named.values()]
-        self._mark = {name: (id(g), version(g)) for name, g in zip(self.named, grads) if g is not None}
+        self._ids = [None if g is None else id(g) for g in grads]
+        self._versions = compat.tensor_versions(grads)
         self.stale, self._checked = set(), set()
 
 
@@ -334,7 +338,7 @@ class OptimizerUpdates(StepObserver):
                     copies = self._copies = _Copies(layout)
                 compat.foreach_copy_(copies.views, params)
                 # after the gradients' norms, each group's norm before the update, from the runs of the flat copies
-                norms += [torch.linalg.vector_norm(t, dtype=torch.float32) for t in copies.segments]
+                norms += compat.foreach_norm(copies.segments, 2, dtype=torch.float32)
             if norms:
                 pending.tensors["norms"] = torch.stack(norms)
         self._pending = pending

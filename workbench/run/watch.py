@@ -196,7 +196,7 @@ class Watch:
                                        "growth_factor": self.scaler.get_growth_factor(),
                                        "backoff_factor": self.scaler.get_backoff_factor()})
         self._next = self._scaler_updates()
-        self._versions = [compat.tensor_version(p) for p in self._params]
+        self._versions = compat.tensor_versions(self._params)
         self._unchecked = set(range(len(self._params)))
         self._buffer_base = {n: t.detach().clone() for n, t in self._frozen_tensors().items()
                              if not isinstance(t, nn.Parameter)}
@@ -396,10 +396,12 @@ class Watch:
     def _moved(self) -> set[int]:
         """Indices of the parameters whose version counter moved since the previous step (every in-place write
         bumps it, an optimizer's update included; a write through `.data` does not and is not seen): host-side."""
-        versions = [compat.tensor_version(p) for p in self._params]
-        moved = {i for i, (now, then) in enumerate(zip(versions, self._versions)) if now != then}
+        versions = compat.tensor_versions(self._params)
+        then = self._versions
         self._versions = versions
-        return moved
+        if versions == then:
+            return set()
+        return {i for i, (now, was) in enumerate(zip(versions, then)) if now != was}
 
     def _check_params(self, snap: _Snapshot, moved: set[int]) -> None:
         """Which parameters may have become non-finite: only those written since the last check. A parameter the

@@ -9,7 +9,7 @@ Public APIs used instead where they exist: `GradScaler.get_scale()` where a host
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,7 +23,7 @@ __all__ = ["TorchDispatchMode", "attached_trainer", "current_autograd_node", "fo
            "op_arguments", "queue_backward_callback",
            "scale_tensor", "scheduler_children", "scheduler_group_lists", "set_state_dict_metadata",
            "state_dict_metadata",
-           "tensor_version", "tree_flatten", "unscaled"]
+           "tensor_version", "tensor_versions", "tree_flatten", "unscaled"]
 
 # Per-tensor norms over a list in one kernel launch per device and dtype: torch's own `clip_grad_norm_` uses these;
 # the public alternatives are a total norm only (`get_total_norm`) or one launch per tensor (`vector_norm`).
@@ -72,6 +72,12 @@ def tensor_version(tensor: torch.Tensor) -> int:
     """The tensor's in-place write counter (autograd's own): a host-side integer, so reading it costs no device
     sync; no public API exposes it."""
     return int(tensor._version)
+
+
+def tensor_versions(tensors: Iterable[torch.Tensor | None]) -> list[int]:
+    """`tensor_version` of each tensor (-1 for None), read without a call per tensor (watch reads ~100 of them
+    every step)."""
+    return [-1 if t is None else t._version for t in tensors]
 
 
 def state_dict_metadata(state: Any) -> Any:

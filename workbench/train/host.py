@@ -70,9 +70,10 @@ class HostPacket:
         device = next((t.device for _, t in queued if t.numel()), queued[0][1].device)
         dtype = torch.float64 if any(t.dtype == torch.float64 for _, t in queued) else torch.float32
         values = to_host(torch.cat([t.to(device, dtype, non_blocking=True) for _, t in queued]))
-        offsets = np.cumsum([0] + [slot.size for slot, _ in queued])
-        for (slot, _), start, stop in zip(queued, offsets[:-1], offsets[1:]):
-            slot._value = values[start:stop]
+        start = 0
+        for slot, _ in queued:
+            slot._value = values[start:start + slot.size]
+            start += slot.size
 
     def params_nonfinite(self, model: torch.nn.Module) -> Slot:
         """(P,) over `model.parameters()`: `nonfinite_flags` (1 where a parameter may hold a non-finite value, 0
