@@ -1,5 +1,7 @@
 """The reproduction study's configuration set and the data each preset's study runs on."""
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,17 @@ def test_the_seed_study_runs_its_configurations_on_real_length_data(tmp_path):
     root = reproduce.study_data(size, tmp_path)
     assert root.parent == tmp_path / "runs" / "data" and root.name.startswith("b2t_lengths")
     assert any(Path(root).rglob("*.hdf5"))
+
+
+def test_the_seed_study_keeps_the_seeds_precision_through_the_whole_curriculum():
+    # notebook 01's ctc_precision and carry_scaler default to None: the preset's values below
+    nb = json.loads((Path(__file__).resolve().parents[2] / "notebooks" / "01_reproduce_nan_explosion.ipynb").read_text())
+    params = next("".join(c["source"]) for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    assert re.search(r"^ctc_precision = None\b", params, re.M) and re.search(r"^carry_scaler = None\b", params, re.M)
+    seed = reproduce.SIZES["seed"]
+    assert (seed.ctc_precision, seed.carry_scaler) == ("fp16", True)
+    assert all((s.ctc_precision, s.carry_scaler) == ("fp32", False) for name, s in reproduce.SIZES.items()
+               if name != "seed")
 
 
 def test_every_run_has_a_ctc_only_control_of_its_length_precision_and_seed():

@@ -171,7 +171,8 @@ class Updates:
         <group>` (how many of them have a non-finite gradient norm), `outside_optimizer/<group>`; then
         `grad_norm/global` and `nonfinite_grad` over every received tensor."""
         layout, norms = self._layout, self._norms
-        bad = {k for k, x in enumerate(norms) if not math.isfinite(x)}
+        # a sum of float32 norms overflows no float64: finite exactly when every norm is
+        bad = {k for k, x in enumerate(norms) if not math.isfinite(x)} if not math.isfinite(sum(norms)) else set()
         row: dict[str, float | int | bool] = {}
         for g, group in enumerate(layout.groups):
             members = layout.members[g]

@@ -559,7 +559,7 @@ class Watch:
         bad_loss = int(v["loss_nonfinite"][0]) if "loss_nonfinite" in v else 0
         if "loss" in v:  # the last loss given, judged on the host
             bad_loss += not math.isfinite(float(v["loss"][snap.names["loss"].index("total")]))
-        bad_grads = [n for n in norm if not math.isfinite(norm[n])]
+        bad_grads = [n for n in norm if not math.isfinite(norm[n])] if not math.isfinite(sum(norm.values())) else []
         if bad_loss or bad_grads or nonfinite_params:
             what = (["a loss"] if bad_loss else []) + ([f"gradients of {_some(bad_grads)}"] if bad_grads else []) + \
                 ([f"parameters {_some(nonfinite_params)}"] if nonfinite_params else [])
