@@ -138,3 +138,33 @@ def test_one_copy_per_step_as_observer(monkeypatch):
                 obs.on_step_end(SimpleNamespace(step=i))
             assert host.HOST_COPIES == before + i and acts.step == i
     assert step.observers == [] and sum(hook_counts(model)) == 0 and items == []
+
+
+def test_many_calls_between_copies_are_folded_and_equal_the_whole(monkeypatch):
+    from workbench.instrument import activations
+
+    monkeypatch.setattr(activations, "_HELD", 3)  # folded on the host at every fourth call
+    model = mlp()
+    xs = [torch.randn(2, 6) for _ in range(9)]
+    xs[1][0, 0] = math.nan  # a NaN in a call that is folded early: its max and count must survive the fold
+    before = host.HOST_COPIES
+    with ActivationStats(model) as acts:
+        for x in xs:
+            model(x)
+            assert len(acts._calls) <= 3  # held on the device: bounded
+        latest = acts.collect()
+    assert host.HOST_COPIES - before == 18 // 4 + 1  # 18 calls (2 modules x 9 forwards): 4 folds, then the collect
+    inp = [model.inp(x) for x in xs]
+    out = [model.out(torch.tanh(h)) for h in inp]
+    for name, outputs in (("inp", inp), ("out", out)):
+        amax, rms, nonfinite = latest[name]
+        want = stats_of(*outputs)
+        assert math.isnan(amax) and math.isnan(rms)
+        assert nonfinite == want[2] > 0
+    clean = [x for k, x in enumerate(xs) if k != 1]
+    with ActivationStats(model) as acts:
+        for x in clean:
+            model(x)
+        latest = acts.collect()
+    want = stats_of(*[model.inp(x) for x in clean])
+    assert latest["inp"] == pytest.approx((want[0], want[1], 0), rel=1e-6)

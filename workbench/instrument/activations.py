@@ -1,10 +1,13 @@
 """Opt-in activation statistics from forward hooks: max |a|, RMS and non-finite count per module and step.
 
 Each hooked module's output (its first tensor, for modules returning tuples such as LSTM) is reduced on the
-device in float32 and accumulated into a preallocated (M, 3) device buffer; under a TrainStep the buffer is
-queued in the step's own host copy (at `on_after_backward`), without one `collect()` copies it (one copy). A
-module called several times in a step (micro-batches, a predictor run per decoding step) contributes every call:
-max over calls, RMS over all their entries, counts summed. Forwards with gradients disabled (validation under no_grad/inference_mode) are not recorded unless
+device to four scalars per call (min, max, float32 2-norm, non-finite count: three reductions, no bookkeeping op),
+kept until the step's statistics are queued; then they are stacked into one (calls, 4) tensor, under a TrainStep in
+the step's own host copy (at `on_after_backward`), without one by `collect()` (one copy), and combined per module
+on the host. A module called several times in a step (micro-batches, a predictor run per decoding step)
+contributes every call: max over calls, RMS over all their entries, counts summed. A loop that runs more than
+`_HELD` calls between two copies (a long evaluation with `include_no_grad`) has them folded on the host then, so
+what is held stays bounded. Forwards with gradients disabled (validation under no_grad/inference_mode) are not recorded unless
 `include_no_grad=True`, so evaluation between steps does not leak into the next step's statistics.
 """
 
@@ -25,7 +28,7 @@ from workbench.instrument.observer import StepObserver
 # model -> the ActivationStats whose hooks are on it: a re-run notebook cell replaces, never doubles, them.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, ActivationStats] = weakref.WeakKeyDictionary()
 
-MAX, SUMSQ, NONFINITE = 0, 1, 2  # buffer columns
+_HELD = 4096  # calls held on the device before they are folded on the host (one extra copy)
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -67,10 +70,12 @@ class ActivationStats(StepObserver):
             raise ValueError(f"ActivationStats: {unknown[0]!r} is not a module of this model")
         self._targets = [known[name] for name in self.modules]
         self.include_no_grad = include_no_grad
-        self._buffer = torch.zeros(len(self.modules), 3, dtype=torch.float32)
-        self._numel = [0] * len(self.modules)
+        # per call since the last copy: (module index, numel) and its (min, max, 2-norm, non-finite count)
+        self._calls: list[tuple[int, int]] = []
+        self._values: list[torch.Tensor] = []
+        self._folded: dict[int, list[float]] = {}   # calls folded on the host early: index -> [max, sumsq, count, n]
         self._handles: list[RemovableHandle] = []
-        self._queued: tuple[list[int], list[int], Any] | None = None
+        self._queued: tuple[list[tuple[int, int]], dict[int, list[float]], Any] | None = None
         self.step = 0
         self.latest: dict[str, tuple[float, float, int]] = {}
 
@@ -80,20 +85,40 @@ class ActivationStats(StepObserver):
         a = _first_tensor(output)
         if a is None or not a.is_floating_point() or a.numel() == 0:
             return
-        if a.device != self._buffer.device and not any(self._numel):
-            # Follow the model's device (first use, or moved between steps) rather than copy every statistic.
-            self._buffer = self._buffer.to(a.device)
         with torch.no_grad():
             a = a.detach()
-            row = self._buffer[index]
-            # One pass each, and fast on CPU too (an inf-norm or a bool sum is several times slower there).
-            # aminmax and maximum propagate NaN, so a NaN activation shows as a NaN max.
+            # One pass each, and fast on CPU too (an inf-norm or a bool sum is several times slower there); min
+            # and max propagate NaN, a * 0 is 0 where a is finite and NaN where it is not.
             lo, hi = torch.aminmax(a)
-            torch.maximum(row[MAX], torch.maximum(hi, lo.neg()).to(row.device), out=row[MAX])
-            sumsq = torch.linalg.vector_norm(a, 2, dtype=torch.float32).square()
-            nonfinite = torch.count_nonzero(a * 0)  # a * 0 is 0 where a is finite, NaN where it is not
-            row[SUMSQ:].add_(torch.stack((sumsq, nonfinite.float())).to(row.device))
-        self._numel[index] += a.numel()
+            self._values += (lo, hi, torch.linalg.vector_norm(a, 2, dtype=torch.float32),
+                             torch.count_nonzero(a * 0))
+        self._calls.append((index, a.numel()))
+        if len(self._calls) > _HELD:
+            self._fold(self._calls, host.to_host(self._stacked()), self._folded)
+            self._calls, self._values = [], []
+
+    def _stacked(self) -> torch.Tensor:
+        """(calls, 4) float32 of the held calls' scalars, on the first one's device."""
+        device = self._values[0].device
+        values = self._values
+        if any(v.device != device for v in values):  # a model split over devices
+            values = [v.to(device) for v in values]
+        return torch.stack(values).float().reshape(-1, 4)
+
+    @staticmethod
+    def _fold(calls: list[tuple[int, int]], values: Any, into: dict[int, list[float]]) -> None:
+        """Combine the calls' (min, max, 2-norm, count) host rows into `into`: index -> [max |a| (NaN when any
+        entry was NaN), sum of squares, non-finite count, entries]."""
+        for (index, numel), (lo, hi, norm, count) in zip(calls, values.tolist()):
+            amax = math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
+            acc = into.get(index)
+            if acc is None:
+                into[index] = [amax, norm * norm, count, numel]
+            else:
+                acc[0] = math.nan if math.isnan(acc[0]) or math.isnan(amax) else max(acc[0], amax)
+                acc[1] += norm * norm
+                acc[2] += count
+                acc[3] += numel
 
     def attach(self, step: Any = None) -> None:
         """Register the hooks (once), and observe `step` (a TrainStep) when given."""
@@ -135,39 +160,37 @@ class ActivationStats(StepObserver):
             self._queue(ctx)
 
     def _queue(self, ctx: Any) -> None:
-        """Queue the accumulated statistics in the step's host copy and reset the accumulators."""
-        ran = [i for i, n in enumerate(self._numel) if n]
-        self._queued = (ran, list(self._numel), ctx.packet.add(self._buffer.clone()) if ran else None)
-        self._buffer.zero_()
-        self._numel = [0] * len(self.modules)
+        """Queue the held statistics in the step's host copy and start afresh."""
+        slot = ctx.packet.add(self._stacked()) if self._calls else None
+        self._queued = (self._calls, self._folded, slot)
+        self._calls, self._values, self._folded = [], [], {}
 
     def on_step_end(self, ctx: Any) -> None:
         """TrainStep event: decode the statistics the step's copy brought (without `on_pack`: copy them now)."""
         if self._queued is None:
             self.collect(ctx.step)
             return
-        (ran, numel, slot), self._queued = self._queued, None
+        (calls, folded, slot), self._queued = self._queued, None
         self.step = ctx.step
-        self.latest = self._decode(ran, numel, slot.value.reshape(-1, 3) if slot is not None else None)
+        self.latest = self._decode(calls, folded, slot.value.reshape(-1, 4) if slot is not None else None)
 
     def collect(self, step: int | None = None) -> dict[str, tuple[float, float, int]]:
-        """Copy what the hooks accumulated since the last collect to the host (one copy; none when no hooked
-        module ran), reset the accumulators, and return `latest`."""
+        """Copy what the hooks measured since the last collect to the host (one copy; none when no hooked module
+        ran), start afresh, and return `latest`."""
         self.step = self.step + 1 if step is None else step
-        ran = [i for i, n in enumerate(self._numel) if n]
-        if not ran:
-            self.latest = {}
-            return self.latest
-        values = host.to_host(self._buffer)
-        self._buffer.zero_()
-        self.latest = self._decode(ran, self._numel, values)
-        self._numel = [0] * len(self.modules)
+        values = host.to_host(self._stacked()) if self._calls else None
+        self.latest = self._decode(self._calls, self._folded, values)
+        self._calls, self._values, self._folded = [], [], {}
         return self.latest
 
-    def _decode(self, ran: list[int], numel: list[int], values: Any) -> dict[str, tuple[float, float, int]]:
-        """(max |a|, RMS, non-finite count) per module that ran, from the (M, 3) host buffer."""
-        return {self._label(i): (float(values[i, MAX]), math.sqrt(float(values[i, SUMSQ]) / numel[i]),
-                                 int(round(float(values[i, NONFINITE])))) for i in ran}
+    def _decode(self, calls: list[tuple[int, int]], folded: dict[int, list[float]],
+                values: Any) -> dict[str, tuple[float, float, int]]:
+        """(max |a|, RMS, non-finite count) per module that ran, in the hooked modules' order."""
+        acc = {index: list(row) for index, row in folded.items()}
+        if values is not None:
+            self._fold(calls, values, acc)
+        return {self._label(i): (acc[i][0], math.sqrt(acc[i][1] / acc[i][3]), int(round(acc[i][2])))
+                for i in sorted(acc)}
 
     def _label(self, index: int) -> str:
         return self.modules[index] or "(root)"
