@@ -7,8 +7,8 @@ the step's own host copy (at `on_after_backward`), without one by `collect()` (o
 on the host. A module called several times in a step (micro-batches, a predictor run per decoding step)
 contributes every call: max over calls, RMS over all their entries, counts summed. A loop that runs more than
 `_HELD` calls between two copies (a long evaluation with `include_no_grad`) has them folded on the host then, so
-what is held stays bounded. Forwards with gradients disabled (validation under no_grad/inference_mode) are not recorded unless
-`include_no_grad=True`, so evaluation between steps does not leak into the next step's statistics.
+what is held stays bounded. Forwards with gradients disabled (validation under no_grad/inference_mode) are not
+recorded unless `include_no_grad=True`, so evaluation between steps does not leak into the next step's statistics.
 """
 
 from __future__ import annotations

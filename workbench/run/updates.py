@@ -196,7 +196,7 @@ class GradientMarks:
 
     def __init__(self, named: dict[str, nn.Parameter], on_backward: Callable[[], None] | None = None) -> None:
         self.named, self.on_backward = named, on_backward
-        self._names = list(named)
+        self._names, self._params = list(named), list(named.values())
         self._hooks: dict[int, Any] = {}
         self._unhooked = list(range(len(self._names)))
         # by position in `named`: id and version of each .grad at the last update (None / -1: it had none)
@@ -209,7 +209,7 @@ class GradientMarks:
     def hook(self) -> None:
         """A pre-hook on every trainable parameter not hooked yet (a module unfrozen later included); called at
         every step, so it looks only at the parameters still without one."""
-        params = list(self.named.values())
+        params = self._params
         for k in [k for k in self._unhooked if params[k].requires_grad]:
             self._hooks[k] = params[k].register_hook(self._hook(k, params[k]))
             self._unhooked.remove(k)
