@@ -113,9 +113,10 @@ def _sum_squares(values: list[float], idx: list[int]) -> float:
 class Updates:
     """One update on the host. `received`: parameters with a gradient (those in the optimizer first), `inside`
     and `outside` the optimizer; `idle`: trainable parameters in the optimizer without a gradient; `norm`: the
-    gradient norm of each received one; `diff`: for each inside one, the norm of its change (absent when the
-    update has not run); `stale`: inside ones whose gradient was not cleared since the previous update
-    (`GradientMarks`). Per group (`rows`, `gradient_rows`): over the groups the observer was built with."""
+    gradient norm of each received one; `nonfinite`: received ones whose gradient norm is not finite; `diff`: for
+    each inside one, the norm of its change (absent when the update has not run); `stale`: inside ones whose
+    gradient was not cleared since the previous update (`GradientMarks`). Per group (`rows`, `gradient_rows`): over
+    the groups the observer was built with."""
 
     def __init__(self, layout: _Layout, norms: list[float], segments: list[float], diff: list[float] | None,
                  stale: list[str]) -> None:
@@ -125,6 +126,9 @@ class Updates:
         self.outside = layout.names[layout.inside:]
         self.idle = layout.idle
         self.norm = dict(zip(self.received, norms))
+        # a sum of float32 norms overflows no float64: it is finite exactly when every norm is
+        self._bad = [] if math.isfinite(sum(norms)) else [k for k, x in enumerate(norms) if not math.isfinite(x)]
+        self.nonfinite = [self.received[k] for k in self._bad]
         self.diff = {} if diff is None else dict(zip(self.inside, diff))
         self.stale = stale
 
@@ -171,8 +175,7 @@ class Updates:
         <group>` (how many of them have a non-finite gradient norm), `outside_optimizer/<group>`; then
         `grad_norm/global` and `nonfinite_grad` over every received tensor."""
         layout, norms = self._layout, self._norms
-        # a sum of float32 norms overflows no float64: finite exactly when every norm is
-        bad = {k for k, x in enumerate(norms) if not math.isfinite(x)} if not math.isfinite(sum(norms)) else set()
+        bad = set(self._bad)
         row: dict[str, float | int | bool] = {}
         for g, group in enumerate(layout.groups):
             members = layout.members[g]
@@ -241,7 +244,7 @@ class GradientMarks:
         """After an update: remember every gradient as it is now, and start judging afresh. `grads`: every
         parameter's `.grad` in `named`'s order, when the caller has them (the update replaces none)."""
         if grads is None:
-            grads = [p.grad for p in self.named.values()]
+            grads = [p.grad for p in self._params]
         self._ids = [None if g is None else id(g) for g in grads]
         self._versions = compat.tensor_versions(grads)
         self.stale, self._checked = set(), set()

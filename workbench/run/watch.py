@@ -534,7 +534,7 @@ class Watch:
 
     def _find(self, snap: _Snapshot, u: Updates, v: dict[str, Any], nonfinite_params: list[str],
               coef: float | None, outputs: list[tuple[str, torch.Tensor]]) -> None:
-        step, norm = self.step, u.norm
+        step = self.step
         outside = u.outside
         if outside:
             self._report("outside_optimizer", outside, f"{len(outside)} trainable tensors received a gradient but "
@@ -559,7 +559,7 @@ class Watch:
         bad_loss = int(v["loss_nonfinite"][0]) if "loss_nonfinite" in v else 0
         if "loss" in v:  # the last loss given, judged on the host
             bad_loss += not math.isfinite(float(v["loss"][snap.names["loss"].index("total")]))
-        bad_grads = [n for n in norm if not math.isfinite(norm[n])] if not math.isfinite(sum(norm.values())) else []
+        bad_grads = u.nonfinite
         if bad_loss or bad_grads or nonfinite_params:
             what = (["a loss"] if bad_loss else []) + ([f"gradients of {_some(bad_grads)}"] if bad_grads else []) + \
                 ([f"parameters {_some(nonfinite_params)}"] if nonfinite_params else [])
