@@ -196,12 +196,48 @@ def test_reader_sees_flushed_steps_while_writer_open(tmp_path):
     with RunLogWriter(path, flush_every=2) as w:
         for step in range(4):
             w.log_step(step, {"loss": float(step)})
-        with RunLog(path) as log:
+        with RunLog(path) as log:  # the first step flushes at once, then every second one: step 3 waits
             assert log.status == "running"
-            assert log.series("loss")[1].tolist() == [0.0, 1.0, 2.0, 3.0]
+            assert log.series("loss")[1].tolist() == [0.0, 1.0, 2.0]
         w.log_step(4, {"loss": 4.0})  # closing the reader leaves the writer usable
     with RunLog(path) as log:
         assert log.last_step() == 4 and log.status == "finished"
+        assert log.series("loss")[1].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_rows_wait_for_the_flush_that_events_and_time_force(tmp_path, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("workbench.records.runlog.time.monotonic", lambda: clock[0])
+    path = tmp_path / "run.h5"
+    with RunLogWriter(path, flush_every=100, flush_seconds=1.0) as w:
+
+        def flushed() -> list[float]:
+            with RunLog(path) as log:
+                return log.series("loss")[1].tolist()
+
+        rows = {"loss": np.zeros(()), "grad": np.zeros(3)}
+        w.log_step(1, rows)
+        rows["loss"] += 2.0
+        w.log_step(2, rows)
+        rows["loss"] += 40.0  # the caller reuses its arrays: the pending rows keep the values logged
+        rows["grad"] += 1.0
+        w.log_step(3, {"loss": 3.0, "grad": [1.0, 2.0, 3.0]})
+        assert flushed() == [0.0]  # the first step at once, the next two within the second
+        clock[0] += 0.5
+        w.log_event("findings", {"kind": "x"})  # an event writes the rows before it
+        assert flushed() == [0.0, 2.0, 3.0]
+        w.log_step(4, {"loss": 4.0, "grad": [0.0] * 3})
+        clock[0] += 1.0
+        w.log_step(5, {"loss": 5.0, "grad": [0.0] * 3})  # a second after the last flush: both rows
+        assert flushed() == [0.0, 2.0, 3.0, 4.0, 5.0]
+        w.log_step(6, {"loss": 6.0, "grad": [0.0] * 3})
+    with RunLog(path) as log:
+        log.verify()
+        assert log.series("loss")[1].tolist() == [0.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+        assert log.series("grad")[0].tolist() == [1, 2, 3, 4, 5, 6]
+        assert log.series("grad")[1][:3].tolist() == [[0.0] * 3, [0.0] * 3, [1.0, 2.0, 3.0]]
+    with pytest.raises(ValueError, match="flush_seconds"):
+        RunLogWriter(tmp_path / "bad.h5", flush_seconds=-1.0)
 
 
 def _start_writer(path: Path, n_steps: int, flush_every: int) -> subprocess.Popen:

@@ -39,7 +39,7 @@ def test_runs_with_the_same_name_keep_apart():
 
 def test_partial_run_is_reported_up_to_its_last_step(tmp_path):
     path = tmp_path / "partial.h5"
-    recorder = Recorder(RunRecord(RunSettings(name="partial").to_dict()), log_path=path)
+    recorder = Recorder(RunRecord(RunSettings(name="partial").to_dict()), log_path=path, flush_seconds=0.0)
     for i, v in enumerate([3.0, 2.5, float("nan")], start=1):
         recorder.writer.log_step(i, {"loss/total": v, "params_finite": i < 3, "skipped": i == 3})
     # never closed: status stays "running", as after a SIGKILL

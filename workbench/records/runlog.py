@@ -56,8 +56,9 @@ import math
 import operator
 import os
 import re
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -140,7 +141,9 @@ class _Series:
     width: tuple[int, ...]  # () for scalars, (k,) for length-k vectors
     steps_hash: Any  # hashlib sha256 over the bytes of every step written
     values_hash: Any  # ... and of every row of values, as stored
-    rows: int = 0  # kept here: h5py's shape property costs more than the rest of a row's bookkeeping
+    rows: int = 0  # written rows, kept here: h5py's shape property costs more than the rest of a row's bookkeeping
+    pending_steps: list[int] = field(default_factory=list)  # rows logged since the last flush, not yet written
+    pending_values: list[np.ndarray] = field(default_factory=list)
 
 
 class RunLogError(ValueError):
@@ -177,8 +180,12 @@ def _row_bytes(text: str) -> bytes:
 class RunLogWriter:
     """Appends series and event rows to a new run log; use as a context manager or call :meth:`close`.
 
-    ``flush_every`` is the number of :meth:`log_step` calls between flushes: a run killed by SIGKILL loses at
-    most the rows of the ``flush_every - 1`` most recent steps. Events and attributes are flushed at once.
+    Step rows are kept in memory and written at a flush: after ``flush_every`` :meth:`log_step` calls, or at the
+    first step logged ``flush_seconds`` or more after the last flush, and always at the first step, at every
+    event, attribute or label written, and at :meth:`close`. Writing the rows of several steps at once costs one
+    resize and one write per series instead of one per row. A run killed by SIGKILL loses at most the rows not
+    yet flushed: the ``flush_every - 1`` most recent steps, and with ``flush_seconds`` no step logged more than
+    that long before the last one.
     """
 
     def __init__(
@@ -187,13 +194,19 @@ class RunLogWriter:
         *,
         attrs: Mapping[str, Any] | None = None,
         flush_every: int = 1,
+        flush_seconds: float | None = None,
         overwrite: bool = False,
     ) -> None:
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        if flush_seconds is not None and not flush_seconds >= 0:
+            raise ValueError(f"flush_seconds must be >= 0 or None, got {flush_seconds}")
         self.path = Path(path)
         self._flush_every = flush_every
+        self._flush_seconds = flush_seconds
         self._unflushed_steps = 0
+        self._flushed_at = time.monotonic()  # of the last flush
+        self._rows_flushed = False  # no step row reached the file yet: the first one flushes at once
         self._last_step: int | None = None
         self._series: dict[str, _Series] = {}
         self._tables: dict[str, h5py.Dataset] = {}
@@ -255,13 +268,13 @@ class RunLogWriter:
         self._labels[key] = labels
         if series is not None:
             with self._writing(self._last_step):
-                self._write_manifest()
-                self._h5.flush()
+                self._flush()
 
     def log_step(self, step: int, values: Mapping[str, Value]) -> None:
-        """Append one row at ``step`` to each series named in ``values`` (scalars or fixed-length vectors).
+        """Append one row at ``step`` to each series named in ``values`` (scalars or fixed-length vectors); the
+        rows reach the file at the next flush (see the class docstring).
 
-        All values are checked before anything is written, so a bad key leaves every series untouched.
+        All values are checked before anything is kept, so a bad key leaves every series untouched.
         """
         step = operator.index(step)
         if self._write_failed is not None:
@@ -269,26 +282,39 @@ class RunLogWriter:
         h5 = self._h5
         rows = {key: self._check_row(key, value, values) for key, value in values.items()}
         with self._writing(step):
-            self._append(step, rows, h5)
+            for key, row in rows.items():
+                series = self._series.get(key) or self._create_series(key, row)
+                series.pending_steps.append(step)
+                series.pending_values.append(row.astype(series.dtype))  # a copy: the caller may reuse its array
+            self._last_step = step
+            self._unflushed_steps += 1
+            due = self._flush_seconds is not None and time.monotonic() - self._flushed_at >= self._flush_seconds
+            if due or self._unflushed_steps >= self._flush_every or not self._rows_flushed:
+                self._flush(h5)
 
-    def _append(self, step: int, rows: Mapping[str, np.ndarray], h5: h5py.File) -> None:
-        for key, row in rows.items():
-            series = self._series.get(key) or self._create_series(key, row)
+    def _flush(self, h5: h5py.File | None = None) -> None:
+        """Write the pending step rows (per series, one resize and one write), the manifest, and flush."""
+        for series in self._series.values():
+            k = len(series.pending_steps)
+            if not k:
+                continue
             n = series.rows
-            series.steps.resize((n + 1,))
-            series.values.resize((n + 1, *series.width))
-            stored = row.astype(series.dtype)
-            series.steps[n] = step
-            series.values[n] = stored
-            series.rows = n + 1
-            series.steps_hash.update(np.int64(step).tobytes())
+            steps = np.asarray(series.pending_steps, dtype=np.int64)
+            stored = np.stack(series.pending_values)
+            series.steps.resize((n + k,))
+            series.values.resize((n + k, *series.width))
+            series.steps[n:] = steps
+            series.values[n:] = stored
+            series.rows = n + k
+            series.steps_hash.update(steps.tobytes())
             series.values_hash.update(np.ascontiguousarray(stored).tobytes())
+            series.pending_steps.clear()
+            series.pending_values.clear()
+            self._rows_flushed = True
         self._write_manifest()
-        self._last_step = step
-        self._unflushed_steps += 1
-        if self._unflushed_steps >= self._flush_every:
-            h5.flush()
-            self._unflushed_steps = 0
+        (h5 or self._h5).flush()
+        self._unflushed_steps = 0
+        self._flushed_at = time.monotonic()
 
     def log_event(self, table: str, row: Mapping[str, Any]) -> None:
         """Append ``row`` (JSON-encoded by :func:`to_json`) to event table ``table`` and flush."""
@@ -311,8 +337,7 @@ class RunLogWriter:
         dataset.resize((n + 1,))
         dataset[n] = text
         self._table_hashes[table].update(_row_bytes(text))
-        self._write_manifest()
-        h5.flush()
+        self._flush(h5)
 
     def close(self, status: str = "finished") -> None:
         """Write ``status`` and the ``finished`` time (and, unless finished, the last step logged), then close the
@@ -373,8 +398,7 @@ class RunLogWriter:
                 self._json_attrs.add(name)
             self._attr_digests[name] = _attr_digest(name, value)
         h5.attrs["json_attrs"] = json.dumps(sorted(self._json_attrs))
-        self._write_manifest()
-        h5.flush()
+        self._flush(h5)
 
     def _regions(self) -> list[tuple[str, int, int]]:
         """(what, byte offset, size) of every stored chunk of the series datasets and the manifest (flushed)."""
@@ -516,7 +540,7 @@ class RunLog:
     hold is a KeyError.
 
     A reader sees what the writer had flushed when the reader opened (in the writer's own process it shares
-    the writer's open file and sees everything written so far); reopen it to see later steps. Without SWMR
+    the writer's open file and sees what the writer has flushed so far); reopen it to see later steps. Without SWMR
     (which needs libver 'latest', see RunLogWriter.__init__) a read that races a flush in another process can
     fail with a transient OSError or ValueError; retry it.
     """
