@@ -2,7 +2,9 @@
 
 A read is any call that brings a tensor's value to the host: `Tensor.item`, `tolist`, `__bool__`, `__float__`,
 `__int__`, `numpy`, `cpu` (each a host sync on an accelerator), plus `to_host`, the one sanctioned transfer
-(counted by its own counter, `HOST_COPIES`; the reads inside it are not counted again). `HostReads` patches the
+(counted by its own counter, `HOST_COPIES`; the reads inside it are not counted again). Reads in
+`workbench/train/host.py` are the boundary's own: `to_host`'s, and `surely_finite`'s, which reads only a tensor
+already in host memory (no sync) and nothing on an accelerator. `HostReads` patches the
 methods and counts the calls whose caller is a file under `workbench/`; reads made by torch itself (inside
 `GradScaler.step`, an optimizer's step) or by the test are not counted; `GradScaler.get_scale`, a read on
 request, counts when workbench code calls it.

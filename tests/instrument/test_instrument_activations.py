@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from workbench.instrument import ActivationStats, leaf_modules_with_params
 from workbench.train import host
+from host_reads import HostReads  # tests/host_reads.py (tests/ is on the path through its conftest)
 
 
 def mlp() -> nn.Sequential:
@@ -91,6 +92,24 @@ def test_fp16_overflow_is_counted():
     assert math.isnan(latest["small"][0]) and latest["small"][2] == small.numel()
 
 
+@pytest.mark.parametrize("on_device", [False, True])
+def test_counts_with_and_without_the_host_shortcut(on_device, monkeypatch):
+    """On the CPU a finite norm skips the count (`surely_finite`); forced off, the device path counts every call.
+    Both count exactly: none under a finite norm, none under a norm that overflows from finite values, and
+    every NaN and inf."""
+    if on_device:
+        monkeypatch.setattr("workbench.instrument.activations.host.surely_finite", lambda t: False)
+    model = nn.Sequential(OrderedDict(big=nn.Linear(2, 2, bias=False), tail=nn.Linear(2, 2)))
+    nn.init.constant_(model.big.weight, 1e20)
+    with ActivationStats(model) as acts:
+        model(torch.ones(1, 2))  # big: 2e20 each, finite; its float32 2-norm overflows
+        finite = acts.collect()
+        model(torch.full((1, 2), 1e19))  # big: 2e39 overflows float32, then tail: inf * weights
+        overflow = acts.collect()
+    assert math.isinf(finite["big"][1]) and finite["big"][2] == 0
+    assert overflow["big"][2] == 2 and overflow["tail"][2] == 2
+
+
 def test_hooks_removed_on_exit_and_never_doubled():
     model = TwoBranch()
     x = torch.randn(2, 7, 5)
@@ -121,15 +140,12 @@ def test_no_grad_forwards_are_not_recorded_unless_asked():
         assert set(acts.collect()) == {"inp", "out"}
 
 
-def test_one_copy_per_step_as_observer(monkeypatch):
+def test_one_copy_per_step_as_observer():
     model = mlp()
     step = SimpleNamespace(observers=[])
     acts = ActivationStats(model)
-    items = []
-    original = torch.Tensor.item
-    monkeypatch.setattr(torch.Tensor, "item", lambda self: items.append(1) or original(self))
     before = host.HOST_COPIES
-    with acts.attached(step):
+    with HostReads() as reads, acts.attached(step):  # every read from workbench code but the sanctioned copy
         acts.attach(step)
         assert step.observers == [acts] and sum(hook_counts(model)) == 2
         for i in (1, 2, 3):
@@ -137,7 +153,7 @@ def test_one_copy_per_step_as_observer(monkeypatch):
             for obs in step.observers:
                 obs.on_step_end(SimpleNamespace(step=i))
             assert host.HOST_COPIES == before + i and acts.step == i
-    assert step.observers == [] and sum(hook_counts(model)) == 0 and items == []
+    assert step.observers == [] and sum(hook_counts(model)) == 0 and reads.outside == []
 
 
 def test_many_calls_between_copies_are_folded_and_equal_the_whole(monkeypatch):

@@ -88,10 +88,12 @@ class ActivationStats(StepObserver):
         with torch.no_grad():
             a = a.detach()
             # One pass each, and fast on CPU too (an inf-norm or a bool sum is several times slower there); min
-            # and max propagate NaN, a * 0 is 0 where a is finite and NaN where it is not.
+            # and max propagate NaN, a * 0 is 0 where a is finite and NaN where it is not. Under a finite norm
+            # nothing is NaN or inf: where reading that is free (the CPU), the count's two passes are skipped.
             lo, hi = torch.aminmax(a)
-            self._values += (lo, hi, torch.linalg.vector_norm(a, 2, dtype=torch.float32),
-                             torch.count_nonzero(a * 0))
+            norm = torch.linalg.vector_norm(a, 2, dtype=torch.float32)
+            count = torch.zeros((), dtype=torch.int64) if host.surely_finite(norm) else torch.count_nonzero(a * 0)
+            self._values += (lo, hi, norm, count)
         self._calls.append((index, a.numel()))
         if len(self._calls) > _HELD:
             self._fold(self._calls, host.to_host(self._stacked()), self._folded)

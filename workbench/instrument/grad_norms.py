@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from workbench.instrument import host
 from workbench.instrument.groups import ParamGroups, default_groups, groups_from_patterns
-from workbench.instrument.host import Slot
+from workbench.instrument.host import Slot, surely_finite
 from workbench.instrument.observer import StepObserver
 from workbench.train import compat
 
@@ -258,9 +258,12 @@ class GradNormProbe(StepObserver):
         maxs = layout.stack([m.to(f32) for m in compat.foreach_max(magnitudes)])
         # A max reduction need not propagate NaN on every backend; the L2 norm's sum always does.
         maxs = torch.where(torch.isnan(norms), norms, maxs)
-        # |g| * 0 is 0 where g is finite and NaN where it is not; the ord-0 "norm" counts the non-zeros.
-        compat.foreach_mul_(magnitudes, 0.0)
-        nonfinite = layout.stack(compat.foreach_norm(magnitudes, 0, dtype=f32))
+        if surely_finite(norms):  # no NaN or inf under a finite float32 norm: the count's two passes are moot
+            nonfinite = torch.zeros_like(norms)
+        else:
+            # |g| * 0 is 0 where g is finite and NaN where it is not; the ord-0 "norm" counts the non-zeros.
+            compat.foreach_mul_(magnitudes, 0.0)
+            nonfinite = layout.stack(compat.foreach_norm(magnitudes, 0, dtype=f32))
         member = layout.member
         group_norm = _group_sum_sq(member, norms)
         group_max = torch.where(member, maxs, 0.0).amax(dim=1)

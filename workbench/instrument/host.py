@@ -6,6 +6,6 @@ Under a TrainStep the probes do not copy on their own: they queue their statisti
 counts every copy.
 """
 
-from workbench.train.host import HostPacket, Slot, to_host
+from workbench.train.host import HostPacket, Slot, surely_finite, to_host
 
-__all__ = ["HostPacket", "Slot", "to_host"]
+__all__ = ["HostPacket", "Slot", "surely_finite", "to_host"]
