@@ -43,3 +43,35 @@ def test_device_check_reports_both_loops_on_cpu(tmp_path):
     corrected = next(line for line in out.splitlines() if line.strip().startswith("corrected:"))
     assert seed.split()[1] in OUTCOMES and corrected.split()[1] in OUTCOMES
     assert "chain: step" in out
+
+
+@pytest.mark.slow
+def test_lightning_benchmark_times_every_callbacks_batch_hooks():
+    """Its step window opens before and closes after every other callback's batch hooks (the tracer's capture
+    runs in `on_train_batch_start`), and the script prints its ratio."""
+    pytest.importorskip("lightning")
+    import time
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_lightning
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from workbench.data import B2TDataset, collate
+    from workbench.model import HybridModel, get_config
+
+    class Slow(pl.Callback):
+        def on_train_batch_start(self, *args):
+            time.sleep(0.05)
+
+        def on_train_batch_end(self, *args):
+            time.sleep(0.05)
+
+    dataset = B2TDataset(ROOT / "data_samples", "train")
+    loader = DataLoader([dataset[i] for i in range(8)], batch_size=2, collate_fn=collate)
+    assert bench_lightning.fit(HybridModel(get_config("tiny")), loader, 3, [Slow()]) >= 0.1
+    out = _script("bench_lightning.py", "--preset", "tiny", "--rounds", "1", "--steps", "3")
+    assert re.search(r"lightning callback overhead ratio: \d+\.\d{3} \(traced \d+\.\d{3}\)$", out.strip())
