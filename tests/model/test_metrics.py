@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -73,6 +75,35 @@ def test_alignment_splits_errors_into_substitutions_deletions_insertions(ref, hy
     assert (counts.substitutions, counts.deletions, counts.insertions) == sdi
     assert counts.errors == edit_distance(ref, hyp)
     assert (counts.ref_tokens, counts.hyp_tokens) == (len(ref), len(hyp))
+
+
+def _align_by_tuples(ref, hyp):
+    """The alignment written out cell by cell as (errors, S, D, I), ties to S, then D, then I: the oracle."""
+    n, m = len(ref), len(hyp)
+    cost = [[(j, 0, 0, j) for j in range(m + 1)]]
+    for i in range(1, n + 1):
+        row = [(i, 0, i, 0)]
+        for j in range(1, m + 1):
+            miss = int(ref[i - 1] != hyp[j - 1])
+            e, s, d, k = cost[i - 1][j - 1]
+            sub = (e + miss, s + miss, d, k)
+            e, s, d, k = cost[i - 1][j]
+            dele = (e + 1, s, d + 1, k)
+            e, s, d, k = row[j - 1]
+            ins = (e + 1, s, d, k + 1)
+            row.append(min((sub, dele, ins), key=lambda c: c[0]))
+        cost.append(row)
+    return cost[n][m][1:]
+
+
+def test_alignment_equals_the_cell_by_cell_oracle_on_random_pairs():
+    rng = random.Random(0)
+    for _ in range(400):
+        ref = [rng.randrange(4) for _ in range(rng.randrange(12))]
+        hyp = [rng.randrange(4) for _ in range(rng.randrange(12))]
+        counts = align_counts(ref, hyp)
+        assert (counts.substitutions, counts.deletions, counts.insertions) == _align_by_tuples(ref, hyp), (ref, hyp)
+        assert counts.errors == edit_distance(ref, hyp)
 
 
 def test_score_carries_per_utterance_errors_and_the_length_ratio():

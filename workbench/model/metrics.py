@@ -60,21 +60,29 @@ def align_counts(ref: Sequence, hyp: Sequence) -> ErrorCounts:
     scoring convention); the total never depends on the tie-break.
     """
     n, m = len(ref), len(hyp)
-    # cost[i][j] = (errors, S, D, I) for ref[:i] against hyp[:j]; tuples compare by errors first
-    cost = [[(j, 0, 0, j) for j in range(m + 1)]]
+    # Row i holds, for ref[:i] against hyp[:j] (j = 0..m), the cost and the S and D counts of the chosen path
+    # (I = cost - S - D), as plain int lists: a tuple per cell made scoring a validation set take seconds.
+    cost, subs, dels = list(range(m + 1)), [0] * (m + 1), [0] * (m + 1)
     for i in range(1, n + 1):
-        row = [(i, 0, i, 0)]
+        token = ref[i - 1]
+        row_cost, row_subs, row_dels = [i], [0], [i]
         for j in range(1, m + 1):
-            e, s, d, ins = cost[i - 1][j - 1]
-            sub = (e + (ref[i - 1] != hyp[j - 1]), s + (ref[i - 1] != hyp[j - 1]), d, ins)
-            e, s, d, ins = cost[i - 1][j]
-            dele = (e + 1, s, d + 1, ins)
-            e, s, d, ins = row[j - 1]
-            ins_ = (e + 1, s, d, ins + 1)
-            row.append(min((sub, dele, ins_), key=lambda c: c[0]))
-        cost.append(row)
-    _, s, d, ins = cost[n][m]
-    return ErrorCounts(s, d, ins, n, m)
+            miss = token != hyp[j - 1]
+            sub, dele, ins = cost[j - 1] + miss, cost[j] + 1, row_cost[j - 1] + 1
+            if sub <= dele and sub <= ins:
+                row_cost.append(sub)
+                row_subs.append(subs[j - 1] + miss)
+                row_dels.append(dels[j - 1])
+            elif dele <= ins:
+                row_cost.append(dele)
+                row_subs.append(subs[j])
+                row_dels.append(dels[j] + 1)
+            else:
+                row_cost.append(ins)
+                row_subs.append(row_subs[j - 1])
+                row_dels.append(row_dels[j - 1])
+        cost, subs, dels = row_cost, row_subs, row_dels
+    return ErrorCounts(subs[m], dels[m], cost[m] - subs[m] - dels[m], n, m)
 
 
 @dataclass(frozen=True)
