@@ -16,14 +16,14 @@ from typing import Any, Callable
 
 import torch
 
-from workbench.data import B2TDataset, make_loader
+from workbench.data import B2TDataset
 from workbench.instrument import GradNormProbe, LossAttribution, NonFiniteTracer, OptimizerCoverage, default_groups
 from workbench.records import Recorder, RunRecord
 from workbench.run.engine import RunEngine
 from workbench.run.settings import RunSettings, SettingsError
 from workbench.train.checkpoint import model_from_checkpoint
 from workbench.train.device import pick_device
-from workbench.train.evaluate import evaluate
+from workbench.train.evaluate import evaluate, validation_loader
 from workbench.train.optim import build_optimizer, component_groups
 from workbench.train.policies import make_policy
 from workbench.train.stages import Stage, decoder_seed, seed_stages, set_trainable, stage_batches
@@ -87,7 +87,7 @@ def run_joint(
     dev = pick_device(device)
     # both splits are opened (and validated) before any step runs
     train_set, val_set = B2TDataset(data, "train"), B2TDataset(data, "val")
-    val_loader = make_loader(val_set, settings.batch_size, shuffle=False, seed=settings.seed)
+    val_loader = validation_loader(val_set, settings.batch_size, settings.seed)
     model, state = model_from_checkpoint(checkpoint, dev)
     if state.get("stage") == "ctc_warmup":
         # The CTC stage never trains the decoder: each seed draws its own fresh one.

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from workbench.data import B2TDataset, make_loader
+from workbench.data import B2TDataset
 from workbench.model import HybridModel, get_config
 from workbench.run.engine import RunEngine
 from workbench.run.settings import TrainSettings
 from workbench.train.checkpoint import check_checkpoint, load_weights, save_checkpoint
 from workbench.train.device import pick_device, seed_everything
-from workbench.train.evaluate import evaluate
+from workbench.train.evaluate import evaluate, validation_loader
 from workbench.train.optim import build_optimizer
 from workbench.train.policies import make_policy
 from workbench.train.stages import STAGE_NAMES, seed_stages, stage_batches
@@ -59,7 +59,7 @@ def run_training(cfg: TrainSettings, log: Callable[[str], None] = print) -> dict
     device = pick_device(cfg.device)
     train_set = B2TDataset(cfg.data, "train", max_sessions=cfg.max_sessions)
     val_set = B2TDataset(cfg.data, "val", max_sessions=cfg.max_sessions)
-    val_loader = make_loader(val_set, cfg.batch_size, shuffle=False, seed=cfg.seed)
+    val_loader = validation_loader(val_set, cfg.batch_size, cfg.seed)
     model = HybridModel(get_config(cfg.preset)).to(device)
     stages = seed_stages(cfg.ctc_steps, cfg.joint_steps, cfg.mode_steps,
                          ctc_lr=cfg.ctc_lr, joint_lr=cfg.joint_lr, mode_lr=cfg.mode_lr)

@@ -8,9 +8,20 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from workbench.data import Trial, make_loader
 from workbench.model.metrics import Score, ctc_greedy_decode, score
+
+# Validation batches hold this many training batches: a forward under no_grad keeps no activations for a backward,
+# so it fits where the training step fits, and greedy RNN-T decoding loops over frames in Python once per batch
+# (at `tiny`, 80 validation trials in batches of 4 made decoding about a third of a joint run's time).
+EVAL_BATCH_FACTOR = 4
+
+
+def validation_loader(dataset: Dataset[Trial], batch_size: int, seed: int) -> DataLoader:
+    """The validation split in a fixed order, in batches of `EVAL_BATCH_FACTOR` x the training `batch_size`."""
+    return make_loader(dataset, EVAL_BATCH_FACTOR * batch_size, shuffle=False, seed=seed)
 
 
 @dataclass
