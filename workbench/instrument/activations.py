@@ -1,7 +1,8 @@
 """Opt-in activation statistics from forward hooks: max |a|, RMS and non-finite count per module and step.
 
 Each hooked module's output (its first tensor, for modules returning tuples such as LSTM) is reduced on the
-device to four scalars per call (min, max, float32 2-norm, non-finite count: three reductions, no bookkeeping op),
+device to four scalars per call (min, max, float32 2-norm, non-finite count: three reductions, no bookkeeping op;
+on the CPU two where the norm is finite, as the count is then 0),
 kept until the step's statistics are queued; then they are stacked into one (calls, 4) tensor, under a TrainStep in
 the step's own host copy (at `on_after_backward`), without one by `collect()` (one copy), and combined per module
 on the host. A module called several times in a step (micro-batches, a predictor run per decoding step)
