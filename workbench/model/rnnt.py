@@ -153,8 +153,9 @@ class RNNTDecoder(nn.Module):
                 emit = active & (best.squeeze(1) != self.blank)
                 if not bool(emit.any()):
                     break
+                symbols = best.view(-1).tolist()  # one read, not one per emitting utterance
                 for b in emit.nonzero().flatten().tolist():
-                    hyps[b].append(int(best[b, 0]))
+                    hyps[b].append(symbols[b])
                 out, new_state = self.predictor.step(best, state)
                 keep = emit.view(1, batch, 1)
                 state = (torch.where(keep, new_state[0], state[0]), torch.where(keep, new_state[1], state[1]))
