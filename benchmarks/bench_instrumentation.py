@@ -6,7 +6,8 @@ load hits all three alike:
     plain  TrainStep with no observers
     a      + GradNormProbe (groups and per-parameter) + OptimizerCoverage (sharing the probe's copy)
     b      a + ActivationStats on every leaf module with parameters
-    c      a + NonFiniteTracer armed (it captures a replay bundle before every step; no step here is non-finite)
+    c      a + NonFiniteTracer armed as a run arms it (a replay bundle every CAPTURE_EVERY steps and each step's
+           inputs; no step here is non-finite)
 
 Prints the median ms/step of each, the device reads per step of each (counted on one extra untimed round by
 tests/host_reads.py: copies through `to_host` plus any other read from workbench code) and the median per-round
@@ -35,6 +36,7 @@ import torch
 from workbench.data import B2TDataset, Batch, DataError, collate, real_length_dataset, write_dataset
 from workbench.train.device import pick_device, seed_everything
 from workbench.instrument import ActivationStats, GradNormProbe, NonFiniteTracer, OptimizerCoverage
+from workbench.instrument.tracer import CAPTURE_EVERY
 from workbench.model.losses import LossWeights
 from workbench.model import HybridModel, get_config
 from workbench.train import StepConfig, TrainStep, build_optimizer
@@ -77,7 +79,7 @@ def overhead(model: HybridModel, batches: list[Batch], device: torch.device, rou
     probe = GradNormProbe(model)
     coverage = OptimizerCoverage(model, probe=probe)
     acts = ActivationStats(model)
-    tracer = NonFiniteTracer()
+    tracer = NonFiniteTracer(capture_every=CAPTURE_EVERY)  # as a run's (workbench.run.joint)
 
     def steps() -> None:
         for batch in batches:

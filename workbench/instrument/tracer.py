@@ -58,6 +58,7 @@ import torch.nn as nn
 
 from workbench.instrument.observer import StepObserver
 from workbench.instrument.replay import ReplayBundle, bundle_rng, capture, replica, save_bundle
+from workbench.instrument.replay_chain import ReplayChain, ReplayMismatch
 from workbench.train import compat
 from workbench.train.host import Slot, nonfinite_flags, to_host
 from workbench.train.step import NonFiniteError, StepContext, StepMonitor, TrainStep
@@ -727,11 +728,20 @@ def _replayed(step: TrainStep, bundle: ReplayBundle, attempt: Callable[[TrainSte
             opened = opened | {reopen.unit} if not opened else units
 
 
+# A run's tracer captures every this many steps (workbench.run.joint): on a CPU a capture is a copy of the
+# parameters and the optimizer state as slow as memory (about 4 ms a step at `small`); a traced step pays up to
+# CAPTURE_EVERY - 1 re-run steps instead.
+CAPTURE_EVERY = 8
+
+
 class NonFiniteTracer(StepObserver):
     """Observer that traces the non-finite steps of a run, as many as the causal chain needs (at most
     `max_traces` replays).
 
-    Per step while tracing: `capture` at the step start (cost in `workbench.instrument.replay`), and one check:
+    Per step while tracing: `capture` at the step start (cost in `workbench.instrument.replay`), or with
+    `capture_every=K` > 1 a `ReplayChain` (a capture every K steps, each step's inputs in between; a non-finite
+    step's bundle is rebuilt by re-running up to K - 1 plain steps on a replica, checked against the live losses:
+    a mismatch is listed in `mismatches` and the step in `unreproduced`; `bundle` then stays None), and one check:
     the loss total and grad norm (on the host with the step's result), one multi-tensor reduction over the
     gradients (queued at `on_after_backward`) and the step's shared check over the parameters
     (`HostPacket.params_nonfinite`, at `on_pack`), both in the step's host copy (outside a TrainStep, one
@@ -749,13 +759,16 @@ class NonFiniteTracer(StepObserver):
     `localize(step, tracer.bundle)` where the NonFiniteError is caught.
     """
 
-    def __init__(self, *, max_traces: int = 3, save_dir: str | None = None) -> None:
+    def __init__(self, *, max_traces: int = 3, save_dir: str | None = None, capture_every: int = 1) -> None:
         self.max_traces = max_traces
         self.save_dir = save_dir
         self.traces: list[StepTrace] = []
         self.verdicts: list[Verdict] = []
         self.unreproduced: list[int] = []
+        self.mismatches: list[str] = []
         self.bundle: ReplayBundle | None = None
+        self._chain = ReplayChain(capture_every) if capture_every > 1 else None
+        self._armed = False  # checking the current step
         self._complete = False
         self._grads: Slot | None = None
         self._checks: list[Slot] | None = None
@@ -775,8 +788,13 @@ class NonFiniteTracer(StepObserver):
         if self._train_step is None:
             raise RuntimeError("NonFiniteTracer needs the TrainStep to replay steps: call tracer.attach(step)")
         self._bundles = {k: b for k, b in self._bundles.items() if k == ctx.step - 1}
-        if self.exhausted:
-            self.bundle = None
+        self.bundle = None
+        self._armed = not self.exhausted
+        if not self._armed:
+            return
+        if self._chain is not None:
+            self._chain.start(self._train_step, ctx.batches, ctx.weights, rnnt=ctx.rnnt, mode=ctx.mode,
+                              index=ctx.step)
             return
         self.bundle = self._bundles[ctx.step] = capture(self._train_step, ctx.batches, ctx.weights, rnnt=ctx.rnnt,
                                                         mode=ctx.mode, index=ctx.step)
@@ -784,21 +802,34 @@ class NonFiniteTracer(StepObserver):
     def on_after_backward(self, ctx: StepContext) -> None:
         """TrainStep event: queue the gradients' non-finite check (the clip scales them by a finite factor or
         makes the norm non-finite, and the update leaves them alone, so their finiteness is final here)."""
-        if self.bundle is not None:
-            grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
-            self._grads = ctx.packet.add(nonfinite_flags(grads))
+        if self._armed:
+            self._grads = ctx.packet.grads_nonfinite(ctx.model)  # the probe's norms when it ran first
 
     def on_pack(self, ctx: StepContext) -> None:
         """TrainStep event: queue the parameters' non-finite check (the step's shared one) after the update."""
-        if self.bundle is not None:
+        if self._armed:
             self._checks = [ctx.packet.params_nonfinite(ctx.model)] + ([self._grads] if self._grads is not None else [])
             self._grads = None
+            if self._chain is not None:
+                self._chain.updated()
 
     def on_step_end(self, ctx: StepContext) -> None:
         checks, self._checks = self._checks, None
         bundle = self._bundles.pop(ctx.step, None)
-        if bundle is None or self.exhausted or not self._went_nonfinite(ctx, checks):
+        chain = self._chain
+        if chain is not None and ctx.result is not None:
+            chain.ended(ctx.step, ctx.result.losses)
+        covered = bundle is not None or (chain is not None and chain.covers(ctx.step))
+        if not covered or self.exhausted or not self._went_nonfinite(ctx, checks):
             return
+        if bundle is None:
+            assert chain is not None and self._train_step is not None
+            try:
+                bundle = chain.bundle_at(self._train_step, ctx.step)
+            except ReplayMismatch as err:
+                self.mismatches.append(str(err))
+                self.unreproduced.append(ctx.step)
+                return
         if self.save_dir is not None:
             Path(self.save_dir).mkdir(parents=True, exist_ok=True)
             save_bundle(Path(self.save_dir) / f"step_{ctx.step}.pt", bundle)

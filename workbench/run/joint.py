@@ -18,6 +18,7 @@ import torch
 
 from workbench.data import B2TDataset
 from workbench.instrument import GradNormProbe, LossAttribution, NonFiniteTracer, OptimizerCoverage, default_groups
+from workbench.instrument.tracer import CAPTURE_EVERY
 from workbench.records import Recorder, RunRecord
 from workbench.run.engine import RunEngine
 from workbench.run.settings import RunSettings, SettingsError
@@ -107,7 +108,7 @@ def run_joint(
     instruments = [probe, OptimizerCoverage(model, probe=probe),
                    LossAttribution(groups, after_change=settings.attribution_steps)]
     if settings.trace:
-        instruments.append(NonFiniteTracer())
+        instruments.append(NonFiniteTracer(capture_every=CAPTURE_EVERY))
     record = RunRecord(settings.to_dict())
     recorder = Recorder(record, sources=instruments, log_path=log_path,
                         attrs={"checkpoint": str(checkpoint), "data": str(Path(data).resolve()),

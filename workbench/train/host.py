@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ class HostPacket:
 
     def __init__(self) -> None:
         self._queued: list[tuple[Slot, torch.Tensor]] = []
-        self._shared: dict[int, Slot] = {}
+        self._shared: dict[Any, Slot] = {}
 
     def add(self, t: torch.Tensor) -> Slot:
         slot = Slot(t.numel())
@@ -76,13 +77,26 @@ class HostPacket:
             slot._value = values[start:start + slot.size]
             start += slot.size
 
+    def grads_nonfinite(self, model: torch.nn.Module, norms: torch.Tensor | None = None) -> Slot:
+        """One flag per gradient of `model`'s parameters (in parameter order; which gradients are screened is the
+        first caller's choice, so read it only as "any flag set"): 1 where it may hold a NaN or inf. Shared by
+        every caller of the step: `norms`, a caller's float32 norms of the gradients, become the screen for
+        free; without them the first caller pays one multi-tensor reduction (`nonfinite_flags`)."""
+        key = ("grads", id(model))
+        if key not in self._shared:
+            flags = (~torch.isfinite(norms)).float() if norms is not None else nonfinite_flags(
+                [p.grad for p in model.parameters() if p.grad is not None])
+            self._shared[key] = self.add(flags)
+        return self._shared[key]
+
     def params_nonfinite(self, model: torch.nn.Module) -> Slot:
         """(P,) over `model.parameters()`: `nonfinite_flags` (1 where a parameter may hold a non-finite value, 0
         where it surely holds none; `nonfinite_elements` settles the flagged ones). One multi-tensor reduction per
         step, queued at the first call and shared by every later caller (ask after the update)."""
-        if id(model) not in self._shared:
-            self._shared[id(model)] = self.add(nonfinite_flags([p.detach() for p in model.parameters()]))
-        return self._shared[id(model)]
+        key = ("params", id(model))
+        if key not in self._shared:
+            self._shared[key] = self.add(nonfinite_flags([p.detach() for p in model.parameters()]))
+        return self._shared[key]
 
 
 def nonfinite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
