@@ -142,6 +142,22 @@ def test_tracer_every_k_steps_follows_the_stale_optimizer_escape():
     assert verdicts(4) == verdicts(1) and len(verdicts(1)) == 2
 
 
+def test_a_tracer_whose_rerun_differs_reports_the_step_unreproduced():
+    model = chain(enc=linear(4, 4), boom=Exp(0.1), head=linear(4, 2, 0.5))
+    step = make_step(model)
+    tracer = NonFiniteTracer(capture_every=8)
+    tracer.attach(step)
+    for k in range(3):
+        step(toy(torch.full((2, 4), 0.1), 2), Weights())
+        step.settle()
+        model.boom.k += 0.1  # a forward changed without writing a tensor: the chain cannot see it
+    step(toy(torch.full((2, 4), 1000.0), 2), Weights())  # exp overflows
+    step.settle()
+    assert tracer.traces == [] and tracer.unreproduced == [4]
+    (table, row), = tracer.events(4)
+    assert table == "tracer_unreproduced" and row["step"] == 4 and "step 1 re-run" in row["why"]
+
+
 def test_every_must_be_positive():
     with pytest.raises(ValueError, match="every"):
         ReplayChain(every=0)

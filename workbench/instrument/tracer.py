@@ -765,7 +765,7 @@ class NonFiniteTracer(StepObserver):
         self.traces: list[StepTrace] = []
         self.verdicts: list[Verdict] = []
         self.unreproduced: list[int] = []
-        self.mismatches: list[str] = []
+        self.mismatches: list[tuple[int, str]] = []  # (step, why) of bundles a re-run could not rebuild
         self.bundle: ReplayBundle | None = None
         self._chain = ReplayChain(capture_every) if capture_every > 1 else None
         self._armed = False  # checking the current step
@@ -827,7 +827,7 @@ class NonFiniteTracer(StepObserver):
             try:
                 bundle = chain.bundle_at(self._train_step, ctx.step)
             except ReplayMismatch as err:
-                self.mismatches.append(str(err))
+                self.mismatches.append((ctx.step, str(err)))
                 self.unreproduced.append(ctx.step)
                 return
         if self.save_dir is not None:
@@ -843,8 +843,9 @@ class NonFiniteTracer(StepObserver):
 
     def events(self, step: int) -> list[tuple[str, dict[str, Any]]]:
         """The trace of `step`, when that step was replayed, as a "tracer" event (`line`: its first non-finite
-        tensor in one line)."""
-        return [("tracer", {**t.to_dict(), "line": t.findings[0].line()}) for t in self.traces if t.step == step]
+        tensor in one line); a "tracer_unreproduced" event when its bundle could not be rebuilt (`why`)."""
+        events = [("tracer", {**t.to_dict(), "line": t.findings[0].line()}) for t in self.traces if t.step == step]
+        return events + [("tracer_unreproduced", {"step": k, "why": why}) for k, why in self.mismatches if k == step]
 
     @staticmethod
     def _went_nonfinite(ctx: StepContext, checks: list[Slot] | None) -> bool:
