@@ -87,6 +87,8 @@ def test_new_bases_where_a_rerun_could_not_reproduce_the_run():
     assert run(4) == 5
     step.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     assert run(5) == 6 and run(6) == 6
+    step.config.clip = 0.5
+    assert run(7) == 8 and run(8) == 8
 
 
 def test_a_rerun_that_differs_from_the_live_loss_is_refused():

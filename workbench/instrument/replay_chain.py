@@ -10,8 +10,9 @@ any step since the base is rebuilt on demand, only when a step went non-finite: 
 recorded, then the replica captured.
 
 A new base is captured whenever a re-run could not reproduce the live run: the optimizer was rebuilt or its groups
-changed, a parameter's `requires_grad` flipped, the GradScaler was replaced, or a parameter was written between
-two steps (its version counter moved after the last update), and after a step that raised before its update.
+changed, a parameter's `requires_grad` flipped, the GradScaler or the step's config was replaced, or a parameter
+was written between two steps (its version counter moved after the last update), and after a step that raised
+before its update.
 
     chain = ReplayChain(every=8)
     chain.start(step, batches, weights, rnnt=True, mode=False, index=step.step_index + 1)  # at each step start
@@ -69,10 +70,10 @@ class _Chain:
 
 def _structure(step: TrainStep, params: list[torch.Tensor]) -> tuple[Any, ...]:
     """What a re-run from the base needs unchanged: the optimizer, its groups and state dict, the parameters and
-    which of them train, the GradScaler, the precision."""
+    which of them train, the GradScaler, the step's config (precision, clip, loop semantics)."""
     optimizer = step.optimizer
     return (id(optimizer), id(optimizer.state), tuple(len(g["params"]) for g in optimizer.param_groups),
-            tuple(map(id, params)), tuple(p.requires_grad for p in params), id(step.scaler), step.config.precision)
+            tuple(map(id, params)), tuple(p.requires_grad for p in params), id(step.scaler), repr(step.config))
 
 
 def _group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
