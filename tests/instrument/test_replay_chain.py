@@ -91,6 +91,26 @@ def test_new_bases_where_a_rerun_could_not_reproduce_the_run():
     assert run(7) == 8 and run(8) == 8
 
 
+def test_slow_steps_are_each_a_base(monkeypatch):
+    """A chain never holds more than `max_rerun_s` of training to re-run: with slow steps every step is a base."""
+    clock = [0.0]
+    monkeypatch.setattr("workbench.instrument.replay_chain.time.perf_counter", lambda: clock[0])
+    model = dropout_model()
+    step = make_step(model)
+    live = ReplayChain(every=8, max_rerun_s=2.0)
+    bases = []
+    for k, seconds in enumerate([0.5, 0.5, 0.5, 0.5, 3.0, 3.0, 0.5]):
+        index = step.step_index + 1
+        live.start(step, batch(k), Weights(), rnnt=True, mode=False, index=index)
+        clock[0] += seconds  # the step's time
+        result = step(batch(k), Weights())
+        step.settle()
+        live.updated()
+        live.ended(index, result.losses)
+        bases.append(live._chain.base.step)
+    assert bases == [1, 1, 1, 1, 5, 6, 7]
+
+
 def test_a_rerun_that_differs_from_the_live_loss_is_refused():
     model = chain(enc=linear(4, 4), boom=Exp(0.1), head=linear(4, 2, 0.5))
     step = make_step(model)

@@ -9,7 +9,9 @@ any step since the base is rebuilt on demand, only when a step went non-finite: 
 (`replay.replica`) and the steps before it re-run there (`bundle_at`), each checked against the loss the live step
 recorded, then the replica captured.
 
-A new base is captured whenever a re-run could not reproduce the live run: the optimizer was rebuilt or its groups
+A new base is also captured once `max_rerun_s` seconds have passed since the last one, so rebuilding a bundle
+never re-runs more than about that much training: with slow steps (the seed's size on a CPU) every step is
+captured, as before the chain. A new base is captured whenever a re-run could not reproduce the live run: the optimizer was rebuilt or its groups
 changed, a parameter's `requires_grad` flipped, the GradScaler or the step's config was replaced, or a parameter
 was written between two steps (its version counter moved after the last update), and after a step that raised
 before its update.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -62,6 +65,7 @@ class _Inputs:
 class _Chain:
     base: ReplayBundle
     key: tuple[Any, ...]
+    started: float  # time.perf_counter() when the base was captured
     steps: list[_Inputs] = field(default_factory=list)  # the base's step first, in order
 
     def covers(self, index: int) -> bool:
@@ -81,13 +85,15 @@ def _group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
 
 
 class ReplayChain:
-    """Base bundles every `every` steps and the inputs of the steps in between (see the module docstring). Keeps
-    the chain before the current one until its last step ended (a step's end may follow the next one's start)."""
+    """Base bundles every `every` steps, or `max_rerun_s` seconds, and the inputs of the steps in between (see
+    the module docstring). Keeps the chain before the current one until its last step ended (a step's end may
+    follow the next one's start)."""
 
-    def __init__(self, every: int) -> None:
+    def __init__(self, every: int, max_rerun_s: float = 2.0) -> None:
         if every < 1:
             raise ValueError(f"every: expected a positive number of steps, got {every}")
         self.every = every
+        self.max_rerun_s = max_rerun_s
         self._chain: _Chain | None = None
         self._previous: _Chain | None = None
         self._versions: list[int] | None = None  # of the parameters after the last update
@@ -101,10 +107,11 @@ class ReplayChain:
         key = _structure(step, self._params)
         chain = self._chain
         moved = self._versions is None or compat.tensor_versions(self._params) != self._versions
-        if chain is None or key != chain.key or moved or len(chain.steps) >= self.every:
+        if (chain is None or key != chain.key or moved or len(chain.steps) >= self.every
+                or time.perf_counter() - chain.started >= self.max_rerun_s):
             self._previous = chain
             base = capture(step, batches, weights, rnnt=rnnt, mode=mode, index=index)
-            chain = self._chain = _Chain(base, key)
+            chain = self._chain = _Chain(base, key, time.perf_counter())
             rng, cuda_rng = base.cpu_rng, base.cuda_rng
         else:
             rng = torch.get_rng_state()

@@ -730,7 +730,7 @@ def _replayed(step: TrainStep, bundle: ReplayBundle, attempt: Callable[[TrainSte
 
 # A run's tracer captures every this many steps (workbench.run.joint): on a CPU a capture is a copy of the
 # parameters and the optimizer state as slow as memory (about 4 ms a step at `small`); a traced step pays up to
-# CAPTURE_EVERY - 1 re-run steps instead.
+# CAPTURE_EVERY - 1 re-run steps instead, and never more than about 2 s of them (ReplayChain.max_rerun_s).
 CAPTURE_EVERY = 8
 
 
