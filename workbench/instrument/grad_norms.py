@@ -205,7 +205,6 @@ class GradNormProbe(StepObserver):
         self._queued: tuple[list[_Pending], list[Slot]] | None = None  # queued at on_after_backward
         self._packed: dict[int, tuple[list[_Pending], list[Slot]]] = {}  # past on_pack, by step, until its end
         self._snapshot: _Snapshot | None = None
-        self._norms: torch.Tensor | None = None  # this step's per-parameter gradient norms, once recorded
         self._listeners: list[Callable[[StepStats], None]] = []
         self._last_step = 0
         self.latest: StepStats | None = None
@@ -227,27 +226,27 @@ class GradNormProbe(StepObserver):
             self._layouts[key] = _Layout(index, groups, torch.from_numpy(member[active]).to(device), spread)
         return self._layouts[key]
 
-    def _record(self, step: int, scaler: torch.amp.GradScaler | None, snapshot: bool) -> None:
+    def _record(self, step: int, scaler: torch.amp.GradScaler | None, snapshot: bool) -> torch.Tensor | None:
+        """Compute the step's statistics; returns its (k,) per-parameter gradient norms (None without a gradient)."""
         if self._current is not None:
             # The previous step raised between backward and its end (TrainStep's "stop" policy): keep its stats.
             self._pending.append(self._current)
             self._current = None
         self._last_step = step
-        self._norms = None
         # Empty tensors are left out: they have no entries, and an inf-norm of nothing is an error.
         index = tuple(i for i, p in enumerate(self._params) if p.grad is not None and p.numel() > 0)
         if not index:
-            return
+            return None
         grads = [self._params[i].grad for i in index]
         layout = self._layout(index, grads)
         with torch.no_grad():
             scale = _scale_tensor(scaler, layout.member.device)
             packed, norms = self._grad_stats(grads, layout, scale)
-            self._norms = norms
             self._current = _Pending(step, layout, scale is not None, [packed])
             if snapshot:
                 # a non-finite gradient was received too (NaN > 0 is False)
                 self._take_snapshot(layout, (norms > 0) | ~torch.isfinite(norms))
+        return norms
 
     @staticmethod
     def _grad_stats(grads: list[torch.Tensor], layout: _Layout,
@@ -301,10 +300,10 @@ class GradNormProbe(StepObserver):
         if self._queued is not None:  # the previous step raised before its copy: its steps wait again
             self._pending = self._queued[0][:-1] + self._pending
             self._current, self._queued = self._queued[0][-1], None
-        self._record(ctx.step, ctx.scaler, snapshot=self.update_ratio)
+        norms = self._record(ctx.step, ctx.scaler, snapshot=self.update_ratio)
         packet = getattr(ctx, "packet", None)
-        if packet is not None and self._norms is not None:
-            packet.grads_nonfinite(self.model, self._norms)  # the step's gradient screen, for the tracer
+        if packet is not None and norms is not None:
+            packet.grads_nonfinite(self.model, norms)  # the step's gradient screen, for the tracer
         if packet is not None and self._current is not None and len(self._pending) + 1 >= self.every:
             pending, self._pending = self._pending, []
             head = torch.cat([part for p in pending for part in p.packed()] + self._current.parts)

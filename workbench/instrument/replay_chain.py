@@ -153,15 +153,13 @@ class ReplayChain:
             rep = replica(step, chain.base)
             for s in steps[:-1]:
                 _set_rng(s)
-                for group, settings in zip(rep.optimizer.param_groups, s.groups):
-                    group.update(copy.deepcopy(settings))
+                _set_groups(rep.optimizer, s)
                 result = rep.run(s.batches, s.weights, rnnt=s.rnnt, mode=s.mode)
                 if s.losses is not None and not _same_losses(result.losses, s.losses):
                     raise ReplayMismatch(f"step {s.index} re-run from the bundle of step {chain.base.step}: losses "
                                          f"{result.losses}, the live step's {s.losses}")
             last = steps[-1]
-            for group, settings in zip(rep.optimizer.param_groups, last.groups):
-                group.update(copy.deepcopy(settings))
+            _set_groups(rep.optimizer, last)
             bundle = capture(rep, last.batches, last.weights, rnnt=last.rnnt, mode=last.mode, index=index)
         return dataclasses.replace(bundle, cpu_rng=last.cpu_rng, cuda_rng=last.cuda_rng)
 
@@ -170,6 +168,11 @@ def _same_losses(replayed: dict[str, float], live: dict[str, float]) -> bool:
     """Equal term by term, NaN equal to NaN (a skipped step's loss is reproduced as NaN)."""
     return replayed.keys() == live.keys() and all(
         a == b or (math.isnan(a) and math.isnan(b)) for a, b in ((replayed[k], live[k]) for k in live))
+
+
+def _set_groups(optimizer: torch.optim.Optimizer, s: _Inputs) -> None:
+    for group, settings in zip(optimizer.param_groups, s.groups):
+        group.update(copy.deepcopy(settings))
 
 
 def _set_rng(s: _Inputs) -> None:

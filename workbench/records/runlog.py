@@ -279,7 +279,7 @@ class RunLogWriter:
         step = operator.index(step)
         if self._write_failed is not None:
             raise self._write_failed
-        h5 = self._h5
+        _ = self._h5  # a closed log raises here, before any row is kept
         rows = {key: self._check_row(key, value, values) for key, value in values.items()}
         with self._writing(step):
             for key, row in rows.items():
@@ -290,9 +290,9 @@ class RunLogWriter:
             self._unflushed_steps += 1
             due = self._flush_seconds is not None and time.monotonic() - self._flushed_at >= self._flush_seconds
             if due or self._unflushed_steps >= self._flush_every or not self._rows_flushed:
-                self._flush(h5)
+                self._flush()
 
-    def _flush(self, h5: h5py.File | None = None) -> None:
+    def _flush(self) -> None:
         """Write the pending step rows (per series, one resize and one write), the manifest, and flush."""
         for series in self._series.values():
             k = len(series.pending_steps)
@@ -312,7 +312,7 @@ class RunLogWriter:
             series.pending_values.clear()
             self._rows_flushed = True
         self._write_manifest()
-        (h5 or self._h5).flush()
+        self._h5.flush()
         self._unflushed_steps = 0
         self._flushed_at = time.monotonic()
 
@@ -337,7 +337,7 @@ class RunLogWriter:
         dataset.resize((n + 1,))
         dataset[n] = text
         self._table_hashes[table].update(_row_bytes(text))
-        self._flush(h5)
+        self._flush()
 
     def close(self, status: str = "finished") -> None:
         """Write ``status`` and the ``finished`` time (and, unless finished, the last step logged), then close the
@@ -398,7 +398,7 @@ class RunLogWriter:
                 self._json_attrs.add(name)
             self._attr_digests[name] = _attr_digest(name, value)
         h5.attrs["json_attrs"] = json.dumps(sorted(self._json_attrs))
-        self._flush(h5)
+        self._flush()
 
     def _regions(self) -> list[tuple[str, int, int]]:
         """(what, byte offset, size) of every stored chunk of the series datasets and the manifest (flushed)."""

@@ -10,8 +10,7 @@ the step is its first user; `workbench.instrument.host` is the same boundary und
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -57,7 +56,7 @@ class HostPacket:
 
     def __init__(self) -> None:
         self._queued: list[tuple[Slot, torch.Tensor]] = []
-        self._shared: dict[Any, Slot] = {}
+        self._shared: dict[tuple[str, int], Slot] = {}
 
     def add(self, t: torch.Tensor) -> Slot:
         slot = Slot(t.numel())
@@ -82,20 +81,19 @@ class HostPacket:
         first caller's choice, so read it only as "any flag set"): 1 where it may hold a NaN or inf. Shared by
         every caller of the step: `norms`, a caller's float32 norms of the gradients, become the screen for
         free; without them the first caller pays one multi-tensor reduction (`nonfinite_flags`)."""
-        key = ("grads", id(model))
-        if key not in self._shared:
-            flags = (~torch.isfinite(norms)).float() if norms is not None else nonfinite_flags(
-                [p.grad for p in model.parameters() if p.grad is not None])
-            self._shared[key] = self.add(flags)
-        return self._shared[key]
+        return self._once(("grads", id(model)), lambda: (~torch.isfinite(norms)).float() if norms is not None
+                          else nonfinite_flags([p.grad for p in model.parameters() if p.grad is not None]))
 
     def params_nonfinite(self, model: torch.nn.Module) -> Slot:
         """(P,) over `model.parameters()`: `nonfinite_flags` (1 where a parameter may hold a non-finite value, 0
         where it surely holds none; `nonfinite_elements` settles the flagged ones). One multi-tensor reduction per
         step, queued at the first call and shared by every later caller (ask after the update)."""
-        key = ("params", id(model))
+        return self._once(("params", id(model)), lambda: nonfinite_flags([p.detach() for p in model.parameters()]))
+
+    def _once(self, key: tuple[str, int], make: Callable[[], torch.Tensor]) -> Slot:
+        """The slot of the step's shared value `key`, queued from `make()` at the first call."""
         if key not in self._shared:
-            self._shared[key] = self.add(nonfinite_flags([p.detach() for p in model.parameters()]))
+            self._shared[key] = self.add(make())
         return self._shared[key]
 
 
