@@ -9,7 +9,7 @@ OUT    ?= runs/demo
 # two threads contending (measured: tiny preset 10 steps, 1.9 s vs ~40 s under load). Override on bigger hosts.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install browser-deps lint test test-floor demo study bench clean
+.PHONY: install browser-deps lint test floor-install test-floor demo study bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,8 +34,16 @@ lint: install
 	$(VENV)/bin/ruff check workbench benchmarks
 	$(VENV)/bin/mypy
 
-test: install browser-deps lint
-	$(PY) -m pytest -q
+# The suite runs on TEST_JOBS pytest-xdist workers, one per core and pinned to it, each test file on one worker (a
+# file's module fixture, a notebook executed once or the fault cases, then runs once), those files first
+# (tests/conftest.py). `make test TEST_JOBS=0` runs it in one process.
+TEST_JOBS ?= 2
+PYTEST    := -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
+
+# Set-up side by side (the installs wait mostly on the disk): Chromium, the main venv and then lint, the floor venv.
+test:
+	$(MAKE) -j2 -Otarget browser-deps lint floor-install
+	$(PY) $(PYTEST)
 	$(MAKE) test-floor
 
 # The version floors of pyproject.toml, proven: a second venv with the oldest torch/torchaudio pair the package
@@ -45,16 +53,24 @@ FLOOR_VENV  ?= .venv-floor
 FLOOR_TORCH := torch==2.6.0 torchaudio==2.6.0
 
 ifneq ($(FLOOR_VENV),)
-$(FLOOR_VENV)/.installed: pyproject.toml
+# The torch pair first (the bulk, beside the main venv's install), then the package once the main venv's editable
+# install has written its metadata into the source tree (two at once would race on it).
+$(FLOOR_VENV)/.torch:
 	test -x $(FLOOR_VENV)/bin/python || python3 -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(FLOOR_TORCH)
+	touch $@
+
+$(FLOOR_VENV)/.installed: pyproject.toml $(FLOOR_VENV)/.torch $(STAMP)
 	$(FLOOR_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(FLOOR_TORCH) -e ".[dev]"
 	touch $@
 
+floor-install: $(FLOOR_VENV)/.installed
+
 test-floor: $(FLOOR_VENV)/.installed
 	$(FLOOR_VENV)/bin/python -c "import torch, torchaudio; print('floor pair:', torch.__version__, torchaudio.__version__)"
-	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow and not browser"
+	$(FLOOR_VENV)/bin/python $(PYTEST) -p no:cacheprovider -m "not slow and not browser"
 else
-test-floor:
+floor-install test-floor:
 endif
 
 # The main job: staged training of the small model with seed-style progress lines and validation PER, then

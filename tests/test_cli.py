@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import cli_fork  # tests/cli_fork.py: `python -m workbench` without its imports each time
+
 from workbench.cli import CliError, _parameter, build_parser, check_device, main
 from workbench.model import get_config
 from workbench.records.runlog import RunLogError
@@ -22,7 +24,7 @@ SUBCOMMANDS = ["synth", "validate", "train", "pretrain", "run", "sweep", "trace"
 
 
 def _run(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True,
+    return subprocess.run(cli_fork.command(*args), capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -3,9 +3,11 @@ way and signals. Each case asserts the exit status, exactly one `error: ...` lin
 or value, and that every file in the case's folder is byte-identical afterwards (no file added, changed or
 removed) unless the case says which files the command may write.
 
-All cases run in one session fixture, two at a time (each subprocess spends ~2 s importing torch, and the
-machine this is sized for has two cores); one test per case then asserts on its result. The README's
-"Reliability" section lists the same cases, and a test checks that it does.
+Each command is its own process, forked from a server that did the imports once (tests/cli_fork.py: a fresh
+interpreter would spend ~2-3 s importing torch first), except where a signal must reach the command's own process
+(`FRESH`). All cases run in one session fixture, one at a time per core this process may use (two at most: a
+pytest-xdist worker has one); one test per case then asserts on its result. The README's "Reliability" section lists the same
+cases, and a test checks that it does.
 """
 
 from __future__ import annotations
@@ -20,9 +22,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +33,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
+
+import cli_fork  # tests/cli_fork.py
 
 from workbench.model import get_config
 from workbench.records import RunLog
@@ -46,7 +48,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data_samples"
 TIMEOUT = 180
-WORKERS = 2  # one per core: more only adds contention
+WORKERS = min(2, len(os.sched_getaffinity(0)))  # one per core this process may use: more only adds contention
 
 
 @dataclass
@@ -184,9 +186,11 @@ def _snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _command(args: Sequence[str], inputs: Inputs) -> list[str]:
+def _command(args: Sequence[str], inputs: Inputs, fresh: bool = False) -> list[str]:
+    """The command line, through the fork server (tests/cli_fork.py), or a fresh interpreter when `fresh`."""
     fill = {"ck": str(inputs.checkpoint), "data": str(SAMPLE)}
-    return [sys.executable, "-m", "workbench", *(a.format(**fill) for a in args)]
+    args = [a.format(**fill) for a in args]
+    return [*cli_fork.EXEC, *args] if fresh else cli_fork.command(*args)
 
 
 def _plain(cmd: list[str], w: Path) -> Result:
@@ -279,6 +283,10 @@ def _rerun_after_sigkill(cmd: list[str], w: Path) -> Result:
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     return _plain(cmd, w)
 
+
+# The drivers whose signal must reach the command's own process: SIGKILL cannot be passed on by the fork server's
+# client, and a terminal's Ctrl-C reaches a sweep's workers too.
+FRESH = {_ctrl_c_to_group, _rerun_after_sigkill}
 
 # ------------------------------------------------------------------------------------------------------- checks
 
@@ -585,7 +593,8 @@ def results(ctc_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory,
     # The cases that run steps start first, so the pool's last minutes are not one long case alone.
     order = sorted(cases, key=lambda c: c.drive is None and not c.writes)
     with cf.ThreadPoolExecutor(WORKERS) as pool:
-        futures = {case.id: pool.submit(case.drive or _plain, _command(case.args, inputs), folders[case.id])
+        futures = {case.id: pool.submit(case.drive or _plain, _command(case.args, inputs, case.drive in FRESH),
+                                        folders[case.id])
                    for case in order}
         return {cid: (folders[cid], future.result()) for cid, future in futures.items()}
 

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 
+import cli_fork  # tests/cli_fork.py: `python -m workbench` without its imports each time
+
 from workbench.cli import main
 from workbench.model import HybridModel, get_config
 from workbench.records import RunLog, RunLogError, RunLogWriter, read_record, summarize, to_json
@@ -112,8 +114,8 @@ def test_run_refuses_damaged_checkpoints_before_any_run(tmp_path):
     _checkpoint(tmp_path / "nan.pt", poison="optimizer")
     for name, text in [("bit.pt", "CRC-32"), ("nan.pt", "exp_avg_sq")]:
         out = tmp_path / f"{name}.h5"
-        proc = subprocess.run([sys.executable, "-m", "workbench", "run", "--checkpoint", str(tmp_path / name),
-                               "--data", str(SAMPLE), "--out", str(out), "--steps", "2"],
+        proc = subprocess.run(cli_fork.command("run", "--checkpoint", str(tmp_path / name),
+                                                "--data", str(SAMPLE), "--out", str(out), "--steps", "2"),
                               capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
@@ -408,7 +410,7 @@ def test_full_disk_during_a_run_is_one_line_and_every_reader_says_where_it_stopp
                     ["export", str(out), "--tensorboard", str(tmp_path / "tb")]):
         if command[0] == "export":
             pytest.importorskip("tensorboard")
-        reader = subprocess.run([sys.executable, "-m", "workbench", *command], capture_output=True, text=True,
+        reader = subprocess.run(cli_fork.command(*command), capture_output=True, text=True,
                                 timeout=120, cwd=ROOT)
         assert reader.returncode == 2 and reader.stderr.strip() == f"error: {said}: its run stopped there and its " \
                                                                    f"steps cannot be verified; run it again", command

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cli_fork  # tests/cli_fork.py: `python -m workbench` without its imports each time
+
 from workbench.records import RunLog, read_record, summarize
 from workbench.run.cache import ctc_warm_checkpoint
 from workbench.run.joint import run_joint
@@ -88,15 +90,15 @@ def test_ctc_only_control_never_runs_the_decoder(checkpoint):
 @pytest.mark.slow
 def test_cli_run_and_trace(checkpoint, tmp_path):
     out = tmp_path / "cli.h5"
-    cmd = [sys.executable, "-m", "workbench"]
-    proc = subprocess.run(cmd + ["run", "--checkpoint", str(checkpoint), "--data", str(SAMPLE), "--out", str(out),
-                                 "--steps", "2", "--precision", "fp32"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cli_fork.command("run", "--checkpoint", str(checkpoint), "--data", str(SAMPLE), "--out",
+                                           str(out), "--steps", "2", "--precision", "fp32"),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Batch 2/2 (100%)" in proc.stdout
-    proc = subprocess.run(cmd + ["trace", str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cli_fork.command("trace", str(out)), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "optimizer-coverage findings: 2 step(s)" in proc.stdout
     assert "\noutcome: " in proc.stdout and "causal chain: " in proc.stdout
-    again = subprocess.run(cmd + ["run", "--checkpoint", str(checkpoint), "--out", str(out)],
+    again = subprocess.run(cli_fork.command("run", "--checkpoint", str(checkpoint), "--out", str(out)),
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already exists" in again.stderr

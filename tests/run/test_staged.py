@@ -2,11 +2,12 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import cli_fork  # tests/cli_fork.py: `python -m workbench` without its imports each time
 
 from workbench.data import B2TDataset, collate
 from workbench.model.losses import LossWeights
@@ -103,8 +104,8 @@ def test_step_runs_at_every_precision(precision):
 def test_cli_train_writes_summary(tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "workbench", "train", "--preset", "tiny", "--data", str(DATA), "--out", str(out),
-         "--ctc-steps", "3", "--joint-steps", "2", "--device", "cpu"],
+        cli_fork.command("train", "--preset", "tiny", "--data", str(DATA), "--out", str(out),
+                         "--ctc-steps", "3", "--joint-steps", "2", "--device", "cpu"),
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Batch 1/3 (33%) | Loss" in proc.stdout
@@ -116,7 +117,7 @@ def test_cli_train_writes_summary(tmp_path):
 
 @pytest.mark.slow
 def test_cli_rejects_bad_arguments(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "workbench", "train", "--ctc-lr", "-1"],
+    proc = subprocess.run(cli_fork.command("train", "--ctc-lr", "-1"),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "positive" in proc.stderr
 

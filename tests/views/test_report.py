@@ -2,10 +2,11 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+import cli_fork  # tests/cli_fork.py: `python -m workbench` without its imports each time
 
 from workbench.records import Recorder, RunRecord, read_record, summarize
 from workbench.run.joint import run_joint
@@ -22,8 +23,8 @@ def test_report_from_two_runs(ctc_checkpoint, tmp_path):
         logs.append(tmp_path / f"{name}.h5")
         run_joint(ctc_checkpoint, SAMPLE, RunSettings(name=name, steps=3, precision=precision),
                   log_path=logs[-1])
-    proc = subprocess.run([sys.executable, "-m", "workbench", "report", *map(str, logs), "--out",
-                           str(tmp_path / "rep")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cli_fork.command("report", *map(str, logs), "--out", str(tmp_path / "rep")),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((tmp_path / "rep" / "summary.json").read_text())["runs"]
     assert [r["name"] for r in rows] == ["a", "b"] and all(r["steps"] == 3 for r in rows)
