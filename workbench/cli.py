@@ -420,6 +420,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     print(f"tracer verdicts (the first non-finite tensor of each replayed step): {len(verdicts)}")
     for v in verdicts:
         print(f"  {v['line']}")
+    for u in record.tables.get("tracer_unreproduced", []):
+        print(f"  step {u['step']}: not traced: {u['why']}")
     print(f"optimizer-coverage findings: {len(coverage)} step(s)")
     for c in coverage[:limit]:
         print(f"  {c['line']}")

@@ -144,7 +144,7 @@ def test_tracer_capturing_every_k_steps_finds_what_capturing_every_step_finds(ev
     assert [t.to_dict() for t in tracer.traces] == [t.to_dict() for t in reference.traces]
     v = tracer.verdicts[0]
     assert (v.step, v.phase, v.module, v.role) == (6, "forward", "boom", "producer")
-    assert tracer.unreproduced == [] and tracer.mismatches == []
+    assert tracer.untraced == []
 
 
 def test_tracer_every_k_steps_follows_the_stale_optimizer_escape():

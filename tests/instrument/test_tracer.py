@@ -235,6 +235,28 @@ def test_deliberate_minus_inf_is_not_blamed():
     assert (v.phase, v.module, v.role, v.op) == ("forward", "<loss_fn>", "producer", "aten.exp.default")
 
 
+class Surge(Exp):
+    """exp(x * k) whose gain falls back to 0.1 once it ran: state in a Python attribute, which no bundle holds."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, F) -> (B, F)."""
+        out = super().forward(x)
+        self.k = 0.1
+        return out
+
+
+def test_a_step_whose_replay_stays_finite_is_logged_untraced_with_why():
+    model = chain(enc=linear(4, 4), boom=Surge(100.0), head=linear(4, 2, 0.5))
+    step = make_step(model)
+    tracer = NonFiniteTracer()
+    tracer.attach(step)
+    step(toy(torch.full((2, 4), 10.0), 2), Weights())  # exp(1000) overflows live; the replay runs at gain 0.1
+    step.settle()
+    assert tracer.traces == [] and tracer.unreproduced == [1]
+    (table, row), = tracer.events(1)
+    assert table == "tracer_unreproduced" and row["step"] == 1 and "stayed finite" in row["why"]
+
+
 def test_tracer_records_exactly_one_verdict_and_saves_its_bundle(tmp_path):
     model = chain(enc=linear(4, 4), boom=Exp(10.0), head=linear(4, 2, 0.5))
     step = make_step(model)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from workbench.cli import main
 from workbench.run.byo import GradNormProbe, UserBatch, instrument, loss_terms
 from workbench.records import RunLog, read_record, summarize
 
@@ -229,6 +230,36 @@ def test_tracer_names_the_op_where_the_users_model_overflows(tmp_path):
         assert row["line"] == verdict.line() and row["findings"][0]["module"] == "head" and row["skipped"]
         _, total = log.series("loss/total")
         assert np.isfinite(total).tolist() == [True, False, True]
+
+
+class WarmStartMLP(MLP):
+    """An MLP whose input gain is 1e4 until its first forward, then 1: state in a Python attribute, which no
+    replay bundle holds, so a replay of that first step runs at gain 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = 1e4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x * self.gain)
+        self.gain = 1.0
+        return out
+
+
+def test_a_step_the_tracer_cannot_reproduce_is_logged_and_printed_untraced(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = WarmStartMLP()
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))
+    with instrument(model, torch.optim.SGD(model.parameters(), lr=1e-2), nll_of_probs,
+                    log_path=tmp_path / "warm.h5") as session:
+        first = session.step(batch)
+    assert not math.isfinite(first.losses["total"]) and session.verdicts == []
+    with RunLog(tmp_path / "warm.h5") as log:
+        [row] = log.table("tracer_unreproduced")
+    assert row["step"] == 1 and "stayed finite" in row["why"]
+    assert main(["trace", str(tmp_path / "warm.h5")]) == 0
+    assert f"step 1: not traced: {row['why']}" in capsys.readouterr().out
 
 
 def test_fp16_session_records_the_loss_scale(tmp_path):

@@ -741,7 +741,7 @@ class NonFiniteTracer(StepObserver):
     Per step while tracing: `capture` at the step start (cost in `workbench.instrument.replay`), or with
     `capture_every=K` > 1 a `ReplayChain` (a capture every K steps, each step's inputs in between; a non-finite
     step's bundle is rebuilt by re-running up to K - 1 plain steps on a replica, checked against the live losses:
-    a mismatch is listed in `mismatches` and the step in `unreproduced`; `bundle` then stays None), and one check:
+    a mismatch leaves the step untraced: see `untraced`; `bundle` then stays None), and one check:
     the loss total and grad norm (on the host with the step's result), one multi-tensor reduction over the
     gradients (queued at `on_after_backward`) and the step's shared check over the parameters
     (`HostPacket.params_nonfinite`, at `on_pack`), both in the step's host copy (outside a TrainStep, one
@@ -751,8 +751,10 @@ class NonFiniteTracer(StepObserver):
     `trace_step`; its StepTrace goes to `traces` (and to a run's recorder through `events`), its first
     non-finite tensor to `verdicts`, and the bundle to `save_dir/step_<n>.pt` when `save_dir` is set. Tracing
     stops once the chain is complete: a non-finite value reached the parameters, or a step's guards caught the
-    overflow and left nothing non-finite behind. A step whose replay stays finite (e.g. CUDA non-determinism) is
-    listed in `unreproduced`; it uses up a replay as well.
+    overflow and left nothing non-finite behind. A non-finite step that could not be traced goes to `untraced`
+    with why (its bundle could not be rebuilt, or its replay stayed finite: e.g. CUDA non-determinism, or a
+    forward that reads state no tensor holds), and to a run's recorder as a "tracer_unreproduced" event; it uses
+    up a replay as well.
 
     Needs the TrainStep itself (config, loss_fn, device) to replay: use `attach(step)`, not only
     `TrainStep(observers=[...])`. With the `stop` policy the step raises before `on_step_end`: call
@@ -764,8 +766,7 @@ class NonFiniteTracer(StepObserver):
         self.save_dir = save_dir
         self.traces: list[StepTrace] = []
         self.verdicts: list[Verdict] = []
-        self.unreproduced: list[int] = []
-        self.mismatches: list[tuple[int, str]] = []  # (step, why) of bundles a re-run could not rebuild
+        self.untraced: list[tuple[int, str]] = []  # (step, why) of the non-finite steps not traced
         self.bundle: ReplayBundle | None = None
         self._chain = ReplayChain(capture_every) if capture_every > 1 else None
         self._armed = False  # checking the current step
@@ -782,7 +783,12 @@ class NonFiniteTracer(StepObserver):
 
     @property
     def exhausted(self) -> bool:
-        return self._complete or len(self.traces) + len(self.unreproduced) >= self.max_traces
+        return self._complete or len(self.traces) + len(self.untraced) >= self.max_traces
+
+    @property
+    def unreproduced(self) -> list[int]:
+        """The non-finite steps that could not be traced (`untraced` says why)."""
+        return [k for k, _ in self.untraced]
 
     def on_step_start(self, ctx: StepContext) -> None:
         if self._train_step is None:
@@ -827,15 +833,16 @@ class NonFiniteTracer(StepObserver):
             try:
                 bundle = chain.bundle_at(self._train_step, ctx.step)
             except ReplayMismatch as err:
-                self.mismatches.append((ctx.step, str(err)))
-                self.unreproduced.append(ctx.step)
+                self.untraced.append((ctx.step, str(err)))
                 return
         if self.save_dir is not None:
             Path(self.save_dir).mkdir(parents=True, exist_ok=True)
             save_bundle(Path(self.save_dir) / f"step_{ctx.step}.pt", bundle)
         trace = trace_step(self._train_step, bundle)
         if not trace.findings:
-            self.unreproduced.append(ctx.step)
+            self.untraced.append((ctx.step, "its replay from the step's bundle stayed finite (the step does not "
+                                            "reproduce: a non-deterministic kernel, or a forward that reads state "
+                                            "no tensor holds)"))
             return
         self.traces.append(trace)
         self.verdicts.append(trace.findings[0])
@@ -843,9 +850,9 @@ class NonFiniteTracer(StepObserver):
 
     def events(self, step: int) -> list[tuple[str, dict[str, Any]]]:
         """The trace of `step`, when that step was replayed, as a "tracer" event (`line`: its first non-finite
-        tensor in one line); a "tracer_unreproduced" event when its bundle could not be rebuilt (`why`)."""
+        tensor in one line); a "tracer_unreproduced" event when it was not traced (`why`: see `untraced`)."""
         events = [("tracer", {**t.to_dict(), "line": t.findings[0].line()}) for t in self.traces if t.step == step]
-        return events + [("tracer_unreproduced", {"step": k, "why": why}) for k, why in self.mismatches if k == step]
+        return events + [("tracer_unreproduced", {"step": k, "why": why}) for k, why in self.untraced if k == step]
 
     @staticmethod
     def _went_nonfinite(ctx: StepContext, checks: list[Slot] | None) -> bool:
