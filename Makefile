@@ -9,11 +9,11 @@ OUT    ?= runs/demo
 # two threads contending (measured: tiny preset 10 steps, 1.9 s vs ~40 s under load). Override on bigger hosts.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install browser-deps lint test floor-install test-floor demo study bench clean
+.PHONY: install browser-deps lint test suite floor-install test-floor demo study bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "RNN-T workbench (.venv)" > /dev/null
 	touch $(STAMP)
 
@@ -40,11 +40,15 @@ lint: install
 TEST_JOBS ?= 2
 PYTEST    := -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
-# Set-up side by side (the installs wait mostly on the disk): Chromium, the main venv and then lint, the floor venv.
+# Two at a time (the installs wait mostly on the disk): Chromium, the main venv, lint and the suite, beside the
+# floor venv (its last part overlaps the suite's start); then the floor's fast tests. The venvs are installed
+# without compiling every module (pip's default, ~15k files each): the few thousand imported compile at first use.
 test:
-	$(MAKE) -j2 -Otarget browser-deps lint floor-install
-	$(PY) $(PYTEST)
+	$(MAKE) -j2 -Oline suite floor-install
 	$(MAKE) test-floor
+
+suite: install browser-deps lint
+	$(PY) $(PYTEST)
 
 # The version floors of pyproject.toml, proven: a second venv with the oldest torch/torchaudio pair the package
 # admits runs the fast tests (about 3 minutes with its install on the 2-core reference machine; 6 GB of CUDA
@@ -57,11 +61,11 @@ ifneq ($(FLOOR_VENV),)
 # install has written its metadata into the source tree (two at once would race on it).
 $(FLOOR_VENV)/.torch:
 	test -x $(FLOOR_VENV)/bin/python || python3 -m venv $(FLOOR_VENV)
-	$(FLOOR_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(FLOOR_TORCH)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-compile $(FLOOR_TORCH)
 	touch $@
 
 $(FLOOR_VENV)/.installed: pyproject.toml $(FLOOR_VENV)/.torch $(STAMP)
-	$(FLOOR_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(FLOOR_TORCH) -e ".[dev]"
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-compile $(FLOOR_TORCH) -e ".[dev]"
 	touch $@
 
 floor-install: $(FLOOR_VENV)/.installed
