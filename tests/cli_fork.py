@@ -49,14 +49,21 @@ def _start() -> str:
     global _server
     if _server is None:
         import atexit
+        import shutil
         import subprocess
         import tempfile
 
-        path = os.path.join(tempfile.mkdtemp(prefix="wb-fork-"), "socket")
+        folder = tempfile.mkdtemp(prefix="wb-fork-")
+        path = os.path.join(folder, "socket")
         proc = subprocess.Popen([sys.executable, __file__, "--serve", path], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, start_new_session=True)
         assert proc.stdout is not None and proc.stdout.readline() == b"ready\n", "the fork server did not start"
-        atexit.register(proc.kill)
+
+        def stop() -> None:
+            proc.kill()
+            proc.wait()
+            shutil.rmtree(folder, ignore_errors=True)
+        atexit.register(stop)
         _server = (proc, path)
     return _server[1]
 

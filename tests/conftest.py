@@ -1,5 +1,6 @@
 """Shared fixtures: a synthetic data root, a small batch from the committed sample, and the session's one CTC-warm
-checkpoint (trained once, cached in `ctc_cache`)."""
+checkpoint (trained once, cached in `ctc_cache`); and how the suite shares two cores under pytest-xdist (each worker
+pinned to one, the files with a shared set-up handed out first)."""
 
 import os
 
@@ -77,7 +78,6 @@ def ctc_checkpoint(ctc_cache: Path) -> Path:
 
     path, _ = ctc_warm_checkpoint(SAMPLE, cache_dir=ctc_cache, log=lambda s: None, **CTC_WARMUP)
     return path
-
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

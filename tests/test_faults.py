@@ -6,8 +6,8 @@ removed) unless the case says which files the command may write.
 Each command is its own process, forked from a server that did the imports once (tests/cli_fork.py: a fresh
 interpreter would spend ~2-3 s importing torch first), except where a signal must reach the command's own process
 (`FRESH`). All cases run in one session fixture, one at a time per core this process may use (two at most: a
-pytest-xdist worker has one); one test per case then asserts on its result. The README's "Reliability" section lists the same
-cases, and a test checks that it does.
+pytest-xdist worker has one); one test per case then asserts on its result. The README's "Reliability" section
+lists the same cases, and a test checks that it does.
 """
 
 from __future__ import annotations
