@@ -1,6 +1,7 @@
 """The fork server the CLI tests start their commands through (tests/cli_fork.py) ends a command as a fresh
 interpreter does (same exit status, stdout and stderr), and goes with its client."""
 
+import os
 import signal
 import subprocess
 import time
@@ -11,6 +12,8 @@ import pytest
 import cli_fork  # tests/cli_fork.py
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data_samples"
+pytestmark = pytest.mark.skipif(os.environ.get("WORKBENCH_TEST_EXEC") == "1",
+                                reason="WORKBENCH_TEST_EXEC=1: every command is a fresh interpreter, no server")
 
 
 @pytest.mark.parametrize("args", [["--help"], ["run", "--policy", "gradual"], ["trace", "missing.h5"]])
