@@ -1,19 +1,20 @@
 """Overhead of the instrumentation on the reference training step.
 
-Same model, optimizer and batches for three configurations, interleaved round by round so drift in machine
-load hits all three alike:
+Same model, optimizer and batches for four configurations, interleaved round by round (the order rotating) so
+drift in machine load hits all of them alike:
 
     plain  TrainStep with no observers
     a      + GradNormProbe (groups and per-parameter) + OptimizerCoverage (sharing the probe's copy)
     b      a + ActivationStats on every leaf module with parameters
     c      a + NonFiniteTracer armed as a run arms it (a replay bundle every CAPTURE_EVERY steps and each step's
-           inputs; no step here is non-finite)
+           inputs; no step here is non-finite). Its tracer is attached for each round, so it captures a bundle at
+           every round's first step: with --steps below CAPTURE_EVERY (the default is equal) more often than a run.
 
 Prints the median ms/step of each, the device reads per step of each (counted on one extra untimed round by
 tests/host_reads.py: copies through `to_host` plus any other read from workbench code) and the median per-round
 ratio instrumented / plain; the last line is `grad-norm instrumentation overhead ratio: X.XXX` for configuration a.
 
-    python benchmarks/bench_instrumentation.py --preset small --rounds 15 --steps 4
+    python benchmarks/bench_instrumentation.py --preset small --rounds 15 --steps 16
     python benchmarks/bench_instrumentation.py --preset seed --lengths b2t --rounds 3 --steps 1
 
 `--lengths b2t` runs on a synthetic set with the real Brain-to-Text '25 trial lengths (generated once into
@@ -108,9 +109,12 @@ def overhead(model: HybridModel, batches: list[Batch], device: torch.device, rou
         reads[name] = (counted.per_step(len(batches)), in_model / len(batches))
     times: dict[str, list[float]] = {name: [] for name in configs}
     cpu: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(rounds):
-        for name, run in configs.items():
-            wall, used = timed(run, device)
+    names = list(configs)
+    for r in range(rounds):
+        # the order rotates round by round, so no configuration always follows the same one (whose hooks, caches
+        # and allocations it would inherit) or runs first after the warm-up
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            wall, used = timed(configs[name], device)
             times[name].append(wall)
             cpu[name].append(used)
     return {"median_s": {name: statistics.median(values) for name, values in times.items()},
@@ -126,7 +130,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=4, help="training steps per configuration per round")
+    parser.add_argument("--steps", type=int, default=CAPTURE_EVERY,
+                        help="training steps per configuration per round (c's tracer captures at each round's start)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lengths", choices=("sample", "b2t"), default="sample",
                         help="trial lengths when --data is not given: data_samples/ or the real B2T lengths")
@@ -157,7 +162,8 @@ def main() -> None:
     print(f"  CPU-time ratios (median per round): a {result['cpu_ratio']['a']:.3f}, b {result['cpu_ratio']['b']:.3f}, "
           f"c {result['cpu_ratio']['c']:.3f}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
     print(f"  b (+ activations) / plain median ratio: {result['ratio']['b']:.3f}")
-    print(f"  c (+ tracer armed) / plain median ratio: {result['ratio']['c']:.3f}")
+    print(f"  c (+ tracer armed, a bundle every {min(args.steps, CAPTURE_EVERY)} steps here, every {CAPTURE_EVERY} "
+          f"in a run, or 2 s if sooner) / plain median ratio: {result['ratio']['c']:.3f}")
     print(f"grad-norm instrumentation overhead ratio: {result['ratio']['a']:.3f}")
 
 

@@ -16,7 +16,7 @@ changed, a parameter's `requires_grad` flipped, the GradScaler or the step's con
 was written between two steps (its version counter moved after the last update), and after a step that raised
 before its update.
 
-    chain = ReplayChain(every=8)
+    chain = ReplayChain(every=16)
     chain.start(step, batches, weights, rnnt=True, mode=False, index=step.step_index + 1)  # at each step start
     chain.updated()                      # after its update (on_pack)
     chain.ended(index, result.losses)    # at its end

@@ -88,7 +88,7 @@ class HostPacket:
         """(P,) over `model.parameters()`: `nonfinite_flags` (1 where a parameter may hold a non-finite value, 0
         where it surely holds none; `nonfinite_elements` settles the flagged ones). One multi-tensor reduction per
         step, queued at the first call and shared by every later caller (ask after the update)."""
-        return self._once(("params", id(model)), lambda: nonfinite_flags([p.detach() for p in model.parameters()]))
+        return self._once(("params", id(model)), lambda: nonfinite_flags(list(model.parameters())))
 
     def _once(self, key: tuple[str, int], make: Callable[[], torch.Tensor]) -> Slot:
         """The slot of the step's shared value `key`, queued from `make()` at the first call."""
@@ -106,9 +106,10 @@ def nonfinite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.zeros(0)
     device = tensors[0].device
-    with torch.no_grad():
+    with torch.no_grad():  # reads parameters as they are: no detached view per tensor
         norms = compat.foreach_norm(tensors, 2, dtype=torch.float32)
-        return (~torch.isfinite(torch.stack([n.to(device) for n in norms]))).float()
+        on_one = all(n.device == device for n in norms)
+        return (~torch.isfinite(torch.stack(norms if on_one else [n.to(device) for n in norms]))).float()
 
 
 def surely_finite(t: torch.Tensor) -> bool:
