@@ -216,6 +216,23 @@ def test_a_nan_is_traced_to_its_producer(tmp_path):
     assert any(line.startswith("workbench: tracer: step 3 forward") for line in lines)
 
 
+def test_parameters_made_non_finite_by_an_update_are_counted_at_that_step(tmp_path):
+    class Overflows(Regressor):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            if self.global_step + 1 == 3:
+                y = y * 3e38  # finite targets whose gradients overflow: the step's update writes NaN
+            return F.mse_loss(self.head(self.encoder(x)), y)
+
+    cb = WorkbenchCallback(None, trace=False, log=lambda s: None)
+    fit(Overflows(), tmp_path, [cb], steps=4)
+    finite = dict(zip(cb.record.steps, cb.record.values("params_finite")))
+    tensors = dict(zip(cb.record.steps, cb.record.values("params_nonfinite/tensors")))
+    elements = dict(zip(cb.record.steps, cb.record.values("params_nonfinite/elements")))
+    assert [finite[s] for s in (1, 2, 3, 4)] == [True, True, False, False]
+    assert tensors[2] == 0 and tensors[3] == 4 and elements[3] == sum(p.numel() for p in Overflows().parameters())
+
+
 def test_a_module_without_an_optimizer_or_configure_optimizers_gets_a_clear_error(tmp_path):
     class NoOptimizer(Regressor):
         def configure_optimizers(self):

@@ -49,6 +49,8 @@ def nonfinite_params(model: torch.nn.Module, flags: np.ndarray | None = None) ->
     """(tensors, elements) of `model`'s parameters holding a non-finite value. `flags`: the step's per-parameter
     check already on the host (`HostPacket.params_nonfinite`); without it, one reduction and one host read.
     Elements are counted only when a tensor is non-finite (one read each)."""
+    if flags is not None and not flags.any():
+        return 0, 0
     params = [p.detach() for p in model.parameters()]
     if flags is None:
         flags = to_host(nonfinite_flags(params))

@@ -432,19 +432,14 @@ class WorkbenchCallback(Callback):
             carried.update({f"{_CARRY}loss/{k}": v / micro for k, v in self._terms.items()})
         if self._found_inf is not None:
             carried[f"{_CARRY}found_inf"] = self._found_inf
-        params = [p.detach() for p in pl_module.parameters()]
-        if params:
-            with torch.no_grad():
-                norms = compat.foreach_norm(params, 2, dtype=torch.float32)
-                device = norms[0].device
-                carried[f"{_CARRY}params_nonfinite"] = (~torch.isfinite(torch.stack([n.to(device) for n in norms]))
-                                                        ).sum()
         self.probe.carry(carried)
         ctx = _Ctx(step, pl_module, optimizer, _scaler(trainer), self._packet)
         self.updates.after()
+        params_flags = None
         if self._packet is not None:
             self.probe.on_pack(ctx)
             self.updates.pack(self._packet)
+            params_flags = self._packet.params_nonfinite(pl_module)  # the shared screen, after the update
             self._packet.read()  # the step's one host copy
         self.probe.on_step_end(ctx)
         self.coverage.on_step_end(ctx)
@@ -468,18 +463,17 @@ class WorkbenchCallback(Callback):
             if clip is not None:
                 row["clip/coefficient"] = math.nan if math.isnan(total) else min(1.0, clip / (total + 1e-6))
         row.update({f"lr/{k}": v for k, v in self._lrs.items()})
-        bad = int(round(extra.get(f"{_CARRY}params_nonfinite", 0.0)))
-        tensors, elements = nonfinite_params(pl_module) if bad else (0, 0)
+        tensors, elements = nonfinite_params(pl_module, None if params_flags is None else params_flags.value)
         row.update({"params_finite": tensors == 0, "params_nonfinite/tensors": tensors,
                     "params_nonfinite/elements": elements})
         losses = {k[len("loss/"):]: v for k, v in row.items() if k.startswith("loss/")}
-        self._trace(step, pl_module, losses, skipped, total, stats, bad)
+        self._trace(step, pl_module, losses, skipped, total, stats, tensors)
         if self._kept is not None:
             finding = self.coverage.latest
             grads_bad = stats is not None and bool(np.any(stats.param_nonfinite))
             self.keeper.offer(*self._kept, outside=finding is not None and finding.step == step
                               and bool(finding.outside_optimizer),
-                              nonfinite=grads_bad or bool(bad) or any(not math.isfinite(v) for v in losses.values()))
+                              nonfinite=grads_bad or bool(tensors) or any(not math.isfinite(v) for v in losses.values()))
         self.recorder.record_step(step, row)
         self._send(trainer, step)
         self._say_findings(step)
