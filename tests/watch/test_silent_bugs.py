@@ -1,4 +1,5 @@
-"""benchmarks/silent_bugs/run.py: every case's bug found within one step of acting, nothing on its fixed twin."""
+"""benchmarks/silent_bugs/run.py: every case's bug found within one step of acting, nothing on its fixed twin, and
+the README's table of it as measured."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-SUITE = Path(__file__).resolve().parents[2] / "benchmarks" / "silent_bugs"
+ROOT = Path(__file__).resolve().parents[2]
+SUITE = ROOT / "benchmarks" / "silent_bugs"
 
 
 def test_every_case_detected_and_no_false_finding(capsys):
@@ -25,3 +27,11 @@ def test_every_case_detected_and_no_false_finding(capsys):
         assert row["fixed_outcome"] in ("healthy", "inconclusive"), row
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith(f"silent bugs: {len(rows)}/{len(rows)} detected within one step, 0 false findings")
+    # the README's table ("Watch your own loop") states what this run measures, row by row
+    table = {cells[0]: cells for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| ")
+             for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    for row in rows:
+        found = f"{row['found'][0]}@{row['found'][1]}"
+        false = ", ".join(f"{k}@{s}" for k, s in row["false"]) or "0"
+        assert table[row["case"]][3:] == [found, str(row["acts"]), row["bug_outcome"], row["fixed_outcome"], false], \
+            row
