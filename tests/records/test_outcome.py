@@ -272,3 +272,19 @@ def test_a_group_that_never_got_a_gradient_is_named_in_a_warning():
     assert outcome.kind == "healthy"
     assert any("1 parameter groups got no gradient on any of the 20 steps" in w and "mode_head" in w
                for w in outcome.warnings)
+
+
+def test_the_readme_outcome_table_states_these_rules():
+    """The README's outcome table is hand-written: its numbers are the default rules' (it said 1e-5 for the update
+    floor long after the rules moved to 1e-7)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines() if line.startswith("  | `")}
+    rules = OutcomeRules()
+    assert rules.update_share == 0.5 and "fewer than half of those steps" in rows["stalled"]
+    floor = f"{rules.min_update_ratio:g}".replace("e-0", "e-")  # 1e-07 as the README writes it: 1e-7
+    assert f"less than {floor} of its norm per step" in rows["stalled"]
+    assert f"a {rules.min_drop:.0%} fall of its loss" in rows["stalled"]
+    assert f"(< {rules.min_steps} steps at the final loss weights)" in rows["inconclusive"]
+    assert f"{rules.z:g} standard errors" in rows["healthy"] and f"at least {rules.min_drop:.0%}" in rows["healthy"]
