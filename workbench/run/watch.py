@@ -413,7 +413,7 @@ class Watch:
         snap.checked = sorted((moved | self._unchecked) - by_diff)
         if snap.checked:
             snap.slots["param_flags"] = snap.packet.add(
-                nonfinite_flags([self._params[i].detach() for i in snap.checked]))
+                nonfinite_flags([self._params[i] for i in snap.checked]))
         self._unchecked = set()
 
     def _check_frozen(self, snap: _Snapshot, moved: set[int]) -> None:
