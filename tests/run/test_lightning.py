@@ -233,6 +233,28 @@ def test_parameters_made_non_finite_by_an_update_are_counted_at_that_step(tmp_pa
     assert tensors[2] == 0 and tensors[3] == 4 and elements[3] == sum(p.numel() for p in Overflows().parameters())
 
 
+def test_a_parameter_written_non_finite_outside_the_optimizer_is_counted_at_that_step(tmp_path):
+    """Only parameters written since the last step are screened (the update's by the norm of their change, any
+    other whose version counter moved on the device): a frozen tensor the module fills with NaN in place at step 3
+    is counted from that step on, and every step before is finite."""
+
+    class Writes(Regressor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(5), requires_grad=False)  # in no optimizer group
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step + 1 == 3:
+                with torch.no_grad():
+                    self.scale[:2] = math.nan
+            return super().training_step(batch, batch_idx)
+
+    cb = WorkbenchCallback(None, trace=False, log=lambda s: None)
+    fit(Writes(), tmp_path, [cb], steps=5)
+    assert cb.record.values("params_nonfinite/tensors") == [0, 0, 1, 1, 1]
+    assert cb.record.values("params_nonfinite/elements") == [0, 0, 2, 2, 2]
+
+
 def test_a_module_without_an_optimizer_or_configure_optimizers_gets_a_clear_error(tmp_path):
     class NoOptimizer(Regressor):
         def configure_optimizers(self):

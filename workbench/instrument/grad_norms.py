@@ -16,8 +16,9 @@ What the values are:
 - Non-finite counts travel in float32: exact up to 2**24 per entry, and never rounded to or from zero.
 
 Cost per step with k parameters holding a gradient and G groups: three multi-tensor reductions over the
-gradients (`torch._foreach_norm` with ord 2 and 0, `torch._foreach_max` of |g|), one temporary the size of the
-gradients (|g|, then zeroed for the non-finite count), a handful of element-wise ops on (G, k) tensors and one
+gradients (`torch._foreach_norm` with ord 2 and 0, `torch._foreach_max` of |g|; on a CPU, a min-max pass per
+tensor instead of the last), one temporary the size of the gradients (|g|, then zeroed for the non-finite count;
+on a CPU only at a step whose norms are not all finite), a handful of element-wise ops on (G, k) tensors and one
 concatenation, all on the gradients' device. The statistics reach the host once per `every` steps: inside a
 TrainStep's own copy (queued in `ctx.packet` at `on_after_backward`, the update ratio at `on_pack`), or through
 `workbench.instrument.host.to_host` in `collect()`, `flush()` and without a TrainStep.
@@ -207,6 +208,8 @@ class GradNormProbe(StepObserver):
         self._snapshot: _Snapshot | None = None
         self._listeners: list[Callable[[StepStats], None]] = []
         self._last_step = 0
+        # the last step's float32 gradient norms (k,) on the device, with their positions in named_parameters()
+        self.grad_norms: tuple[tuple[int, ...], torch.Tensor] | None = None
         self.latest: StepStats | None = None
         self.history: list[StepStats] = []
 
@@ -235,6 +238,7 @@ class GradNormProbe(StepObserver):
         self._last_step = step
         # Empty tensors are left out: they have no entries, and an inf-norm of nothing is an error.
         index = tuple(i for i, p in enumerate(self._params) if p.grad is not None and p.numel() > 0)
+        self.grad_norms = None
         if not index:
             return None
         grads = [self._params[i].grad for i in index]
@@ -243,6 +247,7 @@ class GradNormProbe(StepObserver):
             scale = _scale_tensor(scaler, layout.member.device)
             packed, norms = self._grad_stats(grads, layout, scale)
             self._current = _Pending(step, layout, scale is not None, [packed])
+            self.grad_norms = (index, norms)
             if snapshot:
                 # a non-finite gradient was received too (NaN > 0 is False)
                 self._take_snapshot(layout, (norms > 0) | ~torch.isfinite(norms))
@@ -254,16 +259,26 @@ class GradNormProbe(StepObserver):
         """The packed statistics and the (k,) per-parameter gradient norms."""
         f32 = torch.float32
         norms = layout.stack(compat.foreach_norm(grads, 2, dtype=f32))
-        # One temporary the size of the gradients serves max |g| and the non-finite count. (A max over |g| is
-        # several times faster on CPU than the inf-norm, and exact in any dtype.)
-        magnitudes = compat.foreach_abs(grads)
-        maxs = layout.stack([m.to(f32) for m in compat.foreach_max(magnitudes)])
+        magnitudes: Sequence[torch.Tensor] | None = None
+        if grads[0].device.type == "cpu":
+            # On a CPU a multi-tensor kernel is a loop over the tensors anyway: one min-max pass per tensor reads
+            # each gradient once and writes no temporary (|g| then its max read it twice and write it once).
+            bounds = [torch.aminmax(g) for g in grads]
+            maxs = torch.maximum(layout.stack([b.max for b in bounds]), -layout.stack([b.min for b in bounds]))
+            maxs = maxs.to(f32)
+        else:
+            # One temporary the size of the gradients serves max |g| and the non-finite count (a max over |g| is
+            # several times faster than the inf-norm, and exact in any dtype).
+            magnitudes = compat.foreach_abs(grads)
+            maxs = layout.stack([m.to(f32) for m in compat.foreach_max(magnitudes)])
         # A max reduction need not propagate NaN on every backend; the L2 norm's sum always does.
         maxs = torch.where(torch.isnan(norms), norms, maxs)
         if surely_finite(norms):  # no NaN or inf under a finite float32 norm: the count's two passes are moot
             nonfinite = torch.zeros_like(norms)
         else:
             # |g| * 0 is 0 where g is finite and NaN where it is not; the ord-0 "norm" counts the non-zeros.
+            if magnitudes is None:
+                magnitudes = compat.foreach_abs(grads)
             compat.foreach_mul_(magnitudes, 0.0)
             nonfinite = layout.stack(compat.foreach_norm(magnitudes, 0, dtype=f32))
         member = layout.member

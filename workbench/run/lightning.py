@@ -19,10 +19,13 @@ gradual unfreezing. Needs the `lightning` extra (`pip install 'rnnt-workbench[li
 - the non-finite tracer, which replays the first non-finite steps through a `TrainStep` that mirrors Lightning's
   loop (see "Replay" below) and names the first non-finite tensor and the causal chain.
 
-Cost per optimizer step: the probe's and the update observer's device reductions and ONE device-to-host copy
-(a `HostPacket` the probe and the observer queue in, as under a TrainStep), which also carries the loss
-(and every other 0-d float tensor `training_step` returns in its dict, as a loss term), the GradScaler's found-inf
-verdict and the count of non-finite parameters (`GradNormProbe.carry`). The clip coefficient is computed on the
+Cost per optimizer step: the probe's and the update observer's device reductions (the observer takes the probe's
+gradient norms: both read the gradients at the same moment) and ONE device-to-host copy (a `HostPacket` the probe
+and the observer queue in, as under a TrainStep), which also carries the loss (and every other 0-d float tensor
+`training_step` returns in its dict, as a loss term), the GradScaler's found-inf verdict (`GradNormProbe.carry`) and
+the parameters' non-finite check (`workbench.run.param_screen`, as `watch` checks them: a parameter the update
+wrote by the norm of its change, any other only when its version counter moved; a write through `.data` is not
+seen). The clip coefficient is computed on the
 host from the per-parameter norms. Values go to the trainer's loggers (`trainer.loggers[*].log_metrics`, every
 `log_every` steps, under `workbench/...`) as host floats, so logging adds no device work or sync (`self.log`
 would make one device tensor and one `.item()` per value). While the tracer is on (until it has the causal
@@ -80,9 +83,9 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from workbench.instrument import GradNormProbe, NonFiniteTracer, OptimizerCoverage, ParamGroups
 from workbench.records import Recorder, RunRecord, classify, summarize
-from workbench.records.recorder import nonfinite_params
 from workbench.run.byo import UserBatch, _param_groups
 from workbench.run.kept import BundleKeeper, import_path, optimizer_layout
+from workbench.run.param_screen import ParamScreen
 from workbench.run.updates import OptimizerUpdates
 from workbench.train import compat
 from workbench.train.optim import change_optimizer, optimizer_params
@@ -257,6 +260,7 @@ class WorkbenchCallback(Callback):
         self.train_step: TrainStep | None = None
         self.tracer_off: str | None = None
         self.keeper: BundleKeeper | None = None
+        self.screen: ParamScreen | None = None
         self._reset_step()
         self._reported: set[tuple[str, ...]] = set()
 
@@ -276,6 +280,7 @@ class WorkbenchCallback(Callback):
         self.updates = OptimizerUpdates(pl_module, groups, optimizer)
         self.updates.marks.hook()  # gradients not cleared since the last step (stale_grad/<group>)
         self._named = dict(pl_module.named_parameters())
+        self.screen = ParamScreen(self._named)
         self._verdicts_said = 0
         self.coverage = OptimizerCoverage(pl_module, probe=self.probe)
         precision = precision_of(trainer)
@@ -410,7 +415,7 @@ class WorkbenchCallback(Callback):
         ctx = _Ctx(step, pl_module, optimizer, scaler, self._packet)
         self.probe.on_after_backward(ctx)
         self.coverage.on_after_backward(ctx)
-        self.updates.before(optimizer)
+        self.updates.before(optimizer, self.probe.grad_norms)  # the same gradients: the probe's norms serve
         if scaler is not None:
             found = compat.found_inf(scaler, optimizer)
             self._found_inf = torch.stack([f.reshape(()) for f in found]).sum() if found else None
@@ -435,12 +440,12 @@ class WorkbenchCallback(Callback):
         self.probe.carry(carried)
         ctx = _Ctx(step, pl_module, optimizer, _scaler(trainer), self._packet)
         self.updates.after()
-        params_flags = None
-        if self._packet is not None:
-            self.probe.on_pack(ctx)
-            self.updates.pack(self._packet)
-            params_flags = self._packet.params_nonfinite(pl_module)  # the shared screen, after the update
-            self._packet.read()  # the step's one host copy
+        packet = self._packet
+        assert packet is not None and self.screen is not None  # on_before_optimizer_step made it
+        self.probe.on_pack(ctx)
+        self.updates.pack(packet)
+        check = self.screen.queue(packet, self.screen.moved(), self.updates.pending_inside())
+        packet.read()  # the step's one host copy
         self.probe.on_step_end(ctx)
         self.coverage.on_step_end(ctx)
         self.updates.on_step_end(ctx)
@@ -463,7 +468,9 @@ class WorkbenchCallback(Callback):
             if clip is not None:
                 row["clip/coefficient"] = math.nan if math.isnan(total) else min(1.0, clip / (total + 1e-6))
         row.update({f"lr/{k}": v for k, v in self._lrs.items()})
-        tensors, elements = nonfinite_params(pl_module, None if params_flags is None else params_flags.value)
+        update = self.updates.latest
+        bad, elements = self.screen.settle(check, update.diff if update is not None else {})
+        tensors = len(bad)
         row.update({"params_finite": tensors == 0, "params_nonfinite/tensors": tensors,
                     "params_nonfinite/elements": elements})
         losses = {k[len("loss/"):]: v for k, v in row.items() if k.startswith("loss/")}
@@ -565,6 +572,7 @@ class WorkbenchCallback(Callback):
             self.tracer.detach(self.train_step)
             self.tracer.bundle = None
         self.probe = self.coverage = self.updates = self.tracer = self.train_step = self.keeper = None
+        self.screen = None
         self._reset_step()
         if recorder is not None:
             recorder.close(status, **attrs)

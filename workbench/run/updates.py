@@ -92,6 +92,18 @@ class _Layout:
                 self.segment_groups.append(held_by)
         self.group_segments = [[s for s, held_by in enumerate(self.segment_groups) if g in held_by]
                                for g in range(len(self.groups))]
+        # where each received tensor sits in another instrument's norms, by (their positions, device); None: absent
+        self.gathers: dict[tuple[tuple[int, ...], torch.device], torch.Tensor | None] = {}
+
+    def gather(self, index: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+        """Positions in norms over the parameters at `index` (into the model's parameters) of every received
+        tensor, as a device tensor (None when one is not among them)."""
+        key = (index, device)
+        if key not in self.gathers:
+            where = {i: k for k, i in enumerate(index)}
+            found = [where.get(i) for i in self.received]
+            self.gathers[key] = None if None in found else torch.tensor(found, device=device)
+        return self.gathers[key]
 
 
 class _Copies:
@@ -322,9 +334,12 @@ class OptimizerUpdates(StepObserver):
             layout = self._layouts[key] = _Layout(self._items, held, self.groups)
         return layout, grads
 
-    def before(self, optimizer: torch.optim.Optimizer) -> bool:
+    def before(self, optimizer: torch.optim.Optimizer,
+               grad_norms: tuple[tuple[int, ...], torch.Tensor] | None = None) -> bool:
         """Right before `optimizer` updates: note who got a gradient and copy what it will change. False (nothing
-        noted) when the optimizer holds none of the model's parameters."""
+        noted) when the optimizer holds none of the model's parameters. `grad_norms`: the gradients' float32 norms
+        as they are now, when another instrument took them (`GradNormProbe.grad_norms`: their positions in the
+        model's parameters and a (k,) tensor), so they are not taken twice."""
         if not self.owns(optimizer):
             return False
         layout, grads = self._layout(optimizer)
@@ -335,7 +350,11 @@ class OptimizerUpdates(StepObserver):
         with torch.no_grad():
             # under no_grad the parameters are read as they are: a detach per tensor would cost a dispatch each
             received = [grads[i] for i in layout.received]
-            norms = list(compat.foreach_norm(received, 2, dtype=torch.float32)) if received else []
+            gather = None if grad_norms is None or not received else layout.gather(grad_norms[0],
+                                                                                   grad_norms[1].device)
+            shared = None if gather is None or grad_norms is None else grad_norms[1].index_select(0, gather)
+            norms = list(compat.foreach_norm(received, 2, dtype=torch.float32)) if received and shared is None \
+                else []
             if params:
                 copies = self._copies
                 if copies is None or copies.key != layout.key:
@@ -343,7 +362,10 @@ class OptimizerUpdates(StepObserver):
                 compat.foreach_copy_(copies.views, params)
                 # after the gradients' norms, each group's norm before the update, from the runs of the flat copies
                 norms += compat.foreach_norm(copies.segments, 2, dtype=torch.float32)
-            if norms:
+            if shared is not None:
+                pending.tensors["norms"] = torch.cat([shared, torch.stack(norms).to(shared.device)]) if norms \
+                    else shared
+            elif norms:
                 pending.tensors["norms"] = torch.stack(norms)
         self._pending = pending
         return True

@@ -62,7 +62,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -71,8 +70,8 @@ from workbench.instrument.host import HostPacket, Slot
 from workbench.records import Recorder, RunRecord
 from workbench.records.outcome import OutcomeRules, classify
 from workbench.train import compat
-from workbench.train.host import nonfinite_elements, nonfinite_flags
 from workbench.run.byo import Groups, _param_groups
+from workbench.run.param_screen import ParamScreen, ScreenCheck
 from workbench.run.updates import OptimizerUpdates, Updates
 
 __all__ = ["FINDINGS", "Watch", "findings_text", "watch"]
@@ -110,8 +109,7 @@ class _Snapshot:
     """What the pre-step hook queued for the step's copy, besides the update (`OptimizerUpdates`)."""
 
     def __init__(self) -> None:
-        self.by_diff: list[str] = []                            # parameters the update wrote (judged by it)
-        self.checked: list[int] = []                            # indices of the others checked on the device
+        self.screen: ScreenCheck | None = None                  # the parameters' non-finite check
         self.frozen: list[str] = []                             # frozen parameters written since the last step
         self.buffers: list[str] = []                            # frozen buffers compared with their last copy
         self.packet = HostPacket()
@@ -165,11 +163,8 @@ class Watch:
         self._low_clip = 0
         self._weights: dict[str, float] = {}
         self._params = list(self.named.values())
-        self._params_names = list(self.named)
         self._index = {n: i for i, n in enumerate(self.named)}
-        self._versions: list[int] = []          # every parameter's version counter at the last step
-        self._unchecked: set[int] = set()       # parameters not checked for non-finite values yet
-        self._bad: set[str] = set()             # parameters holding a non-finite value, as last checked
+        self.screen = ParamScreen(self.named)   # (re)built at attach: every parameter is checked at the first step
         self._buffer_base: dict[str, torch.Tensor] = {}             # frozen buffers' values at the last step
         self._frozen_cache: tuple[tuple[bool, ...], dict[str, torch.Tensor]] | None = None
         self._t0 = 0.0
@@ -196,8 +191,7 @@ class Watch:
                                        "growth_factor": self.scaler.get_growth_factor(),
                                        "backoff_factor": self.scaler.get_backoff_factor()})
         self._next = self._scaler_updates()
-        self._versions = compat.tensor_versions(self._params)
-        self._unchecked = set(range(len(self._params)))
+        self.screen = ParamScreen(self.named)
         self._buffer_base = {n: t.detach().clone() for n, t in self._frozen_tensors().items()
                              if not isinstance(t, nn.Parameter)}
         self._t0 = time.perf_counter()
@@ -381,9 +375,9 @@ class Watch:
         packet = snap.packet
         self.updates.after()
         self.updates.pack(packet)
-        moved = self._moved()
+        moved = self.screen.moved()
         self._check_frozen(snap, moved)
-        self._check_params(snap, moved)
+        snap.screen = self.screen.queue(packet, moved, self.updates.pending_inside())
         outputs, self._outputs = self._outputs, []
         if outputs:
             snap.slots["outputs"] = packet.add(torch.stack([flag for _, flag in outputs]))
@@ -393,32 +387,9 @@ class Watch:
         self.step += 1
         self._record(snap, outputs)
 
-    def _moved(self) -> set[int]:
-        """Indices of the parameters whose version counter moved since the previous step (every in-place write
-        bumps it, an optimizer's update included; a write through `.data` does not and is not seen): host-side."""
-        versions = compat.tensor_versions(self._params)
-        then = self._versions
-        self._versions = versions
-        if versions == then:
-            return set()
-        return {i for i, (now, was) in enumerate(zip(versions, then)) if now != was}
-
-    def _check_params(self, snap: _Snapshot, moved: set[int]) -> None:
-        """Which parameters may have become non-finite: only those written since the last check. A parameter the
-        update wrote is non-finite when the norm of its change is (`Updates.diff`: before - after, finite only
-        when both are); any other one written, and every one at the first step, is checked on the device."""
-        inside = {self._index[n] for n in self.updates.pending_inside()}
-        by_diff = (moved & inside) - self._unchecked
-        snap.by_diff = [self._params_names[i] for i in sorted(by_diff)]
-        snap.checked = sorted((moved | self._unchecked) - by_diff)
-        if snap.checked:
-            snap.slots["param_flags"] = snap.packet.add(
-                nonfinite_flags([self._params[i] for i in snap.checked]))
-        self._unchecked = set()
-
     def _check_frozen(self, snap: _Snapshot, moved: set[int]) -> None:
         """After the update, what changed since the previous step (or the attach) in the modules frozen now: a
-        parameter whose version counter moved (`_moved`), so a module frozen just before this step is judged on
+        parameter whose version counter moved (`ParamScreen.moved`), so a module frozen just before this step is judged on
         this step's update, or that is no longer the tensor watch holds; a frozen buffer is compared with its copy
         (kernels such as BatchNorm's write running statistics without bumping the counter; buffers are small)."""
         current = self._frozen_tensors()
@@ -469,7 +440,8 @@ class Watch:
             row.update({f"weight/{k}": float(x) for k, x in self._weights.items()})
         if "loss" in v:
             row.update({f"loss/{k}": float(x) for k, x in zip(snap.names["loss"], v["loss"].tolist())})
-        nonfinite_params, elements = self._nonfinite_params(snap, u, v.get("param_flags"))
+        assert snap.screen is not None
+        nonfinite_params, elements = self.screen.settle(snap.screen, u.diff)
         tensors = len(nonfinite_params)
         row.update({"params_finite": tensors == 0, "params_nonfinite/tensors": tensors,
                     "params_nonfinite/elements": elements})
@@ -477,28 +449,6 @@ class Watch:
         assert self.recorder is not None
         self.recorder.record_step(step, row)
         self._find(snap, u, v, nonfinite_params, coef, outputs)
-
-    def _nonfinite_params(self, snap: _Snapshot, u: Updates, flags: np.ndarray | None) -> tuple[list[str], int]:
-        """(names in model order, elements) of the parameters holding a non-finite value after this step. Suspects:
-        those the update wrote whose change has a non-finite norm, those checked on the device whose screen
-        flagged them (`nonfinite_flags`), and those found bad before that were not written since; each suspect is
-        settled by counting its elements (`nonfinite_elements`: one read each, only on a step with a suspect), so
-        a finite parameter whose norm overflows is not called non-finite."""
-        suspects = self._bad.difference(snap.by_diff).difference(self._params_names[i] for i in snap.checked) \
-            if self._bad else set()
-        changes = u.diff.values()
-        if not all(map(math.isfinite, changes)):  # names are looked at only on a step with a non-finite change
-            suspects.update(n for n in snap.by_diff if not math.isfinite(u.diff.get(n, 0.0)))
-        if flags is not None:
-            suspects.update(self._params_names[i] for i, f in zip(snap.checked, flags.tolist()) if f)
-        if not suspects:
-            self._bad = set()
-            return [], 0
-        names = [n for n in self._params_names if n in suspects]
-        counts = nonfinite_elements([self.named[n].detach() for n in names])
-        bad = [n for n, c in zip(names, counts) if c]
-        self._bad = set(bad)
-        return bad, sum(counts)
 
     def _record_skipped(self, skipped: list[tuple[_Iteration, dict[str, Slot]]], scale: float) -> None:
         """One row per iteration whose step the GradScaler skipped, in order, as a TrainStep records it: its loss,
