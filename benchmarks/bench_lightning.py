@@ -6,16 +6,18 @@ Three configurations, fitted round by round in rotating order so drift in machin
 
     plain    Trainer with no workbench callback
     probe    + WorkbenchCallback(trace=False): probe, coverage, outcome rules, HDF5 run log, logger values
-    traced   + WorkbenchCallback(): the same and the non-finite tracer's per-step replay snapshot (model and
-             optimizer state copied each step while the run has no causal chain yet)
+    traced   + WorkbenchCallback(): the same and the non-finite tracer armed (the model and optimizer state
+             copied every CAPTURE_EVERY steps, each step's inputs noted, while the run has no causal chain yet)
 
 Each fit's step time is measured inside the fit, from `on_train_batch_start` to `on_train_batch_end` of every
 optimizer step after the first (which holds lazy initialisation), before and after every other callback's hook
-(the tracer's capture runs in the callback's `on_train_batch_start`), so Trainer start-up is outside the figure. Prints
-the median ms/step of each configuration and the median per-round ratios; the last line is
-`lightning callback overhead ratio: X.XXX (traced X.XXX)`.
+(the tracer's capture runs in the callback's `on_train_batch_start`), so Trainer start-up is outside the figure. A fit
+runs CAPTURE_EVERY + 1 steps by default, so the steps timed hold one capture, as often as a run captures, and the
+run log's flushes (one a second). Prints each configuration's mean and median ms/step and the median per-round
+ratios of both: the mean is what a run pays (captures and flushes included), the median a typical step without
+them. The last line, `lightning callback overhead ratio: X.XXX (traced X.XXX)`, is the mean's.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_lightning.py [--preset small] [--rounds 5] [--steps 12]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_lightning.py [--preset small] [--rounds 5] [--steps 17]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from workbench.data import B2TDataset, Batch, collate
+from workbench.instrument.tracer import CAPTURE_EVERY
 from workbench.model import HybridModel, get_config
 from workbench.model.losses import LossWeights
 from workbench.run.lightning import WorkbenchCallback
@@ -83,21 +86,21 @@ class _Start(pl.Callback):
         self.timer._t0 = time.perf_counter()
 
 
-def fit(model: HybridModel, loader: DataLoader, steps: int, extra: list[pl.Callback]) -> float:
-    """Median seconds per optimizer step (after the first) of one fit of a copy of `model`."""
+def fit(model: HybridModel, loader: DataLoader, steps: int, extra: list[pl.Callback]) -> list[float]:
+    """Seconds of each optimizer step after the first of one fit of a copy of `model`."""
     timer = StepTimer()
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision="32-true", logger=False,
                          callbacks=[timer.start, *extra, timer], enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, gradient_clip_val=1.0)
     trainer.fit(Hybrid(copy.deepcopy(model)), loader)
-    return statistics.median(timer.seconds[1:])
+    return timer.seconds[1:]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per fit")
+    parser.add_argument("--steps", type=int, default=CAPTURE_EVERY + 1, help="optimizer steps per fit")
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -109,7 +112,7 @@ def main() -> None:
     trials = [dataset[i % len(dataset)] for i in range(args.steps * args.batch_size)]
     loader = DataLoader(trials, batch_size=args.batch_size, shuffle=False, collate_fn=collate)
     model = HybridModel(get_config(args.preset))
-    times: dict[str, list[float]] = {"plain": [], "probe": [], "traced": []}
+    times: dict[str, list[list[float]]] = {"plain": [], "probe": [], "traced": []}
     with tempfile.TemporaryDirectory() as tmp:
 
         def callbacks(name: str, k: int) -> list[pl.Callback]:
@@ -123,13 +126,18 @@ def main() -> None:
         for k in range(args.rounds):
             for name in names[k % 3:] + names[:k % 3]:
                 times[name].append(fit(model, loader, args.steps, callbacks(name, k)))
-    ratio = {name: statistics.median(t / p for t, p in zip(times[name], times["plain"]))
-             for name in ("probe", "traced")}
     n = sum(p.numel() for p in model.parameters())
     print(f"preset {args.preset} ({n:,} parameters), data_samples, batch {args.batch_size}, fp32, CPU "
-          f"{torch.get_num_threads()} thread(s), {args.rounds} rounds x {args.steps} steps per configuration")
-    for name, values in times.items():
-        print(f"  {name:6s} median {1000 * statistics.median(values):8.2f} ms/step")
+          f"{torch.get_num_threads()} thread(s), {args.rounds} rounds x {args.steps} steps per configuration "
+          f"(the first step of each fit untimed)")
+    ratio = {}
+    for label, stat in (("median", statistics.median), ("mean", statistics.fmean)):
+        per_fit = {name: [stat(fit_times) for fit_times in values] for name, values in times.items()}
+        ratio = {name: statistics.median(t / p for t, p in zip(per_fit[name], per_fit["plain"]))
+                 for name in ("probe", "traced")}
+        print(f"  per-step {label}: " + ", ".join(f"{name} {1000 * statistics.median(v):.2f} ms"
+                                                  for name, v in per_fit.items())
+              + f"; per-round ratio probe {ratio['probe']:.3f}, traced {ratio['traced']:.3f}")
     print(f"lightning callback overhead ratio: {ratio['probe']:.3f} (traced {ratio['traced']:.3f})")
 
 

@@ -72,6 +72,6 @@ def test_lightning_benchmark_times_every_callbacks_batch_hooks():
 
     dataset = B2TDataset(ROOT / "data_samples", "train")
     loader = DataLoader([dataset[i] for i in range(8)], batch_size=2, collate_fn=collate)
-    assert bench_lightning.fit(HybridModel(get_config("tiny")), loader, 3, [Slow()]) >= 0.1
+    assert min(bench_lightning.fit(HybridModel(get_config("tiny")), loader, 3, [Slow()])) >= 0.1
     out = _script("bench_lightning.py", "--preset", "tiny", "--rounds", "1", "--steps", "3")
     assert re.search(r"lightning callback overhead ratio: \d+\.\d{3} \(traced \d+\.\d{3}\)$", out.strip())

@@ -216,6 +216,68 @@ def test_a_nan_is_traced_to_its_producer(tmp_path):
     assert any(line.startswith("workbench: tracer: step 3 forward") for line in lines)
 
 
+class BlowsAt(Regressor):
+    """Finite targets whose squared error overflows float32 at optimizer step `at` (loss terms as Regressor's)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.global_step + 1 == self.at:
+            y = y * 1e20
+        return super().training_step((x, y), batch_idx)
+
+
+def test_the_tracer_captures_every_capture_every_steps_and_rebuilds_a_later_step_from_its_inputs(tmp_path,
+                                                                                              monkeypatch):
+    """The callback's tracer copies the model and optimizer every CAPTURE_EVERY steps, not every step; a NaN at
+    step 20 is traced from a bundle rebuilt by re-running steps 17 to 19 from the capture at step 17, each checked
+    against the losses the live steps logged."""
+    from workbench.instrument import replay_chain
+    from workbench.instrument.tracer import CAPTURE_EVERY
+
+    assert CAPTURE_EVERY == 16
+    captures: list[int] = []
+    real = replay_chain.capture
+
+    def counted(step, batches, weights, *, index, **kwargs):
+        captures.append(index)
+        return real(step, batches, weights, index=index, **kwargs)
+
+    monkeypatch.setattr(replay_chain, "capture", counted)
+    cb = WorkbenchCallback(None, log=lambda s: None)
+    fit(BlowsAt(20), tmp_path, [cb], steps=20)
+    assert captures == [1, 17, 20]  # two bases, then step 20's bundle on the replica after its re-run steps
+    assert cb.tracer is None and cb.record.status == "finished"
+    summary = cb.summary()
+    assert summary["tracer_verdicts"] and summary["tracer_verdicts"][0].startswith("step 20 forward: producer")
+    assert not cb.record.tables.get("tracer_unreproduced")
+
+
+def test_accumulation_windows_are_re_run_to_the_logged_losses_and_a_short_last_window_never_is(tmp_path):
+    """Seven batches an epoch in windows of three: steps 1-3 in epoch 0 (the third a single batch, whose loss
+    Lightning divides by 3 and a replay by 1), 4-6 in epoch 1. A NaN at step 6 is traced from the capture at
+    epoch 1's start (steps 4 and 5 re-run as windows of three, their loss terms equal to the logged ones to the
+    last bit), not from step 1, which would re-run the short window and could not match."""
+
+    class Terms(BlowsAt):  # more loss terms, each a mean whose rounding a re-run must reproduce
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            return {**out, **{f"part{i}": out["mse"] * (1 + i / 7) for i in range(6)}}
+
+    cb = WorkbenchCallback(None, log=lambda s: None)
+    trainer = pl.Trainer(max_steps=6, accelerator="cpu", devices=1, precision="32-true", callbacks=[cb],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, accumulate_grad_batches=3)
+    trainer.fit(Terms(6), data(n=112, batch=16))
+    assert cb.record.steps[:6] == [1, 2, 3, 4, 5, 6]
+    summary = cb.summary()
+    assert summary["tracer_verdicts"] and summary["tracer_verdicts"][0].startswith("step 6 forward: producer")
+    assert not cb.record.tables.get("tracer_unreproduced")
+
+
 def test_parameters_made_non_finite_by_an_update_are_counted_at_that_step(tmp_path):
     class Overflows(Regressor):
         def training_step(self, batch, batch_idx):

@@ -318,7 +318,7 @@ class GradNormProbe(StepObserver):
         norms = self._record(ctx.step, ctx.scaler, snapshot=self.update_ratio)
         packet = getattr(ctx, "packet", None)
         if packet is not None and norms is not None:
-            packet.grads_nonfinite(self.model, norms)  # the step's gradient screen, for the tracer
+            packet.offer_grad_norms(self.model, norms)  # the step's gradient screen, when the tracer asks
         if packet is not None and self._current is not None and len(self._pending) + 1 >= self.every:
             pending, self._pending = self._pending, []
             head = torch.cat([part for p in pending for part in p.packed()] + self._current.parts)

@@ -21,6 +21,11 @@ before its update.
     chain.updated()                      # after its update (on_pack)
     chain.ended(index, result.losses)    # at its end
     bundle = chain.bundle_at(step, index)   # only for a step that went non-finite
+
+A loop that is not a TrainStep (Lightning's callback) also adds a window's later micro-batches to its step
+(`add_batch`), names the tensors a step trained when they changed after its start (`set_trainable`), and asks for a
+base at an epoch's start (`rebase`), so that a shorter last window, which a replay divides differently, is never
+re-run on the way to another step.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class _Inputs:
     cpu_rng: torch.Tensor
     cuda_rng: list[torch.Tensor] | None
     losses: dict[str, float] | None = None  # the live step's, once it ended
+    trainable: list[str] | None = None  # the tensors it trained, when they changed after its start
 
 
 @dataclass
@@ -98,6 +104,7 @@ class ReplayChain:
         self._previous: _Chain | None = None
         self._versions: list[int] | None = None  # of the parameters after the last update
         self._params: list[torch.Tensor] = []  # the model's, as the last step started
+        self._rebase = False  # the next step starts a new base
 
     def start(self, step: TrainStep, batches: Any | Sequence[Any], weights: Any, *, rnnt: bool, mode: bool,
               index: int) -> None:
@@ -107,8 +114,9 @@ class ReplayChain:
         key = _structure(step, self._params)
         chain = self._chain
         moved = self._versions is None or compat.tensor_versions(self._params) != self._versions
-        if (chain is None or key != chain.key or moved or len(chain.steps) >= self.every
+        if (chain is None or key != chain.key or moved or self._rebase or len(chain.steps) >= self.every
                 or time.perf_counter() - chain.started >= self.max_rerun_s):
+            self._rebase = False
             self._previous = chain
             base = capture(step, batches, weights, rnnt=rnnt, mode=mode, index=index)
             chain = self._chain = _Chain(base, key, time.perf_counter())
@@ -119,6 +127,29 @@ class ReplayChain:
         chain.steps.append(_Inputs(index, batches, copy.deepcopy(weights), rnnt, mode, _group_settings(step.optimizer),
                                    rng, cuda_rng))
         self._versions = None
+
+    def rebase(self) -> None:
+        """The next step starts a new base (capture a bundle there), whatever else is due."""
+        self._rebase = True
+
+    def add_batch(self, batch: Any) -> None:
+        """A later micro-batch of the current step (by reference; copied into the base when the step is its)."""
+        chain = self._chain
+        if chain is None or not chain.steps:
+            raise RuntimeError("add_batch: no step started in the replay chain")
+        chain.steps[-1].batches.append(batch)
+        if len(chain.steps) == 1:
+            chain.base.batches.append(copy.deepcopy(batch))
+
+    def set_trainable(self, names: list[str]) -> None:
+        """The tensors the current step trains, when something made others trainable after its start (a new
+        `requires_grad` starts a new base at the next step, so only a chain's last step can carry this)."""
+        chain = self._chain
+        if chain is None or not chain.steps:
+            raise RuntimeError("set_trainable: no step started in the replay chain")
+        chain.steps[-1].trainable = list(names)
+        if len(chain.steps) == 1:
+            chain.base.trainable = list(names)
 
     def updated(self) -> None:
         """After the step's update: the parameters' version counters, so a write before the next step is seen."""
@@ -161,7 +192,8 @@ class ReplayChain:
             last = steps[-1]
             _set_groups(rep.optimizer, last)
             bundle = capture(rep, last.batches, last.weights, rnnt=last.rnnt, mode=last.mode, index=index)
-        return dataclasses.replace(bundle, cpu_rng=last.cpu_rng, cuda_rng=last.cuda_rng)
+        return dataclasses.replace(bundle, cpu_rng=last.cpu_rng, cuda_rng=last.cuda_rng,
+                                   trainable=bundle.trainable if last.trainable is None else last.trainable)
 
 
 def _same_losses(replayed: dict[str, float], live: dict[str, float]) -> bool:

@@ -45,6 +45,7 @@ non-finite is reported as a propagator.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import math
@@ -760,6 +761,12 @@ class NonFiniteTracer(StepObserver):
     Needs the TrainStep itself (config, loss_fn, device) to replay: use `attach(step)`, not only
     `TrainStep(observers=[...])`. With the `stop` policy the step raises before `on_step_end`: call
     `localize(step, tracer.bundle)` where the NonFiniteError is caught.
+
+    A loop that is not a TrainStep (Lightning's callback) calls `on_step_start` at each step start, `add_batch` for
+    a window's later micro-batches, `set_trainable` when its tensors' `requires_grad` changed after the start,
+    `updated()` after the update and `on_step_end(ctx, nonfinite=...)` at every step end with its own verdict (and
+    `ctx.result` holding the step's losses, or None when it has none); `bundle_of(step)` gives a step's bundle
+    right after its end (rebuilt from the chain when needed).
     """
 
     def __init__(self, *, max_traces: int = 3, save_dir: str | None = None, capture_every: int = 1) -> None:
@@ -775,6 +782,7 @@ class NonFiniteTracer(StepObserver):
         self._grads: Slot | None = None
         self._checks: list[Slot] | None = None
         self._bundles: dict[int, ReplayBundle] = {}  # by step, until its end (which may follow the next start)
+        self._last: tuple[int, ReplayBundle] | None = None  # the bundle of the step that ended last, when known
 
     def detach(self, step: Any | None = None) -> None:
         """Stop observing the attached step (and remove the tracer from `step.observers` when given)."""
@@ -795,7 +803,7 @@ class NonFiniteTracer(StepObserver):
         if self._train_step is None:
             raise RuntimeError("NonFiniteTracer needs the TrainStep to replay steps: call tracer.attach(step)")
         self._bundles = {k: b for k, b in self._bundles.items() if k == ctx.step - 1}
-        self.bundle = None
+        self.bundle = self._last = None
         self._armed = not self.exhausted
         if not self._armed:
             return
@@ -805,6 +813,49 @@ class NonFiniteTracer(StepObserver):
             return
         self.bundle = self._bundles[ctx.step] = capture(self._train_step, ctx.batches, ctx.weights, rnnt=ctx.rnnt,
                                                         mode=ctx.mode, index=ctx.step)
+
+    def rebase(self) -> None:
+        """The next step captures a full bundle (a chain's new base), whatever else is due."""
+        if self._chain is not None:
+            self._chain.rebase()
+
+    def add_batch(self, batch: Any) -> None:
+        """A later micro-batch of the current step, for a loop that is not a TrainStep."""
+        if not self._armed:
+            return
+        if self._chain is not None:
+            self._chain.add_batch(batch)
+        elif self.bundle is not None:
+            self.bundle.batches.append(copy.deepcopy(batch))
+
+    def set_trainable(self, names: list[str]) -> None:
+        """The tensors the current step trains, when they changed after its start (a LightningModule's own
+        `on_train_batch_start` runs after the callbacks')."""
+        if not self._armed:
+            return
+        if self._chain is not None:
+            self._chain.set_trainable(names)
+        elif self.bundle is not None:
+            self.bundle.trainable = list(names)
+
+    def updated(self) -> None:
+        """After the step's update, for a loop that is not a TrainStep (a TrainStep's `on_pack` does it)."""
+        if self._armed and self._chain is not None:
+            self._chain.updated()
+
+    def bundle_of(self, step: int) -> ReplayBundle | None:
+        """The bundle of `step`, right after its end: the one captured at its start or rebuilt for its trace, else
+        rebuilt from the chain now (None when neither can be: not captured, or its re-run did not match)."""
+        if self._last is not None and self._last[0] == step:
+            return self._last[1]
+        if self._chain is None or self._train_step is None or not self._chain.covers(step):
+            return None
+        try:
+            bundle = self._chain.bundle_at(self._train_step, step)
+        except ReplayMismatch:
+            return None
+        self._last = (step, bundle)
+        return bundle
 
     def on_after_backward(self, ctx: StepContext) -> None:
         """TrainStep event: queue the gradients' non-finite check (the clip scales them by a finite factor or
@@ -820,14 +871,20 @@ class NonFiniteTracer(StepObserver):
             if self._chain is not None:
                 self._chain.updated()
 
-    def on_step_end(self, ctx: StepContext) -> None:
+    def on_step_end(self, ctx: StepContext, nonfinite: bool | None = None) -> None:
+        """TrainStep event: trace the step when it went non-finite. `nonfinite`: that verdict from a loop that
+        checked the step itself (None: the tracer's own check, from the step's host copy)."""
         checks, self._checks = self._checks, None
         bundle = self._bundles.pop(ctx.step, None)
+        if bundle is not None:
+            self._last = (ctx.step, bundle)
         chain = self._chain
         if chain is not None and ctx.result is not None:
             chain.ended(ctx.step, ctx.result.losses)
         covered = bundle is not None or (chain is not None and chain.covers(ctx.step))
-        if not covered or self.exhausted or not self._went_nonfinite(ctx, checks):
+        if not covered or self.exhausted:
+            return
+        if not (self._went_nonfinite(ctx, checks) if nonfinite is None else nonfinite):
             return
         if bundle is None:
             assert chain is not None and self._train_step is not None
@@ -836,6 +893,7 @@ class NonFiniteTracer(StepObserver):
             except ReplayMismatch as err:
                 self.untraced.append((ctx.step, str(err)))
                 return
+            self._last = (ctx.step, bundle)
         if self.save_dir is not None:
             Path(self.save_dir).mkdir(parents=True, exist_ok=True)
             save_bundle(Path(self.save_dir) / f"step_{ctx.step}.pt", bundle)

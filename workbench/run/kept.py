@@ -42,9 +42,12 @@ def import_path(obj: Any) -> str | None:
     return f"{module}:{qualname}"
 
 
-def optimizer_layout(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
-    """The optimizer's class (import path) and each group's parameter names, in the order of its state dict."""
-    names = {id(p): name for name, p in model.named_parameters()}
+def optimizer_layout(optimizer: torch.optim.Optimizer, model: nn.Module,
+                     names: dict[int, str] | None = None) -> dict[str, Any]:
+    """The optimizer's class (import path) and each group's parameter names, in the order of its state dict.
+    `names`: id -> name of the model's parameters, when the caller holds it (else the model is walked)."""
+    if names is None:
+        names = {id(p): name for name, p in model.named_parameters()}
     return {"class": import_path(type(optimizer)),
             "groups": [[names.get(id(p), "?") for p in group["params"]] for group in optimizer.param_groups]}
 
@@ -73,10 +76,15 @@ class BundleKeeper:
         """Nothing more to keep: a non-finite step's bundle is kept, or keeping failed."""
         return self.stopped or self.kind == len(WHY) - 1
 
+    def wants(self, *, outside: bool, nonfinite: bool) -> bool:
+        """Whether the bundle of a step that showed this would be kept (a caller that rebuilds bundles on demand
+        asks first)."""
+        return not self.done and (2 if nonfinite else 1 if outside else 0) > self.kind
+
     def offer(self, bundle: ReplayBundle | None, layout: dict[str, Any], *, outside: bool, nonfinite: bool) -> None:
         """The bundle of a step that just ran, with the optimizer's layout at its start and what the step showed."""
         kind = 2 if nonfinite else 1 if outside else 0
-        if bundle is None or self.done or kind <= self.kind:
+        if bundle is None or not self.wants(outside=outside, nonfinite=nonfinite):
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:

@@ -29,7 +29,8 @@ seen). The clip coefficient is computed on the
 host from the per-parameter norms. Values go to the trainer's loggers (`trainer.loggers[*].log_metrics`, every
 `log_every` steps, under `workbench/...`) as host floats, so logging adds no device work or sync (`self.log`
 would make one device tensor and one `.item()` per value). While the tracer is on (until it has the causal
-chain, or `trace=False`) each step also copies the model and optimizer state (`instrument.replay.capture`).
+chain, or `trace=False`) every `CAPTURE_EVERY` steps (16; sooner when 2 s of training passed) a step also copies the
+model and optimizer state (`instrument.replay.capture`), and every step notes its inputs (see "Replay").
 
 Run-log keys per step are those of `records.recorder.step_row` (`loss/<term>` with `loss/total`, `skipped` and
 `nonfinite_grad` (the GradScaler skipped the update; Lightning applies every update without one), `step_ms`,
@@ -41,10 +42,17 @@ Lightning's optimizer steps, counted from 1 (`trainer.global_step` after the ste
 Kept bundle (for `workbench diagnose`). With a log, while the tracer runs, the callback keeps beside the log the
 replay bundle of the run's first step at which the evidence appears (`workbench.run.kept`: the first non-finite
 step, else the first with a trainable tensor outside the optimizer, else the earliest), with the module's class
-and `hparams`; diagnose continues it through the same replay of `training_step`.
+and `hparams`; diagnose continues it through the same replay of `training_step`. The bundle of a step that is
+not a capture is rebuilt from the chain (see "Replay") only when the keeper takes it: at most once per kind.
 
-Replay (the tracer). A replay bundle is taken at each optimizer step's first micro-batch (`on_train_batch_start`;
-the later micro-batches of a gradient-accumulation window are added to it) and replayed by a `TrainStep` whose loss
+Replay (the tracer). A replay bundle is captured at an optimizer step's first micro-batch (`on_train_batch_start`)
+every `CAPTURE_EVERY` steps, and at every step its inputs are noted (the batches, by reference, the later
+micro-batches of a gradient-accumulation window included; each group's settings; the RNG state):
+`workbench.instrument.replay_chain.ReplayChain`. A non-finite step's bundle is rebuilt by re-running the steps since
+the last capture on a replica, each checked against the losses the live step logged (a mismatch leaves the step
+untraced, with why). A new base is captured whenever a re-run could not reproduce the live steps (the optimizer
+rebuilt or its groups changed, a `requires_grad` flipped, a parameter written between steps) and, with gradient
+accumulation, at each epoch's start (its last window may be shorter). Bundles are replayed by a `TrainStep` whose loss
 calls the replica module's `training_step(batch, batch_idx)` (with `self.global_step` and `self.current_epoch` of
 the step; `self.log` there does nothing) under the run's autocast, with `LIGHTNING_SEMANTICS`:
 `optimizer.zero_grad()` over the optimizer's parameters, the loss divided by the window's micro-batches, the
@@ -65,7 +73,6 @@ a new parameter group (`how="add_group"`) or with the optimizer rebuilt (`how="r
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -82,6 +89,7 @@ from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from workbench.instrument import GradNormProbe, NonFiniteTracer, OptimizerCoverage, ParamGroups
+from workbench.instrument.tracer import CAPTURE_EVERY
 from workbench.records import Recorder, RunRecord, classify, summarize
 from workbench.run.byo import UserBatch, _param_groups
 from workbench.run.kept import BundleKeeper, import_path, optimizer_layout
@@ -134,6 +142,15 @@ def _loss_terms(output: Any) -> dict[str, torch.Tensor]:
                       and v.ndim == 0 and v.is_floating_point()})
         return terms
     return {}
+
+
+def _window_mean(values: list[torch.Tensor], micro: int) -> torch.Tensor:
+    """The mean over a window of `micro` micro-batches as a TrainStep accumulates it (each value divided by the
+    window's length, added in order), so a replay's re-run reproduces it to the last bit."""
+    total = values[0] / micro
+    for v in values[1:]:
+        total = total + v / micro
+    return total
 
 
 def _json_hparams(module: pl.LightningModule) -> dict[str, Any] | None:
@@ -280,6 +297,7 @@ class WorkbenchCallback(Callback):
         self.updates = OptimizerUpdates(pl_module, groups, optimizer)
         self.updates.marks.hook()  # gradients not cleared since the last step (stale_grad/<group>)
         self._named = dict(pl_module.named_parameters())
+        self._names = {id(p): n for n, p in self._named.items()}
         self.screen = ParamScreen(self._named)
         self._verdicts_said = 0
         self.coverage = OptimizerCoverage(pl_module, probe=self.probe)
@@ -291,7 +309,7 @@ class WorkbenchCallback(Callback):
                                 semantics=LIGHTNING_SEMANTICS)
             self.train_step = TrainStep(pl_module, optimizer, config, pl_module.device, scaler=_scaler(trainer),
                                         loss_fn=_TrainingStepLoss())
-            self.tracer = NonFiniteTracer(max_traces=self.max_traces)
+            self.tracer = NonFiniteTracer(max_traces=self.max_traces, capture_every=CAPTURE_EVERY)
             self.tracer.attach(self.train_step)
         elif self.trace:
             self.say(f"workbench: the non-finite tracer is off: {self.tracer_off}")
@@ -357,14 +375,15 @@ class WorkbenchCallback(Callback):
     def _reset_step(self) -> None:
         self._t0: float | None = None
         self._loss: torch.Tensor | None = None
-        self._terms: dict[str, torch.Tensor] = {}
+        self._terms: dict[str, list[torch.Tensor]] = {}  # each micro-batch's value of every other term
         self._micro = 0
         self._stepped = False
         self._found_inf: torch.Tensor | None = None
         self._lrs: dict[str, float] = {}
         self._optimizer_now: torch.optim.Optimizer | None = None
         self._packet: HostPacket | None = None
-        self._kept: tuple[Any, dict[str, Any]] | None = None  # this step's bundle and optimizer layout
+        self._kept: dict[str, Any] | None = None  # the optimizer's layout at this step's start, while keeping
+        self._trainable: list[bool] = []  # every parameter's requires_grad at this step's start
 
     @property
     def active(self) -> bool:
@@ -385,12 +404,15 @@ class WorkbenchCallback(Callback):
         if first:
             self.train_step.optimizer = trainer.optimizers[0]  # StepUnfreeze may have rebuilt it
             self.train_step.step_index = step
+            if batch_idx == 0 and trainer.accumulate_grad_batches > 1:
+                self.tracer.rebase()  # the last window may be shorter, and a replay divides its loss differently
             ctx = StepContext(step, pl_module, trainer.optimizers[0], self.train_step.scaler, [captured], None)
             self.tracer.on_step_start(ctx)
+            self._trainable = [p.requires_grad for p in self._named.values()]
             if self.keeper is not None and not self.keeper.done:
-                self._kept = (self.tracer.bundle, optimizer_layout(trainer.optimizers[0], pl_module))
-        elif self.tracer.bundle is not None:
-            self.tracer.bundle.batches.append(copy.deepcopy(captured))
+                self._kept = optimizer_layout(trainer.optimizers[0], pl_module, self._names)
+        else:
+            self.tracer.add_batch(captured)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -401,7 +423,7 @@ class WorkbenchCallback(Callback):
             loss = terms.pop("total").detach()
             self._loss = loss if self._loss is None else self._loss + loss
             for k, v in terms.items():
-                self._terms[k] = v.detach() if k not in self._terms else self._terms[k] + v.detach()
+                self._terms.setdefault(k, []).append(v.detach())
         if self._stepped:
             self._end_step(trainer, pl_module)
 
@@ -422,10 +444,10 @@ class WorkbenchCallback(Callback):
         self._lrs = {str(g.get("name", f"group{k}")): float(g["lr"]) for k, g in enumerate(optimizer.param_groups)}
         self._optimizer_now = optimizer
         self._stepped = True
-        if self.tracer is not None and self.tracer.bundle is not None:
+        if self.tracer is not None and self._trainable != [p.requires_grad for p in self._named.values()]:
             # the module's on_train_batch_start runs after the callbacks': a tensor it made trainable there is
             # trainable in this step's forward and backward, so the bundle's replay must make it trainable too
-            self.tracer.bundle.trainable = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+            self.tracer.set_trainable([n for n, p in self._named.items() if p.requires_grad])
 
     def _end_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After the optimizer step of this window: one host copy, the row, the logs, the tracer."""
@@ -434,12 +456,15 @@ class WorkbenchCallback(Callback):
         carried: dict[str, torch.Tensor] = {}
         if self._loss is not None:
             carried[f"{_CARRY}loss/total"] = self._loss
-            carried.update({f"{_CARRY}loss/{k}": v / micro for k, v in self._terms.items()})
+            # Lightning's loss is already divided by the window (ClosureResult): its sum is the window's mean
+            carried.update({f"{_CARRY}loss/{k}": _window_mean(values, micro) for k, values in self._terms.items()})
         if self._found_inf is not None:
             carried[f"{_CARRY}found_inf"] = self._found_inf
         self.probe.carry(carried)
         ctx = _Ctx(step, pl_module, optimizer, _scaler(trainer), self._packet)
         self.updates.after()
+        if self.tracer is not None:
+            self.tracer.updated()
         packet = self._packet
         assert packet is not None and self.screen is not None  # on_before_optimizer_step made it
         self.probe.on_pack(ctx)
@@ -460,7 +485,7 @@ class WorkbenchCallback(Callback):
             row["scaler/scale_before"] = stats.scale
         total = None
         if stats is not None:
-            held = {id(p) for p in optimizer_params(optimizer)}
+            held = self.updates.held(optimizer)
             in_opt = [n for n, name in zip(stats.param_norm, stats.param_names) if id(self._named[name]) in held]
             total = float(np.sqrt(np.sum(np.square(np.asarray(in_opt, dtype=np.float64))))) if in_opt else 0.0
             row["clip/total_norm"] = total
@@ -474,13 +499,14 @@ class WorkbenchCallback(Callback):
         row.update({"params_finite": tensors == 0, "params_nonfinite/tensors": tensors,
                     "params_nonfinite/elements": elements})
         losses = {k[len("loss/"):]: v for k, v in row.items() if k.startswith("loss/")}
-        self._trace(step, pl_module, losses, skipped, total, stats, tensors)
-        if self._kept is not None:
+        grads_bad = stats is not None and bool(np.any(stats.param_nonfinite))
+        nonfinite = grads_bad or bool(tensors) or any(not math.isfinite(v) for v in losses.values())
+        self._trace(step, pl_module, losses, skipped, total, stats, nonfinite)
+        if self._kept is not None and self.keeper is not None and self.tracer is not None:
             finding = self.coverage.latest
-            grads_bad = stats is not None and bool(np.any(stats.param_nonfinite))
-            self.keeper.offer(*self._kept, outside=finding is not None and finding.step == step
-                              and bool(finding.outside_optimizer),
-                              nonfinite=grads_bad or bool(tensors) or any(not math.isfinite(v) for v in losses.values()))
+            outside = finding is not None and finding.step == step and bool(finding.outside_optimizer)
+            if self.keeper.wants(outside=outside, nonfinite=nonfinite):  # only then is a bundle rebuilt
+                self.keeper.offer(self._bundle_of(step), self._kept, outside=outside, nonfinite=nonfinite)
         self.recorder.record_step(step, row)
         self._send(trainer, step)
         self._say_findings(step)
@@ -493,32 +519,42 @@ class WorkbenchCallback(Callback):
         return None
 
     def _trace(self, step: int, pl_module: pl.LightningModule, losses: dict[str, float], skipped: bool,
-               total: float | None, stats: Any, bad_params: int) -> None:
-        """Hand a non-finite step to the tracer (decided from the host values: loss, gradient entries,
-        parameters, so the check adds no copy)."""
+               total: float | None, stats: Any, nonfinite: bool) -> None:
+        """End the step for the tracer: its losses (a re-run from the chain must reproduce them) and whether it
+        went non-finite (decided from the host values: loss, gradient entries, parameters, so the check adds no
+        copy), which replays it."""
         tracer = self.tracer
-        if tracer is None or tracer.bundle is None:
+        if tracer is None or self.train_step is None:
             return
-        grads_bad = stats is not None and bool(np.any(stats.param_nonfinite))
-        loss_bad = any(not math.isfinite(v) for v in losses.values())
-        if not (grads_bad or loss_bad or bad_params):
-            return
-        result = StepResult(step, losses or {"total": math.nan}, skipped, "nonfinite_grad" if skipped else None,
-                            total, stats.scale if stats is not None else None, 0.0)
-        ctx = StepContext(step, pl_module, self.train_step.optimizer, self.train_step.scaler, tracer.bundle.batches,
-                          None, result=result)
+        result = StepResult(step, losses, skipped, "nonfinite_grad" if skipped else None, total,
+                            stats.scale if stats is not None else None, 0.0) if losses else None
+        ctx = StepContext(step, pl_module, self.train_step.optimizer, self.train_step.scaler, [], None, result=result)
         try:
-            tracer.on_step_end(ctx)
+            tracer.on_step_end(ctx, nonfinite=nonfinite)
         except Exception as exc:  # noqa: BLE001  (a replay that cannot run must not stop the training)
-            self.tracer_off = f"the replay of step {step} failed: {type(exc).__name__}: {exc}".replace("\n", " ")
-            self.recorder.note(tracer_off=self.tracer_off)
-            self.say(f"workbench: the non-finite tracer is off: {self.tracer_off}")
-            self.tracer.bundle = None
-            self.tracer.max_traces = 0
+            self._tracer_failed(step, exc)
             return
         for verdict in tracer.verdicts[self._verdicts_said:]:
             self.say(f"workbench: tracer: {verdict.line()}")
         self._verdicts_said = len(tracer.verdicts)
+
+    def _bundle_of(self, step: int) -> Any:
+        """The replay bundle of the step that just ended, for the keeper (None when it cannot be had)."""
+        if self.tracer is None or self.tracer.max_traces == 0:  # off after a failed replay
+            return None
+        try:
+            return self.tracer.bundle_of(step)
+        except Exception as exc:  # noqa: BLE001  (rebuilding a bundle re-runs training_step; it must not stop fit)
+            self._tracer_failed(step, exc)
+            return None
+
+    def _tracer_failed(self, step: int, exc: Exception) -> None:
+        assert self.tracer is not None and self.recorder is not None
+        self.tracer_off = f"the replay of step {step} failed: {type(exc).__name__}: {exc}".replace("\n", " ")
+        self.recorder.note(tracer_off=self.tracer_off)
+        self.say(f"workbench: the non-finite tracer is off: {self.tracer_off}")
+        self.tracer.bundle = None
+        self.tracer.max_traces = 0
 
     def _send(self, trainer: pl.Trainer, step: int) -> None:
         every = trainer.log_every_n_steps if self.log_every is None else self.log_every

@@ -57,6 +57,7 @@ class HostPacket:
     def __init__(self) -> None:
         self._queued: list[tuple[Slot, torch.Tensor]] = []
         self._shared: dict[tuple[str, int], Slot] = {}
+        self._grad_norms: dict[int, torch.Tensor] = {}  # by model: an instrument's float32 norms of its gradients
 
     def add(self, t: torch.Tensor) -> Slot:
         slot = Slot(t.numel())
@@ -76,11 +77,17 @@ class HostPacket:
             slot._value = values[start:start + slot.size]
             start += slot.size
 
-    def grads_nonfinite(self, model: torch.nn.Module, norms: torch.Tensor | None = None) -> Slot:
+    def offer_grad_norms(self, model: torch.nn.Module, norms: torch.Tensor) -> None:
+        """An instrument's float32 norms of `model`'s gradients at this step: the gradient screen comes from them
+        when someone asks for it (`grads_nonfinite`); nothing is computed or copied otherwise."""
+        self._grad_norms.setdefault(id(model), norms)
+
+    def grads_nonfinite(self, model: torch.nn.Module) -> Slot:
         """One flag per gradient of `model`'s parameters (in parameter order; which gradients are screened is the
         first caller's choice, so read it only as "any flag set"): 1 where it may hold a NaN or inf. Shared by
-        every caller of the step: `norms`, a caller's float32 norms of the gradients, become the screen for
-        free; without them the first caller pays one multi-tensor reduction (`nonfinite_flags`)."""
+        every caller of the step: from the norms an instrument offered (`offer_grad_norms`), for free; without
+        them the first caller pays one multi-tensor reduction (`nonfinite_flags`)."""
+        norms = self._grad_norms.get(id(model))
         return self._once(("grads", id(model)), lambda: (~torch.isfinite(norms)).float() if norms is not None
                           else nonfinite_flags([p.grad for p in model.parameters() if p.grad is not None]))
 
