@@ -11,6 +11,8 @@ What the values are:
   2-norm of the per-parameter 2-norms). With `clip_scope="optimizer"` TrainStep clips over the optimizer's
   parameters only, so its `grad_norm` differs whenever parameters outside the optimizer hold gradients.
 - Norms are computed in float32 even for fp16 gradients: an fp16 norm overflows (65504) long before the values do.
+  The per-group and global norms combine the per-parameter ones in float64 on the host (so a group of finite
+  norms near float32's limit does not overflow where `clip_grad_norm_`'s float32 total would).
 - A parameter without `.grad` is absent from that step's per-parameter arrays (NaN in `records()`'s
   fixed-length vector); a group none of whose parameters has a gradient is absent from the group dicts.
 - Non-finite counts travel in float32: exact up to 2**24 per entry, and never rounded to or from zero.
@@ -18,8 +20,8 @@ What the values are:
 Cost per step with k parameters holding a gradient and G groups: three multi-tensor reductions over the
 gradients (`torch._foreach_norm` with ord 2 and 0, `torch._foreach_max` of |g|; on a CPU, a min-max pass per
 tensor instead of the last), one temporary the size of the gradients (|g|, then zeroed for the non-finite count;
-on a CPU only at a step whose norms are not all finite), a handful of element-wise ops on (G, k) tensors and one
-concatenation, all on the gradients' device. The statistics reach the host once per `every` steps: inside a
+on a CPU only at a step whose norms are not all finite) and one concatenation, all on the gradients' device; the
+per-group and global values are summed on the host from the per-parameter ones the copy carries anyway. The statistics reach the host once per `every` steps: inside a
 TrainStep's own copy (queued in `ctx.packet` at `on_after_backward`, the update ratio at `on_pack`), or through
 `workbench.instrument.host.to_host` in `collect()`, `flush()` and without a TrainStep.
 """
@@ -71,12 +73,15 @@ class _Layout:
     """The parameters with a gradient at a step and the device mask reducing them into groups.
 
     index: positions in the probe's parameter list (k,); groups: the G groups holding at least one of them;
-    member: (G, k) bool on the pack device (the first gradient's); spread: gradients live on several devices.
+    member: (G, k) bool on the pack device (the first gradient's; the update ratio's group sums), `member_host`
+    the same on the host (the gradient statistics' group sums, taken after the copy); spread: gradients live on
+    several devices.
     """
 
     index: tuple[int, ...]
     groups: list[str]
     member: torch.Tensor
+    member_host: np.ndarray
     spread: bool
 
     def stack(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -101,7 +106,7 @@ class _Pending:
     @property
     def size(self) -> int:
         g, k = len(self.layout.groups), len(self.layout.index)
-        return 1 + int(self.has_scale) + 3 * g + 3 * k + (2 * g if self.has_ratio else 0) + len(self.extra_names)
+        return int(self.has_scale) + 3 * k + (2 * g if self.has_ratio else 0) + len(self.extra_names)
 
     def packed(self) -> list[torch.Tensor]:
         """The parts in `_decode`'s order: the statistics, the update ratio, then the carried values."""
@@ -140,22 +145,30 @@ def _scale_tensor(scaler: torch.amp.GradScaler | None, device: torch.device) -> 
 
 
 def _decode(pending: _Pending, values: np.ndarray, param_names: list[str]) -> StepStats:
-    """Inverse of the packing: [global, scale?, group norm, max, nonfinite (G each), param norm, max,
-    nonfinite (k each), update ratio and not-updated count? (G each), carried values]."""
+    """Inverse of the packing: [scale?, param norm, max, nonfinite (k each), update ratio and not-updated
+    count? (G each), carried values]. The global and per-group values are summed here, in float64: the copy
+    carries the per-parameter ones anyway, and a few host sums cost less than their device kernels."""
     groups, g, k = pending.layout.groups, len(pending.layout.groups), len(pending.layout.index)
     r = g if pending.has_ratio else 0
-    sizes = [1, int(pending.has_scale), g, g, g, k, k, k, r, r]
-    glob, scale, g_norm, g_max, g_nf, p_norm, p_max, p_nf, ratio, stale, extra = np.split(values, np.cumsum(sizes))
+    scale, p_norm, p_max, p_nf, ratio, stale, extra = np.split(values, np.cumsum([int(pending.has_scale), k, k, k,
+                                                                                  r, r]))
+    p_norm = p_norm.astype(np.float64)
+    # A max reduction need not propagate NaN on every backend; the L2 norm's sum always does.
+    p_max = np.where(np.isnan(p_norm), p_norm, p_max.astype(np.float64))
+    p_nf = np.rint(p_nf).astype(np.int64)
+    member = pending.layout.member_host
+    # `where`, not a product: 0 * NaN would put one parameter's NaN into every group
+    squares = np.where(member, np.square(p_norm), 0.0)
     return StepStats(
         step=pending.step,
-        global_norm=float(glob[0]),
-        group_norm=dict(zip(groups, g_norm.tolist())),
-        group_max=dict(zip(groups, g_max.tolist())),
-        group_nonfinite=dict(zip(groups, np.rint(g_nf).astype(np.int64).tolist())),
+        global_norm=float(np.sqrt(np.square(p_norm).sum())),
+        group_norm=dict(zip(groups, np.sqrt(squares.sum(axis=1)).tolist())),
+        group_max=dict(zip(groups, np.where(member, p_max, 0.0).max(axis=1).tolist())),
+        group_nonfinite=dict(zip(groups, np.where(member, p_nf, 0).sum(axis=1).tolist())),
         param_names=param_names,
-        param_norm=p_norm.astype(np.float64),
-        param_max=p_max.astype(np.float64),
-        param_nonfinite=np.rint(p_nf).astype(np.int64),
+        param_norm=p_norm,
+        param_max=p_max,
+        param_nonfinite=p_nf,
         update_ratio=dict(zip(groups, ratio.tolist())) if pending.has_ratio else None,
         scale=float(scale[0]) if pending.has_scale else None,
         not_updated=dict(zip(groups, np.rint(stale).astype(np.int64).tolist())) if pending.has_ratio else None,
@@ -226,7 +239,8 @@ class GradNormProbe(StepObserver):
             active = member.any(axis=1)
             groups = [name for name, keep in zip(self.groups, active) if keep]
             spread = any(g.device != device for g in grads)
-            self._layouts[key] = _Layout(index, groups, torch.from_numpy(member[active]).to(device), spread)
+            self._layouts[key] = _Layout(index, groups, torch.from_numpy(member[active]).to(device), member[active],
+                                         spread)
         return self._layouts[key]
 
     def _record(self, step: int, scaler: torch.amp.GradScaler | None, snapshot: bool) -> torch.Tensor | None:
@@ -271,8 +285,6 @@ class GradNormProbe(StepObserver):
             # several times faster than the inf-norm, and exact in any dtype).
             magnitudes = compat.foreach_abs(grads)
             maxs = layout.stack([m.to(f32) for m in compat.foreach_max(magnitudes)])
-        # A max reduction need not propagate NaN on every backend; the L2 norm's sum always does.
-        maxs = torch.where(torch.isnan(norms), norms, maxs)
         if surely_finite(norms):  # no NaN or inf under a finite float32 norm: the count's two passes are moot
             nonfinite = torch.zeros_like(norms)
         else:
@@ -281,12 +293,7 @@ class GradNormProbe(StepObserver):
                 magnitudes = compat.foreach_abs(grads)
             compat.foreach_mul_(magnitudes, 0.0)
             nonfinite = layout.stack(compat.foreach_norm(magnitudes, 0, dtype=f32))
-        member = layout.member
-        group_norm = _group_sum_sq(member, norms)
-        group_max = torch.where(member, maxs, 0.0).amax(dim=1)
-        group_nonfinite = torch.where(member, nonfinite, 0.0).sum(dim=1)
-        head = [torch.linalg.vector_norm(norms).reshape(1)] + ([] if scale is None else [scale])
-        return torch.cat([*head, group_norm, group_max, group_nonfinite, norms, maxs, nonfinite]), norms
+        return torch.cat(([] if scale is None else [scale]) + [norms, maxs, nonfinite]), norms
 
     def _take_snapshot(self, layout: _Layout, received: torch.Tensor) -> None:
         params = [self._params[i] for i in layout.index]

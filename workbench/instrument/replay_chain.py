@@ -95,7 +95,9 @@ class ReplayChain:
     the module docstring). Keeps the chain before the current one until its last step ended (a step's end may
     follow the next one's start)."""
 
-    def __init__(self, every: int, max_rerun_s: float = 2.0) -> None:
+    def __init__(self, every: int, max_rerun_s: float = 2.0, params: list[torch.Tensor] | None = None) -> None:
+        """`params`: the model's parameters, when the caller holds them fixed for the whole run (else the model
+        is walked at every step start, so a replaced parameter is seen)."""
         if every < 1:
             raise ValueError(f"every: expected a positive number of steps, got {every}")
         self.every = every
@@ -103,6 +105,7 @@ class ReplayChain:
         self._chain: _Chain | None = None
         self._previous: _Chain | None = None
         self._versions: list[int] | None = None  # of the parameters after the last update
+        self._fixed = params
         self._params: list[torch.Tensor] = []  # the model's, as the last step started
         self._rebase = False  # the next step starts a new base
 
@@ -110,7 +113,7 @@ class ReplayChain:
               index: int) -> None:
         """At a step's start: capture a base when one is due (see the module docstring), else note its inputs."""
         batches = list(batches) if isinstance(batches, (list, tuple)) else [batches]
-        self._params = list(step.model.parameters())
+        self._params = self._fixed if self._fixed is not None else list(step.model.parameters())
         key = _structure(step, self._params)
         chain = self._chain
         moved = self._versions is None or compat.tensor_versions(self._params) != self._versions

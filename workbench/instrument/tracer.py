@@ -743,7 +743,8 @@ class NonFiniteTracer(StepObserver):
     Per step while tracing: `capture` at the step start (cost in `workbench.instrument.replay`), or with
     `capture_every=K` > 1 a `ReplayChain` (a capture every K steps, each step's inputs in between; a non-finite
     step's bundle is rebuilt by re-running up to K - 1 plain steps on a replica, checked against the live losses:
-    a mismatch leaves the step untraced: see `untraced`; `bundle` then stays None), and one check:
+    a mismatch leaves the step untraced: see `untraced`; `bundle` then stays None; `params`: the model's
+    parameters for the chain, when the caller holds them fixed), and one check:
     the loss total and grad norm (on the host with the step's result), one multi-tensor reduction over the
     gradients (queued at `on_after_backward`) and the step's shared check over the parameters
     (`HostPacket.params_nonfinite`, at `on_pack`), both in the step's host copy (outside a TrainStep, one
@@ -769,14 +770,15 @@ class NonFiniteTracer(StepObserver):
     right after its end (rebuilt from the chain when needed).
     """
 
-    def __init__(self, *, max_traces: int = 3, save_dir: str | None = None, capture_every: int = 1) -> None:
+    def __init__(self, *, max_traces: int = 3, save_dir: str | None = None, capture_every: int = 1,
+                 params: list[torch.Tensor] | None = None) -> None:
         self.max_traces = max_traces
         self.save_dir = save_dir
         self.traces: list[StepTrace] = []
         self.verdicts: list[Verdict] = []
         self.untraced: list[tuple[int, str]] = []  # (step, why) of the non-finite steps not traced
         self.bundle: ReplayBundle | None = None
-        self._chain = ReplayChain(capture_every) if capture_every > 1 else None
+        self._chain = ReplayChain(capture_every, params=params) if capture_every > 1 else None
         self._armed = False  # checking the current step
         self._complete = False
         self._grads: Slot | None = None

@@ -309,7 +309,9 @@ class WorkbenchCallback(Callback):
                                 semantics=LIGHTNING_SEMANTICS)
             self.train_step = TrainStep(pl_module, optimizer, config, pl_module.device, scaler=_scaler(trainer),
                                         loss_fn=_TrainingStepLoss())
-            self.tracer = NonFiniteTracer(max_traces=self.max_traces, capture_every=CAPTURE_EVERY)
+            # the callback holds the module's parameters fixed from fit start (as its other instruments do)
+            self.tracer = NonFiniteTracer(max_traces=self.max_traces, capture_every=CAPTURE_EVERY,
+                                          params=list(self._named.values()))
             self.tracer.attach(self.train_step)
         elif self.trace:
             self.say(f"workbench: the non-finite tracer is off: {self.tracer_off}")
