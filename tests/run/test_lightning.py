@@ -278,6 +278,32 @@ def test_accumulation_windows_are_re_run_to_the_logged_losses_and_a_short_last_w
     assert not cb.record.tables.get("tracer_unreproduced")
 
 
+def test_a_kept_step_whose_re_run_differs_keeps_no_bundle_and_the_log_says_why(tmp_path):
+    """The keeper wants step 3's bundle (a trainable head outside the optimizer), which the chain rebuilds by
+    re-running steps 1 and 2; this module's loss reads a Python counter no tensor holds, so the re-run differs.
+    The log and the callback's lines say why step 3's bundle is not kept, and the keeper takes step 4's, which
+    shows the same evidence and is a capture (the flipped requires_grad started a new base): nothing re-run."""
+
+    class Drifts(Regressor):
+        def __init__(self) -> None:
+            super().__init__(stale_unfreeze_at=3)
+            self.calls = 0
+
+        def training_step(self, batch, batch_idx):
+            self.calls += 1
+            out = super().training_step(batch, batch_idx)
+            return {**out, "loss": out["loss"] * (1 + 1e-3 * self.calls)}
+
+    lines: list[str] = []
+    cb = WorkbenchCallback(tmp_path / "drift.h5", log=lines.append)
+    fit(Drifts(), tmp_path, [cb], steps=4)
+    record = read_record(tmp_path / "drift.h5")
+    assert record.attrs["replay"]["step"] == 4
+    assert record.attrs["replay_error"].startswith("step 3: step 1 re-run from the bundle of step 1: losses")
+    assert any(line.startswith("workbench: no replay bundle kept for diagnose: step 3: step 1 re-run")
+               for line in lines)
+
+
 def test_parameters_made_non_finite_by_an_update_are_counted_at_that_step(tmp_path):
     class Overflows(Regressor):
         def training_step(self, batch, batch_idx):

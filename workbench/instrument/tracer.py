@@ -847,15 +847,13 @@ class NonFiniteTracer(StepObserver):
 
     def bundle_of(self, step: int) -> ReplayBundle | None:
         """The bundle of `step`, right after its end: the one captured at its start or rebuilt for its trace, else
-        rebuilt from the chain now (None when neither can be: not captured, or its re-run did not match)."""
+        rebuilt from the chain now (None when the tracer was not armed at that step). Raises ReplayMismatch when a
+        re-run step did not reproduce the live one."""
         if self._last is not None and self._last[0] == step:
             return self._last[1]
         if self._chain is None or self._train_step is None or not self._chain.covers(step):
             return None
-        try:
-            bundle = self._chain.bundle_at(self._train_step, step)
-        except ReplayMismatch:
-            return None
+        bundle = self._chain.bundle_at(self._train_step, step)
         self._last = (step, bundle)
         return bundle
 

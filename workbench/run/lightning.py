@@ -89,6 +89,7 @@ from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from workbench.instrument import GradNormProbe, NonFiniteTracer, OptimizerCoverage, ParamGroups
+from workbench.instrument.replay_chain import ReplayMismatch
 from workbench.instrument.tracer import CAPTURE_EVERY
 from workbench.records import Recorder, RunRecord, classify, summarize
 from workbench.run.byo import UserBatch, _param_groups
@@ -546,6 +547,11 @@ class WorkbenchCallback(Callback):
             return None
         try:
             return self.tracer.bundle_of(step)
+        except ReplayMismatch as err:  # no bundle for this step; the tracer goes on
+            assert self.recorder is not None
+            self.recorder.note(replay_error=f"step {step}: {err}")
+            self.say(f"workbench: no replay bundle kept for diagnose: step {step}: {err}")
+            return None
         except Exception as exc:  # noqa: BLE001  (rebuilding a bundle re-runs training_step; it must not stop fit)
             self._tracer_failed(step, exc)
             return None
