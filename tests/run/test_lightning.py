@@ -162,6 +162,46 @@ def test_updates_are_the_shared_observers_in_one_host_copy_per_step(tmp_path):
     assert cb.record.prefixed("not_updated") == {"encoder": [0] * 6, "head": [0] * 6}
 
 
+def test_the_update_observer_takes_the_probes_norms_and_its_own_when_they_miss_a_tensor(tmp_path, monkeypatch):
+    """The probe and the update observer read the gradients at the same moment, so the observer takes the probe's
+    norms (no second pass over the gradients); an empty parameter, which the probe leaves out, makes the observer
+    take its own, and both give the same rows."""
+    from workbench.run import updates
+
+    passes: list[int] = []
+    real = updates.compat.foreach_norm
+
+    def counted(tensors, *args, **kwargs):
+        passes.append(len(tensors))
+        return real(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(updates.compat, "foreach_norm", counted)
+
+    class WithEmpty(Regressor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.empty = nn.Parameter(torch.zeros(0))
+
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            return {**out, "loss": out["loss"] + self.empty.sum()}
+
+    calls, rows = {}, {}
+    for module in (Regressor(), WithEmpty()):
+        passes.clear()
+        cb = WorkbenchCallback(None, trace=False, log=lambda s: None)
+        fit(module, tmp_path, [cb], steps=3)
+        calls[type(module).__name__] = len(passes)
+        rows[type(module).__name__] = {k: v for k, v in cb.record.series.items()
+                                       if k.startswith(("update_ratio/", "not_updated/")) and "root" not in k}
+    # the same passes in both (the probe's, the observer's over its copies and their changes, the parameters'
+    # first check) but one a step: the observer's own over the gradients, with the empty tensor only
+    assert calls["WithEmpty"] - calls["Regressor"] == 3 and calls["Regressor"] == 3 * 3 + 1
+    assert set(rows["Regressor"]) == {"update_ratio/encoder", "update_ratio/head", "not_updated/encoder",
+                                      "not_updated/head"}
+    assert rows["Regressor"] == rows["WithEmpty"]
+
+
 def test_gradients_a_module_does_not_clear_are_stale(tmp_path):
     """A module whose optimizer_zero_grad clears only the encoder: the head's gradients accumulate across steps,
     which the shared observer's gradient pre-hooks report as stale_grad/head from the second step on."""

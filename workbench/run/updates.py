@@ -350,9 +350,10 @@ class OptimizerUpdates(StepObserver):
         with torch.no_grad():
             # under no_grad the parameters are read as they are: a detach per tensor would cost a dispatch each
             received = [grads[i] for i in layout.received]
-            gather = None if grad_norms is None or not received else layout.gather(grad_norms[0],
-                                                                                   grad_norms[1].device)
-            shared = None if gather is None or grad_norms is None else grad_norms[1].index_select(0, gather)
+            shared = None  # the received tensors' norms, picked from `grad_norms` when it holds them all
+            if grad_norms is not None and received:
+                gather = layout.gather(grad_norms[0], grad_norms[1].device)
+                shared = None if gather is None else grad_norms[1].index_select(0, gather)
             norms = list(compat.foreach_norm(received, 2, dtype=torch.float32)) if received and shared is None \
                 else []
             if params:
