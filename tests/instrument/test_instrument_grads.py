@@ -260,6 +260,18 @@ def test_one_host_copy_per_step_and_no_item():
     assert set(acts.latest) == {"a", "b"}
 
 
+def test_the_history_keeps_the_last_history_size_steps():
+    """A long run's statistics live in its record and log; the probe keeps only the newest few in memory."""
+    model = mlp()
+    probe = GradNormProbe(model, history_size=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(1, 6):
+        run_step(model, optimizer, [batch(step)], [probe], step)
+    assert [s.step for s in probe.history] == [3, 4, 5] and probe.latest.step == 5
+    with pytest.raises(ValueError, match="history_size"):
+        GradNormProbe(model, history_size=0)
+
+
 def test_every_k_packs_k_steps_into_one_copy():
     model = mlp()
     probe = GradNormProbe(model, every=3)
@@ -268,7 +280,7 @@ def test_every_k_packs_k_steps_into_one_copy():
     before = host.HOST_COPIES
     for step in (1, 2):
         run_step(model, optimizer, [batch(step)], [expected, probe], step)
-    assert host.HOST_COPIES == before and probe.history == [] and probe.latest is None
+    assert host.HOST_COPIES == before and not probe.history and probe.latest is None
     run_step(model, optimizer, [batch(3)], [expected, probe], 3)
     assert host.HOST_COPIES == before + 1
     assert [s.step for s in probe.history] == [1, 2, 3] and probe.latest.step == 3

@@ -28,6 +28,7 @@ TrainStep's own copy (queued in `ctx.packet` at `on_after_backward`, the update 
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -40,6 +41,9 @@ from workbench.instrument.groups import ParamGroups, default_groups, groups_from
 from workbench.instrument.host import Slot, surely_finite
 from workbench.instrument.observer import StepObserver
 from workbench.train import compat
+
+
+HISTORY_SIZE = 1000  # steps of StepStats a probe keeps by default
 
 
 @dataclass
@@ -182,8 +186,9 @@ class GradNormProbe(StepObserver):
     As a TrainStep observer (`probe.attach(step)` or `with probe.attached(step):`) it computes at
     `on_after_backward` and, every `every` steps, queues the pending steps there in the step's host copy (the
     update ratio follows at `on_pack`; decoded at `on_step_end`). Without TrainStep call `collect()` after your
-    own backward. After each copy `latest` holds the newest StepStats and `history` all of them; `records()`
-    flattens one for a run log.
+    own backward. After each copy `latest` holds the newest StepStats and `history` the last `history_size` of
+    them (a run's every step is in its RunRecord and run log; one StepStats is a few KB, so a long run's would
+    not fit in memory); `records()` flattens one for a run log.
 
     groups: a ParamGroups, a mapping of group name -> pattern(s) for `groups_from_patterns`, or None for
     `default_groups(model)`. update_ratio: also record per group ||w_after - w_before|| / ||w_before|| across
@@ -192,9 +197,11 @@ class GradNormProbe(StepObserver):
     """
 
     def __init__(self, model: nn.Module, groups: ParamGroups | Mapping[str, str | Sequence[str]] | None = None,
-                 *, every: int = 1, update_ratio: bool = False) -> None:
+                 *, every: int = 1, update_ratio: bool = False, history_size: int = HISTORY_SIZE) -> None:
         if every < 1:
             raise ValueError(f"every: expected a positive number of steps, got {every}")
+        if history_size < 1:
+            raise ValueError(f"history_size: expected a positive number of steps, got {history_size}")
         self.model = model
         self.every = every
         self.update_ratio = update_ratio
@@ -224,7 +231,7 @@ class GradNormProbe(StepObserver):
         # the last step's float32 gradient norms (k,) on the device, with their positions in named_parameters()
         self.grad_norms: tuple[tuple[int, ...], torch.Tensor] | None = None
         self.latest: StepStats | None = None
-        self.history: list[StepStats] = []
+        self.history: deque[StepStats] = deque(maxlen=history_size)
 
     def subscribe(self, callback: Callable[[StepStats], None]) -> None:
         """Call `callback(stats)` for every step right after its host copy (OptimizerCoverage uses it)."""
