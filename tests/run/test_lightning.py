@@ -272,13 +272,13 @@ class BlowsAt(Regressor):
 
 def test_the_tracer_captures_every_capture_every_steps_and_rebuilds_a_later_step_from_its_inputs(tmp_path,
                                                                                               monkeypatch):
-    """The callback's tracer copies the model and optimizer every CAPTURE_EVERY steps, not every step; a NaN at
-    step 20 is traced from a bundle rebuilt by re-running steps 17 to 19 from the capture at step 17, each checked
-    against the losses the live steps logged."""
+    """The callback's tracer copies the model and optimizer every CAPTURE_EVERY (K) steps, not every step; a NaN
+    at step K + 4 is traced from a bundle rebuilt by re-running steps K + 1 to K + 3 from the capture at step K + 1,
+    each checked against the losses the live steps logged."""
     from workbench.instrument import replay_chain
     from workbench.instrument.tracer import CAPTURE_EVERY
 
-    assert CAPTURE_EVERY == 16
+    last = CAPTURE_EVERY + 4
     captures: list[int] = []
     real = replay_chain.capture
 
@@ -288,11 +288,11 @@ def test_the_tracer_captures_every_capture_every_steps_and_rebuilds_a_later_step
 
     monkeypatch.setattr(replay_chain, "capture", counted)
     cb = WorkbenchCallback(None, log=lambda s: None)
-    fit(BlowsAt(20), tmp_path, [cb], steps=20)
-    assert captures == [1, 17, 20]  # two bases, then step 20's bundle on the replica after its re-run steps
+    fit(BlowsAt(last), tmp_path, [cb], steps=last)
+    assert captures == [1, CAPTURE_EVERY + 1, last]  # two bases, then the last step's bundle on the replica
     assert cb.tracer is None and cb.record.status == "finished"
     summary = cb.summary()
-    assert summary["tracer_verdicts"] and summary["tracer_verdicts"][0].startswith("step 20 forward: producer")
+    assert summary["tracer_verdicts"] and summary["tracer_verdicts"][0].startswith(f"step {last} forward: producer")
     assert not cb.record.tables.get("tracer_unreproduced")
 
 
