@@ -20,6 +20,7 @@ from workbench.instrument.host import Slot
 from workbench.instrument.grad_norms import GradNormProbe, StepStats
 from workbench.instrument.observer import StepObserver
 from workbench.train import compat
+from workbench.train.optim import HeldIds
 
 SHOWN = 3  # offending tensors named in one_line()
 
@@ -86,12 +87,13 @@ class OptimizerCoverage(StepObserver):
         self._recent: dict[int, CoverageFinding] = {}  # the last two steps': a late recorder asks for the previous
         self._norms: torch.Tensor | None = None
         self._slot: Slot | None = None
+        self._held = HeldIds()
         if probe is not None:
             probe.subscribe(self._on_probe_stats)
 
     def on_after_backward(self, ctx: Any) -> None:
         """TrainStep event: check membership by id(param); no device work unless a parameter is outside."""
-        held = {id(p) for group in ctx.optimizer.param_groups for p in group["params"]}
+        held = self._held.of(ctx.optimizer)
         outside = [(name, p) for name, p in self._named
                    if p.requires_grad and p.grad is not None and id(p) not in held]
         frozen = [name for name, p in self._named if id(p) in held and not p.requires_grad]

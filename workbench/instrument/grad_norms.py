@@ -87,6 +87,7 @@ class _Layout:
     member: torch.Tensor
     member_host: np.ndarray
     spread: bool
+    names: list[str]  # the k parameters' names (shared by every StepStats of the layout: do not change it)
 
     def stack(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
         """k 0-d tensors -> (k,) on the pack device."""
@@ -213,6 +214,8 @@ class GradNormProbe(StepObserver):
         named = list(model.named_parameters())
         self.param_labels: list[str] = [name for name, _ in named]
         self._params = [p for _, p in named]
+        # Empty tensors are left out: they have no entries, and an inf-norm of nothing is an error.
+        self._sized = [i for i, p in enumerate(self._params) if p.numel() > 0]
         self._position = {name: i for i, name in enumerate(self.param_labels)}
         self._membership = np.zeros((len(groups), len(named)), dtype=bool)
         for row, (group, members) in enumerate(groups.items()):
@@ -247,7 +250,7 @@ class GradNormProbe(StepObserver):
             groups = [name for name, keep in zip(self.groups, active) if keep]
             spread = any(g.device != device for g in grads)
             self._layouts[key] = _Layout(index, groups, torch.from_numpy(member[active]).to(device), member[active],
-                                         spread)
+                                         spread, [self.param_labels[i] for i in index])
         return self._layouts[key]
 
     def _record(self, step: int, scaler: torch.amp.GradScaler | None, snapshot: bool) -> torch.Tensor | None:
@@ -257,8 +260,8 @@ class GradNormProbe(StepObserver):
             self._pending.append(self._current)
             self._current = None
         self._last_step = step
-        # Empty tensors are left out: they have no entries, and an inf-norm of nothing is an error.
-        index = tuple(i for i, p in enumerate(self._params) if p.grad is not None and p.numel() > 0)
+        params = self._params
+        index = tuple([i for i in self._sized if params[i].grad is not None])
         self.grad_norms = None
         if not index:
             return None
@@ -418,7 +421,7 @@ class GradNormProbe(StepObserver):
     def _deliver(self, pending: list[_Pending], values: np.ndarray) -> list[StepStats]:
         """Decode the host values of `pending` steps into StepStats, keep them and tell the listeners."""
         offsets = np.cumsum([0] + [p.size for p in pending])
-        out = [_decode(p, values[start:stop], [self.param_labels[i] for i in p.layout.index])
+        out = [_decode(p, values[start:stop], p.layout.names)
                for p, start, stop in zip(pending, offsets[:-1], offsets[1:])]
         self.history.extend(out)
         self.latest = out[-1]

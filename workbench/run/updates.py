@@ -32,6 +32,7 @@ from workbench.instrument import ParamGroups
 from workbench.instrument.host import HostPacket, Slot
 from workbench.instrument.observer import StepObserver
 from workbench.train import compat
+from workbench.train.optim import HeldIds
 
 __all__ = ["GradientMarks", "OptimizerUpdates", "Updates"]
 
@@ -288,7 +289,7 @@ class OptimizerUpdates(StepObserver):
         self._pending: _Pending | None = None
         self._copies: _Copies | None = None
         self._hooks: list[Any] = []
-        self._held_cache: tuple[torch.optim.Optimizer, list[tuple[list[Any], int]], set[int], int] | None = None
+        self._held = HeldIds()
         self._layouts: dict[tuple[Any, ...], _Layout] = {}
         self.latest: Updates | None = None
         self.step = 0
@@ -307,23 +308,12 @@ class OptimizerUpdates(StepObserver):
 
     def held(self, optimizer: torch.optim.Optimizer) -> set[int]:
         """ids of the optimizer's parameters, rebuilt only when its groups (or their lists) change."""
-        return self._held(optimizer)[0]
-
-    def _held(self, optimizer: torch.optim.Optimizer) -> tuple[set[int], int]:
-        """`held` and its generation (a new one each time it is rebuilt)."""
-        # The lists themselves are kept (not their ids), so one freed with its optimizer cannot pass for a new one.
-        lists = [(g["params"], len(g["params"])) for g in optimizer.param_groups]
-        cached = self._held_cache
-        if cached is None or cached[0] is not optimizer or len(cached[1]) != len(lists) or \
-                any(a is not b or m != n for (a, m), (b, n) in zip(cached[1], lists)):
-            cached = self._held_cache = (optimizer, lists, {id(p) for lst, _ in lists for p in lst},
-                                         0 if cached is None else cached[3] + 1)
-        return cached[2], cached[3]
+        return self._held.of(optimizer)
 
     def _layout(self, optimizer: torch.optim.Optimizer) -> tuple[_Layout, list[torch.Tensor | None]]:
         """The current layout, found by which parameters have a gradient and are trainable (host-side flags, read
         at every step) and built only when that or the optimizer's groups changed; and every parameter's `.grad`."""
-        held, generation = self._held(optimizer)
+        held, generation = self._held.of(optimizer), self._held.generation
         params = self._params
         grads = [p.grad for p in params]
         key = (generation, tuple([g is None for g in grads]), tuple([p.requires_grad for p in params]))

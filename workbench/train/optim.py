@@ -63,6 +63,28 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Paramete
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+class HeldIds:
+    """The ids of an optimizer's parameters, taken again only when the optimizer, its groups or their lists change
+    (an instrument asks every step; the answer changes at a stage change or an unfreeze). The lists themselves are
+    kept, not their ids, so one freed with its optimizer cannot pass for a new one. `generation` counts the
+    changes."""
+
+    def __init__(self) -> None:
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._lists: list[tuple[list[torch.nn.Parameter], int]] = []
+        self.ids: set[int] = set()
+        self.generation = -1
+
+    def of(self, optimizer: torch.optim.Optimizer) -> set[int]:
+        lists = [(g["params"], len(g["params"])) for g in optimizer.param_groups]
+        if optimizer is not self._optimizer or len(lists) != len(self._lists) or \
+                any(a is not b or m != n for (a, m), (b, n) in zip(self._lists, lists)):
+            self._optimizer, self._lists = optimizer, lists
+            self.ids = {id(p) for lst, _ in lists for p in lst}
+            self.generation += 1
+        return self.ids
+
+
 def change_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, lr: float, how: str, *,
                      added: Iterable[str] = ()) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer to use after the trainable set of `model` changed (a stage change or an unfreeze).
