@@ -21,9 +21,10 @@ Cost per step with k parameters holding a gradient and G groups: three multi-ten
 gradients (`torch._foreach_norm` with ord 2 and 0, `torch._foreach_max` of |g|; on a CPU, a min-max pass per
 tensor instead of the last), one temporary the size of the gradients (|g|, then zeroed for the non-finite count;
 on a CPU only at a step whose norms are not all finite) and one concatenation, all on the gradients' device; the
-per-group and global values are summed on the host from the per-parameter ones the copy carries anyway. The statistics reach the host once per `every` steps: inside a
-TrainStep's own copy (queued in `ctx.packet` at `on_after_backward`, the update ratio at `on_pack`), or through
-`workbench.instrument.host.to_host` in `collect()`, `flush()` and without a TrainStep.
+per-group and global values are summed on the host from the per-parameter ones the copy carries anyway. The
+statistics reach the host once per `every` steps: inside a TrainStep's own copy (queued in `ctx.packet` at
+`on_after_backward`, the update ratio at `on_pack`), or through `workbench.instrument.host.to_host` in `collect()`,
+`flush()` and without a TrainStep.
 """
 
 from __future__ import annotations

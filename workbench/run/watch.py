@@ -389,9 +389,10 @@ class Watch:
 
     def _check_frozen(self, snap: _Snapshot, moved: set[int]) -> None:
         """After the update, what changed since the previous step (or the attach) in the modules frozen now: a
-        parameter whose version counter moved (`ParamScreen.moved`), so a module frozen just before this step is judged on
-        this step's update, or that is no longer the tensor watch holds; a frozen buffer is compared with its copy
-        (kernels such as BatchNorm's write running statistics without bumping the counter; buffers are small)."""
+        parameter whose version counter moved (`ParamScreen.moved`), so a module frozen just before this step is
+        judged on this step's update, or that is no longer the tensor watch holds; a frozen buffer is compared with
+        its copy (kernels such as BatchNorm's write running statistics without bumping the counter; buffers are
+        small)."""
         current = self._frozen_tensors()
         index = self._index
         snap.frozen = [n for n, t in current.items() if isinstance(t, nn.Parameter) and n in index
